@@ -1,0 +1,5 @@
+import sys
+
+from augsearch.cli import main
+
+sys.exit(main())

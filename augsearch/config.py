@@ -1,0 +1,284 @@
+"""Typed experiment configuration: TOML files, dotted overrides, unknown keys rejected.
+
+One `ExperimentConfig` describes a whole run: the data, the segmenter, the losses, the augmentation mode and the
+search. Every section has defaults, so a config file only states what differs. Overrides use dotted keys,
+`--set train.epochs=3 search.tra.lr=0.05`, and their values are parsed as TOML (`3`, `0.05`, `true`, `"jvp"`,
+`[64, 64]`), with a bare word taken as a string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from augsearch.errors import AugsearchError
+
+
+class ConfigError(AugsearchError):
+    """A config file or override that does not fit the schema; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Section):
+    """How to generate the bundled benchmark when `data.root` does not exist yet."""
+
+    dims: Literal[2, 3] = 2
+    cases: int = Field(24, ge=4, description="Total cases: training, validation and test together.")
+    train_cases: int = Field(6, ge=1, description="Training cases; the rest split between validation and test.")
+    size: int | None = Field(None, ge=24, description="Edge length in voxels; None picks 96 (2D) or 48 (3D).")
+    seed: int = 0
+    shift: str | None = Field(None, description="A planted train/test difference, e.g. 'flip_x', 'gamma_up'.")
+
+
+class PreprocessConfig(_Section):
+    """Resampling and intensity normalisation, applied identically at training and prediction time."""
+
+    target_spacing: list[float] | None = Field(None, description="mm per voxel axis; None keeps each case's own.")
+    normalization: Literal["zscore", "ct", "none"] = "zscore"
+    ct_clip: list[float] | None = Field(None, description="[low, high] HU window for normalization='ct'.")
+    ct_mean: float | None = None
+    ct_std: float | None = None
+
+
+class SplitConfig(_Section):
+    """Which cases train, validate (the search learns from these) and test.
+
+    Precedence: explicit lists, then `splits_file` (nnU-Net `splits_final.json`, fold `fold`), then the benchmark's
+    own `splits.json` when present, then seeded fractions of `imagesTr`.
+    """
+
+    train: list[str] | None = None
+    val: list[str] | None = None
+    test: list[str] | None = None
+    splits_file: str | None = None
+    fold: int = 0
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    train_fraction: float = Field(1.0, gt=0, le=1, description="Use this share of the training cases (5-50% regimes).")
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    root: str = "runs/data/bench2d"
+    cache_dir: str | None = Field(None, description="Preprocessed arrays; None means <root>/.augsearch_cache.")
+    synth: SynthConfig | None = Field(None, description="Generate the benchmark at `root` when it is missing.")
+    preprocess: PreprocessConfig = PreprocessConfig()
+    split: SplitConfig = SplitConfig()
+
+
+class ModelConfig(_Section):
+    """nnU-Net-like U-Net: two convs per stage, InstanceNorm, LeakyReLU."""
+
+    base_features: int = Field(16, ge=1)
+    max_features: int = Field(320, ge=1)
+    depth: int = Field(4, ge=1, description="Number of resolution levels (poolings + 1).")
+    deep_supervision: bool = False
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    iterations: int = Field(50, ge=1, description="Iterations per epoch.")
+    batch_size: int = Field(8, ge=1)
+    val_batch_size: int = Field(8, ge=1, description="Validation patches per TRA meta-step.")
+    patch_size: list[int] = Field(default_factory=lambda: [64, 64])
+    fg_fraction: float = Field(0.5, ge=0, le=1, description="Share of patches centred on a foreground voxel.")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(1e-2, gt=0)
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    poly_power: float = 0.9
+    grad_clip: float | None = 12.0
+    update_model: bool = Field(True, description="False freezes the segmenter (TEA-only search on a trained model).")
+    init_checkpoint: str | None = Field(None, description="Start from this segmenter checkpoint (weights only).")
+    validate_every: int = Field(1, ge=1, description="Epochs between whole-volume validations.")
+    checkpoint_every: int = Field(1, ge=1, description="Epochs between checkpoints.")
+    sliding_window_batch: int = Field(8, ge=1)
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default.")
+
+
+class LossConfig(_Section):
+    """Segmentation loss and the imbalance regularisers of the 2020 paper (METHOD 7)."""
+
+    kind: Literal["ce_dice", "ce", "dice"] = "ce_dice"
+    rare_labels: list[str] | None = Field(None, description="Rare classes by label name; None marks all foreground.")
+    asymmetric: bool = Field(True, description="Apply margin/focal/adversarial/mixup rules to rare classes only.")
+    margin: float = Field(0.0, ge=0, description="Large-margin m (0 = off).")
+    focal_gamma: float = Field(0.0, ge=0, description="Focal gamma (0 = off); also enters the Dice term.")
+    adversarial_eps: float = Field(0.0, ge=0, description="Adversarial step size epsilon (0 = off).")
+    adversarial_xi: float = Field(1e-5, gt=0)
+    mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(alpha, alpha) (0 = off).")
+    mixup_margin: float = Field(0.2, ge=0, lt=1)
+    bg_augment_prob: float = Field(1.0, ge=0, le=1, description="Asymmetric augmentation: P(augment a BG patch).")
+
+
+class TraSearchConfig(_Section):
+    """Training-time augmentation: learned by meta-gradients or frozen at its initial policy."""
+
+    learn: bool = False
+    class_specific: bool = True
+    groups: dict[str, list[str]] | None = Field(
+        None, description="Class groups by label names; None is background vs all foreground labels."
+    )
+    lr: float = Field(5e-2, gt=0, description="Adam learning rate on the TRA logits (poly decay).")
+    backend: Literal["jvp", "higher", "functional", "fd"] = "jvp"
+    inner_lr: float | None = Field(None, gt=0, description="Inner SGD step; None uses the segmenter's current lr.")
+    baseline: bool = Field(True, description="Centre per-sample meta-gradients within each class group.")
+    count_normalization: bool = Field(True, description="Divide by how many same-group samples chose each bin.")
+    outer_loss: Literal["ce_dice", "ce", "dice"] = "ce_dice"
+
+
+class TeaSearchConfig(_Section):
+    """Test-time augmentation: a distribution over deterministic transforms, learned from validation loss."""
+
+    learn: bool = False
+    lr: float = Field(5e-2, gt=0)
+    views: int = Field(8, ge=2, description="Z transformed views per TEA step.")
+    groups_per_step: int = Field(1, ge=1, description="Foreground-centred validation patches per TEA step.")
+    top_k: int = Field(4, ge=1, description="Entries exported for inference.")
+    class1_only: bool = Field(False, description="Reproduce the reference: TEA loss on label 1 only.")
+    augment_outer_batch: bool = Field(True, description="Apply TEA views to the TRA outer-loss batch (the coupling).")
+
+
+class AugmentConfig(_Section):
+    """The augmentation mode. `policy` is a preset name, a baseline ('randaugment', 'trivialaugment') or a file."""
+
+    mode: Literal["none", "policy"] = "policy"
+    policy: str = "uniform-0.1"
+    randaugment_n: int = Field(2, ge=1)
+    randaugment_m: int = Field(2, ge=1)
+    reference_signs: bool = Field(False, description="Random sign inside each bin, as the reference code does.")
+    meta_every: int = Field(1, ge=1, description="Run the TRA meta-step and the TEA step every k iterations.")
+    tra: TraSearchConfig = TraSearchConfig()
+    tea: TeaSearchConfig = TeaSearchConfig()
+
+
+class SearchConfig(_Section):
+    """Ray Tune: what varies across trials and how trials are placed and scheduled."""
+
+    num_samples: int = Field(1, ge=1)
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted config key -> list (grid) or {choice=[...]}, {uniform=[a,b]}, {loguniform=[a,b]}.",
+    )
+    metric: str = "val/dice_rare"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["none", "asha", "pbt"] = "none"
+    pbt_interval: int = Field(2, ge=1, description="Epochs between PBT exploit/explore steps.")
+    max_failures: int = Field(2, ge=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    augment: AugmentConfig = AugmentConfig()
+    search: SearchConfig = SearchConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_path_safe(cls, value: str) -> str:
+        if not value or any(ch in value for ch in "/\\ "):
+            raise ValueError(f"name must be non-empty without '/', '\\' or spaces, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if self.augment.mode == "none" and (self.augment.tra.learn or self.augment.tea.learn):
+            raise ValueError("augment.mode='none' cannot learn a policy; set augment.mode='policy' or learn=false")
+        if not self.train.update_model and self.augment.tra.learn:
+            raise ValueError("augment.tra.learn needs a segmenter that trains; set train.update_model=true")
+        return self
+
+    @property
+    def dims(self) -> int:
+        return len(self.train.patch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON of the whole config, for provenance."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def parse_override_value(text: str) -> Any:
+    """Parse the right-hand side of `key=value` as a TOML value; a bare word stays a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `tree['a']['b']['c'] = value` for `dotted='a.b.c'`, creating tables on the way."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is a value ({child!r}), not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """Return a copy of `tree` with `key=value` strings (or a {dotted: value} dict) applied."""
+    tree = json.loads(json.dumps(tree))
+    if not overrides:
+        return tree
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = [(key, parse_override_value(text)) for key, text in map(_split_override, overrides)]
+    for key, value in items:
+        set_dotted(tree, key, value)
+    return tree
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not key=value; write it like --set train.epochs=3")
+    return key.strip(), value.strip()
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a plain dict; errors name the dotted key, what was expected and what came."""
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            if e["type"] == "extra_forbidden":
+                lines.append(f"  {key}: unknown key; check its spelling against `augsearch config show`")
+            else:
+                lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a TOML config, apply dotted overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a TOML file such as experiments/smoke.toml")
+    try:
+        tree = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    return config_from_dict(apply_overrides(tree, overrides), source=str(path))
