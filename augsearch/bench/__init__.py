@@ -1,0 +1,65 @@
+"""Benchmarks: `augsearch bench NAME`. Each module here has `add_arguments(parser)` and `run(args) -> dict`.
+
+Figures are ratios measured side by side in one process, never absolute thresholds in tests.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def resolve_device(name: str) -> "torch.device":  # noqa: F821 - torch imported lazily
+    import torch
+
+    from augsearch.errors import AugsearchError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AugsearchError(f"--device {name} asked for CUDA, but torch sees no GPU; use --device cpu")
+    return device
+
+
+def time_fn(fn: Callable[[], Any], device: "torch.device", *, warmup: int = 2, repeats: int = 5) -> float:  # noqa: F821
+    """Median wall time of `fn()` in milliseconds, synchronising CUDA around each call."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_memory_mb(device: "torch.device") -> float | None:  # noqa: F821
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def environment(device: "torch.device") -> dict[str, Any]:  # noqa: F821
+    import torch
+
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
