@@ -1,0 +1,232 @@
+"""One iteration of the joint search (METHOD 4.2): TRA meta-step (A), TEA step (B), segmenter step (C).
+
+The three steps share one forward/backward of the segmenter on the TRA-augmented batch: its gradient is both the
+segmenter's update direction and the inner gradient of the meta-step, so it is computed once.
+Policy gradients never flow through the augmentation itself: they reach the logits through straight-through
+per-sample weights (value 1), scaled by detached coefficients (METHOD 3.1, 4.2 step 9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from augsearch.augment import augment_batch
+from augsearch.data.sampler import Batch
+from augsearch.meta import centre_and_normalise, tea_coefficients, tra_meta_coefficients
+from augsearch.ops.tea import tea_apply, tea_invert
+from augsearch.policy import Policy
+
+
+@dataclass
+class StepStats:
+    """Counters and last values of one epoch, for logs and TensorBoard."""
+
+    meta_steps: int = 0
+    meta_skipped_nonfinite: int = 0
+    tea_steps: int = 0
+    last_val_loss: float = float("nan")
+    last_tea_loss: float = float("nan")
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def centre_crop(x: Tensor, size: list[int] | tuple[int, ...]) -> Tensor:
+    """Cut the central `size` from the trailing spatial dims of `x` (..., *S)."""
+    dims = len(size)
+    slices = [slice(None)] * (x.ndim - dims)
+    for axis, target in enumerate(size):
+        extent = x.shape[x.ndim - dims + axis]
+        start = (extent - target) // 2
+        slices.append(slice(start, start + target))
+    return x[tuple(slices)]
+
+
+def tea_apply_mask(mask: Tensor, ids: Tensor, num_classes: int, spatial: Tensor) -> Tensor:
+    """Move label maps (B, *S) along with TEA views: spatial entries warp the one-hot map (linear, then argmax);
+    intensity entries leave the label untouched. `spatial` is a (A,) bool table over pool ids."""
+    dims = mask.ndim - 1
+    onehot = F.one_hot(mask, num_classes).movedim(-1, 1).float()
+    warped = tea_apply(onehot, ids, dims).argmax(dim=1)
+    return torch.where(spatial[ids].view(-1, *([1] * dims)), warped, mask)
+
+
+def tea_view_losses(
+    model: torch.nn.Module,
+    image: Tensor,
+    label: Tensor,
+    ids: Tensor,
+    patch_size: list[int],
+    fg_classes: list[int],
+) -> Tensor:
+    """Soft-Dice loss of each TEA view of one validation crop, mapped back onto the original grid (METHOD 4.2 B).
+
+    image: (1, C, *E) enlarged crop; label: (1, *E); ids: (Z,) pool ids. The network sees the central patch of each
+    transformed crop; its probabilities are padded back to the crop, inverted, and compared with the untransformed
+    label on the central patch, only where the inverted view has support. Returns (Z,) losses, no autograd graph.
+    """
+    dims = len(patch_size)
+    z = ids.numel()
+    with torch.no_grad():
+        views = tea_apply(image.expand(z, *image.shape[1:]), ids, dims)
+        probs = torch.softmax(model(centre_crop(views, patch_size)), dim=1)
+        support = torch.ones_like(probs[:, :1])
+        pad = []
+        for axis in reversed(range(dims)):
+            total = image.shape[2 + axis] - patch_size[axis]
+            pad += [total // 2, total - total // 2]
+        padded = F.pad(torch.cat([probs, support], dim=1), pad)
+        inverted, valid = tea_invert(padded, ids, dims)
+        inverted = centre_crop(inverted, patch_size)
+        mask = centre_crop(valid, patch_size) & (inverted[:, -1:] > 0.999)
+        probs_back = inverted[:, :-1] * mask
+        target = F.one_hot(centre_crop(label, patch_size), probs.shape[1]).movedim(-1, 1).float()
+        target = target.expand(z, *target.shape[1:]) * mask
+        reduce = tuple(range(2, 2 + dims))
+        intersection = (probs_back * target).sum(reduce)
+        denominator = probs_back.sum(reduce) + target.sum(reduce)
+        dice = (2 * intersection + 1e-5) / (denominator + 1e-5)
+        return 1.0 - dice[:, fg_classes].mean(dim=1)
+
+
+@dataclass
+class JointStep:
+    """Holds the policy, its optimisers and the loss functions; `run` performs one iteration."""
+
+    model: torch.nn.Module
+    policy: Policy | None
+    optimizer: torch.optim.Optimizer | None
+    tra_optimizer: torch.optim.Optimizer | None
+    tea_optimizer: torch.optim.Optimizer | None
+    per_sample_loss: Callable[[Tensor | list[Tensor], Tensor], Tensor]
+    outer_loss: Callable[[Tensor, Tensor], Tensor]
+    patch_size: list[int]
+    num_classes: int
+    fg_classes: list[int]
+    tea_fg_classes: list[int]
+    meta_backend: str = "jvp"
+    baseline: bool = True
+    count_normalization: bool = True
+    grad_clip: float | None = 12.0
+    reference_signs: bool = False
+    bg_augment_prob: float = 1.0
+    tea_views: int = 8
+    couple_tea_to_outer: bool = True
+    tea_spatial: Tensor | None = None  # (A,) bool: which TEA pool entries move the label
+    regularizers: Callable[[Tensor, Tensor, Tensor], dict[str, float]] | None = None
+    stats: StepStats = field(default_factory=StepStats)
+
+    # --- sampling and augmentation -------------------------------------------------------------------------
+
+    def augment(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """TRA-augment a training batch. Returns image (B,C,*P), mask (B,*P), group (B,), bins (B,n_ops),
+        and `learnable` (B,) bool: samples whose bins were drawn from the policy (asymmetric augmentation may
+        leave background patches unaugmented; those carry no policy gradient)."""
+        if self.policy is None:
+            bsz = batch.image.shape[0]
+            empty = torch.zeros(bsz, 0, dtype=torch.long, device=batch.image.device)
+            crop = centre_crop(batch.image, self.patch_size), centre_crop(batch.mask, self.patch_size)
+            return *crop, empty[:, 0], empty, torch.zeros(bsz, dtype=torch.bool, device=batch.image.device)
+        group = self.policy.group_index(batch.anchor_class)
+        bins = self.policy.sample_tra(group, generator)
+        learnable = torch.ones_like(group, dtype=torch.bool)
+        if self.bg_augment_prob < 1.0:
+            from augsearch.regularizers import asymmetric_augment_mask
+
+            learnable = asymmetric_augment_mask(batch.anchor_class, self.bg_augment_prob, generator)
+            bins = bins * learnable.unsqueeze(1)
+        image, mask = augment_batch(
+            batch.image, batch.mask, bins, self.policy.op_names, self.patch_size,
+            generator=generator, reference_signs=self.reference_signs,
+        )
+        return image, mask, group, bins, learnable
+
+    def tea_outer_batch(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The validation batch of the TRA outer loss, seen through views drawn from the current TEA policy."""
+        if self.policy is None or not self.couple_tea_to_outer:
+            return centre_crop(batch.image, self.patch_size), centre_crop(batch.mask, self.patch_size)
+        ids = self.policy.sample_tea(batch.image.shape[0], generator)
+        image = tea_apply(batch.image, ids, len(self.patch_size))
+        mask = tea_apply_mask(batch.mask, ids, self.num_classes, self.tea_spatial.to(ids.device))
+        return centre_crop(image, self.patch_size), centre_crop(mask, self.patch_size)
+
+    # --- the three steps ----------------------------------------------------------------------------------
+
+    def run(
+        self,
+        batch: Batch,
+        val_batch: Batch | None,
+        tea_batch: Batch | None,
+        *,
+        inner_lr: float,
+        generator: torch.Generator,
+    ) -> float:
+        """One iteration; `val_batch` triggers step A, `tea_batch` step B. Returns the training loss."""
+        image, mask, group, bins, learnable = self.augment(batch, generator)
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None
+        losses = self.per_sample_loss(self.model(image), mask)
+        loss = losses.mean()
+        loss.backward()
+        if val_batch is not None:
+            self._tra_meta_step(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
+        if tea_batch is not None:
+            self._tea_step(tea_batch, generator)
+        if self.optimizer is not None:
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            self.optimizer.step()
+            if self.regularizers is not None:
+                self.stats.extra.update(self.regularizers(image, mask, batch.anchor_class))
+        return float(loss.detach())
+
+    def _tra_meta_step(self, image, mask, group, bins, learnable, val_batch, inner_lr, generator) -> None:
+        assert self.policy is not None and self.tra_optimizer is not None
+        inner_grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        val_image, val_mask = self.tea_outer_batch(val_batch, generator)
+        result = tra_meta_coefficients(
+            self.model, image, mask, val_image, val_mask,
+            inner_lr=inner_lr, per_sample_loss_fn=self.per_sample_loss, val_loss_fn=self.outer_loss,
+            backend=self.meta_backend, inner_grads=inner_grads,
+        )
+        self.stats.last_val_loss = result.val_loss
+        if not result.finite:
+            self.stats.meta_skipped_nonfinite += 1
+            return
+        coefficients = result.coefficients * learnable
+        grad_weights = centre_and_normalise(
+            coefficients, group, bins, baseline=self.baseline, count_normalization=self.count_normalization
+        ) * learnable.unsqueeze(1)
+        weights = self.policy.tra_weights(group, bins, generator)
+        self.tra_optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(weights, grad_tensors=grad_weights.to(weights.dtype))
+        self.tra_optimizer.step()
+        self.stats.meta_steps += 1
+
+    def _tea_step(self, tea_batch: Batch, generator: torch.Generator) -> None:
+        assert self.policy is not None and self.tea_optimizer is not None
+        was_training = self.model.training
+        self.model.eval()
+        total_loss = 0.0
+        self.tea_optimizer.zero_grad(set_to_none=True)
+        for index in range(tea_batch.image.shape[0]):
+            ids = self.policy.sample_tea(self.tea_views, generator)
+            losses = tea_view_losses(
+                self.model, tea_batch.image[index : index + 1], tea_batch.mask[index : index + 1], ids,
+                self.patch_size, self.tea_fg_classes,
+            )
+            coefficients = tea_coefficients(
+                losses, ids, baseline=self.baseline, count_normalization=self.count_normalization
+            )
+            weights = self.policy.tea_weights(ids, generator)
+            torch.autograd.backward(weights, grad_tensors=coefficients.to(weights.dtype))
+            total_loss += float(losses.mean())
+        self.tea_optimizer.step()
+        self.model.train(was_training)
+        self.stats.tea_steps += 1
+        self.stats.last_tea_loss = total_loss / tea_batch.image.shape[0]

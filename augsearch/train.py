@@ -1,0 +1,426 @@
+"""`fit`: train a segmenter with no augmentation, a fixed policy, or a learned TRA/TEA policy (the joint search).
+
+No Ray in here: a Ray trial calls `fit` with a callback that reports each validation. A run directory holds
+`checkpoint.pt` and `policy.json` side by side, `metrics.jsonl`, `config.json` and `tb/` (TensorBoard scalars).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from augsearch.atomic import write_json
+from augsearch.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from augsearch.config import ExperimentConfig
+from augsearch.data.dataset import Case, dataset_fingerprint, ensure_dataset, load_cases, read_dataset_info, resolve_splits
+from augsearch.data.sampler import PatchSampler
+from augsearch.errors import AugsearchError
+from augsearch.joint import JointStep
+from augsearch.losses import batch_loss, per_sample_loss, rare_mask
+from augsearch.model import UNet, model_config
+from augsearch.policy import Policy
+from augsearch.schedules import poly_lr, set_lr
+from augsearch.validation import validate
+
+POLICY_NAME = "policy.json"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    metrics: dict[str, float]
+    checkpoint_path: Path | None
+    policy_path: Path | None
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    metrics: dict[str, float]
+    checkpoint_path: Path
+    policy_path: Path | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AugsearchError(f"train.device={name!r} asked for CUDA, but torch sees no GPU; set train.device='cpu'")
+    return device
+
+
+@dataclass
+class _Data:
+    label_names: dict[str, int]
+    in_channels: int
+    train: list[Case]
+    val: list[Case]
+    fingerprint: str
+    preprocess: dict[str, Any]
+
+
+def _load_data(cfg: ExperimentConfig) -> _Data:
+    root = ensure_dataset(cfg.data)
+    info = read_dataset_info(root)
+    if info.dims != cfg.dims:
+        raise AugsearchError(
+            f"train.patch_size {cfg.train.patch_size} is {cfg.dims}D but dataset {root} is {info.dims}D; "
+            f"give train.patch_size {info.dims} entries"
+        )
+    splits = resolve_splits(info, cfg.data.split)
+    cache = cfg.data.cache_dir
+    train = load_cases(info, splits.train, cfg.data.preprocess, cache)
+    val = load_cases(info, splits.val, cfg.data.preprocess, cache)
+    if not val:
+        raise AugsearchError(f"no validation cases in {root}; name them with data.split.val or raise val_fraction")
+    preprocess = cfg.data.preprocess.model_dump(mode="json")
+    return _Data(dict(info.labels), len(info.channel_names), train, val, dataset_fingerprint(info), preprocess)
+
+
+def _rare_labels(cfg: ExperimentConfig, label_names: dict[str, int]) -> list[str]:
+    if cfg.loss.rare_labels is None:
+        return [name for name, value in label_names.items() if value != 0]
+    return list(cfg.loss.rare_labels)
+
+
+def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int]) -> Policy | None:
+    from augsearch.policy_io import policy_from_file_or_preset
+
+    if cfg.augment.mode == "none":
+        return None
+    tra = cfg.augment.tra
+    return policy_from_file_or_preset(
+        cfg.augment.policy,
+        dims=cfg.dims,
+        label_names=label_names,
+        class_specific=tra.class_specific,
+        groups=tra.groups,
+        patch_size=cfg.train.patch_size,
+        randaugment_n=cfg.augment.randaugment_n,
+        randaugment_m=cfg.augment.randaugment_m,
+        top_k=cfg.augment.tea.top_k,
+    )
+
+
+class _Run:
+    """Everything `fit` builds once: data, samplers, model, optimisers, policy, the joint step, logs."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path):
+        from augsearch.augment import required_margin
+        from augsearch.ops.tea import tea_margin, tea_pool
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.data = _load_data(cfg)
+        labels = self.data.label_names
+        self.num_classes = max(labels.values()) + 1
+        self.rare_labels = _rare_labels(cfg, labels)
+        self.rare = rare_mask(labels, cfg.loss.rare_labels, self.num_classes).to(self.device)
+        fg = [v for v in sorted(labels.values()) if v != 0]
+
+        torch.manual_seed(cfg.seed)
+        self.model_config = {
+            "dims": cfg.dims, "in_channels": self.data.in_channels, "num_classes": self.num_classes,
+            "base_features": cfg.model.base_features, "max_features": cfg.model.max_features,
+            "depth": cfg.model.depth, "deep_supervision": cfg.model.deep_supervision,
+        }
+        self.model = UNet(**self.model_config).to(self.device)
+        self.model.check_input(torch.zeros(1, self.data.in_channels, *cfg.train.patch_size))
+        if cfg.train.init_checkpoint:
+            self.model.load_state_dict(load_checkpoint(cfg.train.init_checkpoint)["model"])
+        self.model_config = model_config(self.model)
+
+        self.policy = _build_policy(cfg, labels)
+        if self.policy is not None:
+            self.policy.to(self.device)
+        aug = cfg.augment
+        patch = cfg.train.patch_size
+        margin = required_margin(patch, self.policy.op_names) if self.policy is not None else 0
+        pool_ids = torch.arange(len(tea_pool(cfg.dims)))
+        val_margin = tea_margin(cfg.dims, pool_ids)
+        self.train_sampler = PatchSampler(
+            self.data.train, patch, fg_fraction=cfg.train.fg_fraction, margin=margin, seed=cfg.seed
+        )
+        self.val_sampler = PatchSampler(
+            self.data.val, patch, fg_fraction=cfg.train.fg_fraction, margin=val_margin, seed=cfg.seed + 1
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.train_rng = np.random.default_rng([cfg.seed, 0])
+        self.val_rng = np.random.default_rng([cfg.seed, 1])
+
+        self.optimizer = self._segmenter_optimizer() if cfg.train.update_model else None
+        learn_tra = self.policy is not None and aug.tra.learn
+        learn_tea = self.policy is not None and aug.tea.learn
+        self.tra_optimizer = torch.optim.Adam([self.policy.tra_logits], lr=aug.tra.lr) if learn_tra else None
+        self.tea_optimizer = torch.optim.Adam([self.policy.tea_logits], lr=aug.tea.lr) if learn_tea else None
+
+        loss_cfg = cfg.loss
+        outer_kind = aug.tra.outer_loss
+
+        def train_loss(logits, target):
+            return per_sample_loss(logits, target, loss_cfg, self.rare)
+
+        def outer_loss(logits, target):
+            return batch_loss(logits, target, outer_kind, fg)
+
+        self.step = JointStep(
+            model=self.model, policy=self.policy, optimizer=self.optimizer,
+            tra_optimizer=self.tra_optimizer, tea_optimizer=self.tea_optimizer,
+            per_sample_loss=train_loss, outer_loss=outer_loss, patch_size=list(patch),
+            num_classes=self.num_classes, fg_classes=fg, tea_fg_classes=[1] if aug.tea.class1_only else fg,
+            meta_backend=aug.tra.backend, baseline=aug.tra.baseline,
+            count_normalization=aug.tra.count_normalization, grad_clip=cfg.train.grad_clip,
+            reference_signs=aug.reference_signs, bg_augment_prob=loss_cfg.bg_augment_prob,
+            tea_views=aug.tea.views, couple_tea_to_outer=aug.tea.augment_outer_batch,
+            tea_spatial=torch.tensor([entry.spatial for entry in tea_pool(cfg.dims)]),
+            regularizers=self._regularizer_steps() if self.optimizer is not None else None,
+        )
+        self.epoch = 0
+        self.global_step = 0
+
+    def _segmenter_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        if t.optimizer == "adam":
+            return torch.optim.Adam(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay, amsgrad=True)
+        return torch.optim.SGD(
+            self.model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0,
+            weight_decay=t.weight_decay,
+        )
+
+    def _regularizer_steps(self) -> Callable | None:
+        """Extra optimiser steps of the 2020 paper: adversarial (eps > 0), then mixup (alpha > 0)."""
+        loss_cfg = self.cfg.loss
+        if loss_cfg.adversarial_eps <= 0 and loss_cfg.mixup_alpha <= 0:
+            return None
+        from augsearch.regularizers import adversarial_perturbation, mixup, soft_target_loss
+
+        def steps(image: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor) -> dict[str, float]:
+            out = {}
+            if loss_cfg.adversarial_eps > 0:
+                r_adv = adversarial_perturbation(
+                    self.model, image, mask, xi=loss_cfg.adversarial_xi, eps=loss_cfg.adversarial_eps,
+                    rare=self.rare, asymmetric=loss_cfg.asymmetric, generator=self.generator,
+                )
+                out["train/adversarial_loss"] = self._extra_step(
+                    lambda: per_sample_loss(self.model(image + r_adv), mask, loss_cfg, self.rare).mean()
+                )
+            if loss_cfg.mixup_alpha > 0:
+                x_mix, soft, valid = mixup(
+                    image, mask, self.num_classes, alpha=loss_cfg.mixup_alpha, margin=loss_cfg.mixup_margin,
+                    rare=self.rare, asymmetric=loss_cfg.asymmetric, generator=self.generator,
+                )
+                out["train/mixup_loss"] = self._extra_step(
+                    lambda: soft_target_loss(self.model(x_mix), soft, valid, loss_cfg, self.rare)
+                )
+            return out
+
+        return steps
+
+    def _extra_step(self, loss_fn: Callable[[], torch.Tensor]) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach())
+
+    # --- state -------------------------------------------------------------------------------------------
+
+    def generator_states(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "train_rng": self.train_rng.bit_generator.state,
+            "val_rng": self.val_rng.bit_generator.state,
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        for name, opt in self._optimizers().items():
+            if name in ckpt["optimizers"]:
+                opt.load_state_dict(ckpt["optimizers"][name])
+        if self.policy is not None and ckpt.get("policy") is not None:
+            from augsearch.policy_io import policy_from_dict
+
+            saved = policy_from_dict(ckpt["policy"])
+            with torch.no_grad():
+                self.policy.tra_logits.copy_(saved.tra_logits)
+                self.policy.tea_logits.copy_(saved.tea_logits)
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        self.train_rng.bit_generator.state = rng["train_rng"]
+        self.val_rng.bit_generator.state = rng["val_rng"]
+        self.epoch = ckpt["epoch"]
+        self.global_step = ckpt["step"]
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        named = {"segmenter": self.optimizer, "tra": self.tra_optimizer, "tea": self.tea_optimizer}
+        return {k: v for k, v in named.items() if v is not None}
+
+
+def _write_policy(run: _Run, metrics: dict[str, float]) -> Path | None:
+    from augsearch.policy_io import save_policy
+
+    if run.policy is None:
+        return None
+    path = run.run_dir / POLICY_NAME
+    save_policy(run.policy, path, provenance=_provenance(run, metrics))
+    return path
+
+
+def _provenance(run: _Run, metrics: dict[str, float]) -> dict[str, Any]:
+    from augsearch.checkpoint import package_versions
+
+    return {
+        "experiment": run.cfg.name,
+        "config_sha256": run.cfg.fingerprint(),
+        "seed": run.cfg.seed,
+        "epoch": run.epoch,
+        "step": run.global_step,
+        "data_fingerprint": run.data.fingerprint,
+        "train_cases": [c.case_id for c in run.data.train],
+        "val_cases": [c.case_id for c in run.data.val],
+        "validation_metrics": {k: v for k, v in metrics.items() if k.startswith("val/") and math.isfinite(v)},
+        "versions": package_versions(),
+        "checkpoint": CHECKPOINT_NAME,
+        "mode": {
+            "augment": run.cfg.augment.mode, "policy": run.cfg.augment.policy,
+            "learn_tra": run.cfg.augment.tra.learn, "learn_tea": run.cfg.augment.tea.learn,
+            "class_specific": run.cfg.augment.tra.class_specific, "backend": run.cfg.augment.tra.backend,
+        },
+    }
+
+
+def _write_checkpoint(run: _Run, metrics: dict[str, float]) -> Path:
+    from augsearch.policy_io import policy_to_dict
+
+    return save_checkpoint(
+        run.run_dir / CHECKPOINT_NAME,
+        model=run.model, model_config=run.model_config, config=run.cfg.to_dict(),
+        label_names=run.data.label_names, preprocess=run.data.preprocess, patch_size=run.cfg.train.patch_size,
+        epoch=run.epoch, step=run.global_step,
+        optimizers={name: opt.state_dict() for name, opt in run._optimizers().items()},
+        policy=policy_to_dict(run.policy, _provenance(run, metrics)) if run.policy is not None else None,
+        metrics=metrics, generators=run.generator_states(), data_fingerprint=run.data.fingerprint,
+    )
+
+
+def _policy_scalars(policy: Policy | None) -> dict[str, float]:
+    if policy is None:
+        return {}
+    out = {}
+    probs = policy.tra_probs().detach().cpu()
+    for g, group in enumerate(policy.group_names):
+        for k, op in enumerate(policy.op_names):
+            out[f"policy/{group}/{op}"] = float(1.0 - probs[g, k, 0])
+    tea = torch.softmax(policy.tea_logits.detach().cpu(), dim=0)
+    for entry_id, weight in policy.tea_selected():
+        out[f"tea/{policy.tea_names[entry_id]}"] = float(tea[entry_id])
+    return out
+
+
+def fit(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    callbacks: Sequence[Callable[[EpochReport], None]] = (),
+    resume: str | Path | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train (and search) as `cfg` says; write checkpoints, policy files and metrics into `run_dir`."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(cfg, run_dir)
+    if resume is not None:
+        run.restore(load_checkpoint(resume, map_location=run.device))
+    write_json(run_dir / "config.json", cfg.to_dict())
+    writer = SummaryWriter(str(run_dir / "tb"))
+    t = cfg.train
+    aug = cfg.augment
+    metrics: dict[str, float] = {}
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    policy_path: Path | None = run_dir / POLICY_NAME if run.policy is not None else None
+    try:
+        while run.epoch < t.epochs:
+            epoch = run.epoch
+            lr = poly_lr(t.lr, epoch, t.epochs, t.poly_power)
+            if run.optimizer is not None:
+                set_lr(run.optimizer, lr)
+            if run.tra_optimizer is not None:
+                set_lr(run.tra_optimizer, poly_lr(aug.tra.lr, epoch, t.epochs, t.poly_power))
+            if run.tea_optimizer is not None:
+                set_lr(run.tea_optimizer, poly_lr(aug.tea.lr, epoch, t.epochs, t.poly_power))
+            inner_lr = aug.tra.inner_lr or lr
+            started = time.perf_counter()
+            losses = []
+            bar = tqdm(range(t.iterations), desc=f"{cfg.name} epoch {epoch + 1}/{t.epochs}", leave=False,
+                       disable=not progress, dynamic_ncols=True)
+            for iteration in bar:
+                meta_now = iteration % aug.meta_every == 0
+                batch = run.train_sampler.sample(t.batch_size, generator=run.train_rng)
+                val_batch = tea_batch = None
+                if meta_now and run.tra_optimizer is not None:
+                    val_batch = run.val_sampler.sample(t.val_batch_size, generator=run.val_rng)
+                if meta_now and run.tea_optimizer is not None:
+                    tea_batch = run.val_sampler.sample(aug.tea.groups_per_step, fg_fraction=1.0, generator=run.val_rng)
+                batch, val_batch, tea_batch = (
+                    b.to(run.device) if b is not None else None for b in (batch, val_batch, tea_batch)
+                )
+                losses.append(run.step.run(batch, val_batch, tea_batch, inner_lr=inner_lr, generator=run.generator))
+                run.global_step += 1
+                if run.policy is not None and iteration % 10 == 0:
+                    bar.set_postfix_str(f"loss {np.mean(losses[-10:]):.3f}")
+            run.epoch += 1
+            metrics = {
+                "epoch": run.epoch, "step": run.global_step, "lr": lr,
+                "train/loss": float(np.mean(losses)), "time/epoch_s": time.perf_counter() - started,
+                "meta/steps": run.step.stats.meta_steps, "meta/skipped_nonfinite": run.step.stats.meta_skipped_nonfinite,
+                "meta/val_loss": run.step.stats.last_val_loss, "tea/loss": run.step.stats.last_tea_loss,
+                **run.step.stats.extra, **_policy_scalars(run.policy),
+            }
+            last = run.epoch == t.epochs
+            if run.epoch % t.validate_every == 0 or last:
+                metrics.update(
+                    validate(run.model, run.data.val, patch_size=t.patch_size, label_names=run.data.label_names,
+                             rare_labels=run.rare_labels, batch_size=t.sliding_window_batch, device=run.device)
+                )
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    writer.add_scalar(key, value, run.epoch)
+            writer.flush()
+            with open(run_dir / METRICS_NAME, "a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+            if progress:
+                summary = f" | {run.policy.summary()}" if run.policy is not None and (aug.tra.learn or aug.tea.learn) else ""
+                print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics['train/loss']:.4f} "
+                      f"val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}{summary}", flush=True)
+            report_ckpt = report_policy = None
+            if run.epoch % t.checkpoint_every == 0 or last:
+                checkpoint_path = _write_checkpoint(run, metrics)
+                policy_path = _write_policy(run, metrics)
+                report_ckpt, report_policy = checkpoint_path, policy_path
+            for callback in callbacks:
+                callback(EpochReport(run.epoch, metrics, report_ckpt, report_policy))
+    finally:
+        writer.close()
+    if not checkpoint_path.is_file():
+        checkpoint_path = _write_checkpoint(run, metrics)
+        policy_path = _write_policy(run, metrics)
+    return FitResult(run_dir, metrics, checkpoint_path, policy_path)
