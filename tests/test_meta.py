@@ -247,3 +247,21 @@ def test_unet_with_project_losses_jvp_matches_functional():
     functional = tra_meta_coefficients(model, x, y, xv, yv, backend="functional", **kwargs)
     assert jvp.finite and functional.coefficients.abs().min() > 0
     assert rel_err(jvp.coefficients, functional.coefficients) < 1e-10
+
+
+@pytest.mark.gpu
+def test_cuda_backends_agree_with_dropout_and_leave_rng_alone():
+    model = tiny_net(dropout=0.5).cuda()
+    x, y, xv, yv = (t.cuda() for t in batches())
+    cpu_state, cuda_state = torch.get_rng_state(), torch.cuda.get_rng_state()
+    results = {
+        b: tra_meta_coefficients(model, x, y, xv, yv, inner_lr=LR, per_sample_loss_fn=per_sample_ce,
+                                 val_loss_fn=batch_ce, backend=b)
+        for b in BACKENDS
+    }
+    assert torch.equal(torch.get_rng_state(), cpu_state) and torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    ref = results["functional"].coefficients
+    assert ref.device.type == "cuda" and ref.abs().min() > 0
+    for b in ("jvp", "higher"):
+        assert rel_err(results[b].coefficients, ref) < 1e-8
+    assert rel_err(results["fd"].coefficients, ref) < 1e-2
