@@ -1,0 +1,84 @@
+"""`augsearch evaluate --pred DIR [--pred DIR2 ...] --gt DIR [--labels dataset.json] [--out CSV]`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+from pathlib import Path
+
+from augsearch.errors import AugsearchError
+
+COLUMNS = ("prediction", "case", "class", "dice", "sensitivity", "precision", "hd95")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Dice, sensitivity, precision, HD95 (mm) of predicted NIfTI label folders against ground truth",
+        description="Compare one or more prediction folders with a ground-truth folder (files matched by name); "
+        "several --pred folders are summarised side by side.",
+    )
+    parser.add_argument("--pred", action="append", required=True, metavar="DIR", help="prediction folder (repeatable)")
+    parser.add_argument("--gt", required=True, metavar="DIR", help="ground-truth label folder")
+    parser.add_argument("--labels", metavar="JSON", help="dataset.json naming the labels (default: label numbers)")
+    parser.add_argument("--out", metavar="CSV", help="write per-case rows to this CSV file")
+    parser.set_defaults(func=run)
+
+
+def _names(pred_dirs: list[str]) -> list[str]:
+    """Each prediction folder named by its folder name, or by its path when two share a name."""
+    names = [Path(p).name or str(p) for p in pred_dirs]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in pred_dirs]
+    if len(set(names)) < len(names):
+        raise AugsearchError(f"--pred folders must differ, got {pred_dirs}")
+    return names
+
+
+def _cell(stats: dict) -> str:
+    if math.isnan(stats["mean"]):
+        text = "nan"
+    else:
+        text = f"{stats['mean']:.4f} ± {stats['std']:.4f}"
+    return text + (f" ({stats['nan']} NaN)" if stats["nan"] else "")
+
+
+def summary_table(summaries: dict[str, dict]) -> str:
+    """Rows class x metric, one column per prediction folder."""
+    from augsearch.metrics import METRICS
+
+    names = list(summaries)
+    classes = list(dict.fromkeys(c for summary in summaries.values() for c in summary))
+    header = ["class", "metric", *names]
+    body = [
+        [cls, metric, *(_cell(summaries[n][cls][metric]) if cls in summaries[n] else "-" for n in names)]
+        for cls in classes
+        for metric in METRICS
+    ]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from augsearch.atomic import write_text
+    from augsearch.metrics import evaluate_folders, read_label_names
+
+    label_names = read_label_names(args.labels) if args.labels else None
+    names = _names(args.pred)
+    rows, summaries = [], {}
+    for name, pred_dir in zip(names, args.pred, strict=True):
+        pred_rows, summaries[name] = evaluate_folders(pred_dir, args.gt, label_names)
+        rows.extend({"prediction": name, **row} for row in pred_rows)
+    print(summary_table(summaries))
+    if args.out:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(args.out, buffer.getvalue())
+        print(f"per-case rows: {args.out}")
+    return 0
