@@ -1,0 +1,768 @@
+"""Augmentation policies: per class group, a categorical over each op's bins (TRA), and one categorical over the
+TEA pool. Sampling is vectorised over the batch; straight-through weights carry the policy gradient.
+
+A policy gradient reaches the logits through per-sample weights: a sample whose bins were drawn from the policy gets
+the weight w = 1 + (y_a - stop_grad(y_a)), with y = softmax((phi + G) / tau) and G a Gumbel draw conditioned on
+argmax(phi + G) = a (METHOD 3.1). Its value is exactly 1, its gradient is d y_a / d phi. The conditional draw is
+exact and loop-free (top-down truncated Gumbel: the maximum is Gumbel(logsumexp(phi)), the others are Gumbels
+truncated below it), instead of the reference's rejection loop (METHOD 10.3).
+
+Probabilities of padded bins (ops have different bin counts) and of unavailable bins (for example rot90 in a plane
+where the patch is not square) are exactly 0: their logits are replaced by -inf before every softmax and draw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from augsearch.errors import AugsearchError
+
+Sampling = Literal["independent", "randaugment", "trivialaugment", "none"]
+SAMPLINGS: tuple[str, ...] = ("independent", "randaugment", "trivialaugment", "none")
+INITS: tuple[str, ...] = ("identity", "uniform-0.1", "nnunet", "deepmedic", "uniform")
+TEA_INITS: tuple[str, ...] = ("flips", "single-flips", "identity", "uniform")
+
+# Logit of a bin whose probability is exactly 0 but which stays available: exp(-1e4) is 0 in float32 and float64,
+# and unlike -inf it survives JSON.
+ZERO_LOGIT = -1.0e4
+# Total probability the other TEA entries share under tea_init="identity".
+TEA_IDENTITY_FLOOR = 0.01
+DEFAULT_GROUPS: tuple[str, str] = ("background", "foreground")
+AGNOSTIC_GROUP = "all"
+
+# METHOD 3.3: probability that an op is applied, split evenly over its available bins.
+# "nnunet" is the reference's --org 2 (U-Net, mimics nnU-Net's defaults), "deepmedic" its --org 3.
+INIT_TABLES: dict[str, dict[str, float]] = {
+    "nnunet": {
+        "scale": 0.2, "rotate_yz": 0.1, "rotate_xz": 0.1, "rotate_xy": 0.1,
+        "flip_x": 0.5, "flip_y": 0.5, "flip_z": 0.5,
+        "gamma": 0.3, "inverse_gamma": 0.1, "intensity_shift": 0.05, "intensity_scale": 0.15, "contrast": 0.15,
+        "blur_sharpen": 0.2, "noise": 0.1, "low_resolution": 0.1,
+    },
+    "deepmedic": {
+        "scale": 0.2, "rotate_yz": 0.2, "rotate_xz": 0.2, "rotate_xy": 0.2,
+        "flip_x": 0.5, "flip_y": 0.05, "flip_z": 0.05,
+        "gamma": 0.05, "inverse_gamma": 0.05, "intensity_shift": 0.15, "intensity_scale": 0.05, "contrast": 0.05,
+        "blur_sharpen": 0.05, "noise": 0.05, "low_resolution": 0.05,
+    },
+}
+
+
+class PolicyError(AugsearchError):
+    """A policy that cannot be built or used as asked; the message names the fix."""
+
+
+class BinLike(Protocol):
+    label: str
+    low: float
+    high: float
+    sign: int
+
+
+class OpSpecLike(Protocol):
+    name: str
+    kind: str
+    bins: Sequence[BinLike]
+
+
+class TeaEntryLike(Protocol):
+    id: int
+    name: str
+    op: str
+    value: float | None
+    spatial: bool
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gumbel machinery (shape-agnostic: the last axis holds the categories)
+
+
+def _gumbel(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard Gumbel noise of `shape` on `like`'s device and dtype."""
+    u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+    info = torch.finfo(like.dtype)
+    # Keep log(log(u)) finite at both ends of [0, 1).
+    u = u.clamp(info.tiny, 1.0 - info.eps)
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_max(masked_logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One categorical draw per row: (..., K) logits with -inf where unavailable -> (...,) int64."""
+    return (masked_logits + _gumbel(tuple(masked_logits.shape), masked_logits, generator)).argmax(-1)
+
+
+def conditional_gumbel(masked_logits: Tensor, index: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Perturbed logits phi + G, drawn from the Gumbel-max joint conditioned on argmax(phi + G) = index.
+
+    masked_logits (..., K) with -inf at unavailable categories; index (...,) int64 -> (..., K), -inf stays -inf.
+    The maximum is Gumbel with location logsumexp(phi) (it is independent of which category wins); every other
+    category is a Gumbel(phi_i) truncated below that maximum: -log(exp(-top) + exp(-g_i)).
+    """
+    phi = masked_logits.detach()
+    top = torch.logsumexp(phi, -1, keepdim=True) + _gumbel(tuple(phi.shape[:-1]) + (1,), phi, generator)
+    g = phi + _gumbel(tuple(phi.shape), phi, generator)
+    others = -torch.logaddexp(-top, -g)
+    return others.scatter(-1, index.unsqueeze(-1), top)
+
+
+def straight_through(masked_logits: Tensor, perturbed: Tensor, index: Tensor, tau: float) -> Tensor:
+    """Weight with value exactly 1 and gradient d softmax((phi + G) / tau)_index / d phi, G = perturbed - phi fixed.
+
+    masked_logits (..., K) (carries the gradient), perturbed (..., K) from `conditional_gumbel`, index (...,) -> (...,).
+    """
+    available = torch.isfinite(masked_logits.detach())
+    noise = torch.where(available, perturbed - masked_logits.detach(), torch.zeros_like(perturbed))
+    y = torch.softmax((masked_logits + noise) / tau, dim=-1)
+    y_a = y.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    # y_a - y_a is exactly 0 in floating point, so the value is exactly 1.
+    return 1.0 + (y_a - y_a.detach())
+
+
+def _log_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """0 where mask, -inf elsewhere: uniform logits over the allowed categories."""
+    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(~mask, -math.inf)
+
+
+def magnitude_levels(bins: Sequence[BinLike], available: Sequence[bool]) -> list[list[int]]:
+    """Bin indices per magnitude level of one op, weakest level first.
+
+    Magnitude level m (1-based) is the m-th distinct (low, high) range among the op's available non-off bins, in
+    registry bin order (the registry lists bins from weak to strong). The bins of one level share the range and
+    differ only in sign (direction), so a level holds one bin for unsigned ops and two for signed ones.
+    """
+    levels: dict[tuple[float, float], list[int]] = {}
+    for index in range(1, len(bins)):
+        if available[index]:
+            levels.setdefault((float(bins[index].low), float(bins[index].high)), []).append(index)
+    return list(levels.values())
+
+
+def _fmt_prob(p: float) -> str:
+    """.31 style: two decimals without the leading zero."""
+    text = f"{p:.2f}"
+    return text[1:] if text.startswith("0") else text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Policy(torch.nn.Module):
+    """TRA categoricals per class group and op, and the TEA categorical.
+
+    Parameters: `tra_logits` (G, n_ops, max_bins) and `tea_logits` (A,). Buffers (not saved in state_dict, rebuilt
+    from the spec): `available` (n_ops, max_bins) bool, `tea_available` (A,) bool, `label_lut` (max label + 1,)
+    int64 mapping a label value to its group index (-1: unknown label).
+    """
+
+    tra_logits: torch.nn.Parameter
+    tea_logits: torch.nn.Parameter
+
+    def __init__(
+        self,
+        *,
+        dims: int,
+        op_specs: Sequence[OpSpecLike],
+        group_labels: Mapping[str, Sequence[int]],
+        label_names: Mapping[str, int],
+        tea_entries: Sequence[TeaEntryLike],
+        tra_logits: Tensor | None = None,
+        tea_logits: Tensor | None = None,
+        available: Tensor | None = None,
+        tea_available: Tensor | None = None,
+        sampling: Sampling = "independent",
+        randaugment_n: int = 2,
+        randaugment_m: int = 2,
+        tea_top_k: int = 4,
+        tau: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if dims not in (2, 3):
+            raise PolicyError(f"dims must be 2 or 3, got {dims!r}.")
+        if sampling not in SAMPLINGS:
+            raise PolicyError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}.")
+        if randaugment_n < 1 or randaugment_m < 1:
+            raise PolicyError(f"randaugment n and m must be >= 1, got n={randaugment_n}, m={randaugment_m}.")
+        if not tau > 0:
+            raise PolicyError(f"tau (Gumbel-softmax temperature) must be > 0, got {tau}.")
+        self.dims = int(dims)
+        self.op_specs = tuple(op_specs)
+        self.op_names = tuple(spec.name for spec in self.op_specs)
+        if len(set(self.op_names)) != len(self.op_names):
+            raise PolicyError(f"op names must be unique, got {list(self.op_names)}.")
+        if not self.op_names:
+            raise PolicyError("a policy needs at least one op.")
+        self.op_bins = tuple(tuple(spec.bins) for spec in self.op_specs)
+        self.n_bins = tuple(len(bins) for bins in self.op_bins)
+        if min(self.n_bins) < 1:
+            raise PolicyError("every op needs at least its bin 0 ('off').")
+        self.label_names = {str(name): int(value) for name, value in label_names.items()}
+        self.group_names = tuple(group_labels)
+        self.group_labels = {name: tuple(sorted(int(v) for v in values)) for name, values in group_labels.items()}
+        self._check_groups()
+        self.sampling: Sampling = sampling
+        self.randaugment_n = int(randaugment_n)
+        self.randaugment_m = int(randaugment_m)
+        self.tau = float(tau)
+        self.tea_entries = tuple(tea_entries)
+        for position, entry in enumerate(self.tea_entries):
+            if entry.id != position:
+                raise PolicyError(f"TEA pool ids must be positions; entry {position} has id {entry.id}.")
+
+        n_ops, max_bins, n_groups, n_tea = len(self.op_names), max(self.n_bins), len(self.group_names), len(
+            self.tea_entries
+        )
+        padded = torch.arange(max_bins).unsqueeze(0) < torch.tensor(self.n_bins).unsqueeze(1)
+        if available is None:
+            available = padded
+        available = available.to(torch.bool).cpu()
+        if available.shape != (n_ops, max_bins):
+            raise PolicyError(f"available must have shape {(n_ops, max_bins)}, got {tuple(available.shape)}.")
+        available = available & padded
+        if not bool(available[:, 0].all()):
+            raise PolicyError("bin 0 ('off') of every op must stay available.")
+        self.register_buffer("available", available, persistent=False)
+
+        if tra_logits is None:
+            tra_logits = torch.zeros(n_groups, n_ops, max_bins)
+        if tuple(tra_logits.shape) != (n_groups, n_ops, max_bins):
+            raise PolicyError(
+                f"tra_logits must have shape (groups, ops, max_bins) = {(n_groups, n_ops, max_bins)}, "
+                f"got {tuple(tra_logits.shape)}."
+            )
+        # Padding holds 0 so that every stored logit is finite; the mask makes it irrelevant.
+        tra_logits = torch.where(padded, tra_logits.detach().to(torch.float32), torch.zeros(()))
+        if not bool(torch.isfinite(tra_logits).all()):
+            raise PolicyError("tra_logits must be finite; use a large negative logit for a probability of 0.")
+        self.tra_logits = torch.nn.Parameter(tra_logits.clone())
+
+        if tea_available is None:
+            tea_available = torch.ones(n_tea, dtype=torch.bool)
+        tea_available = tea_available.to(torch.bool).cpu()
+        if tuple(tea_available.shape) != (n_tea,) or n_tea == 0 or not bool(tea_available[0]):
+            raise PolicyError(f"tea_available must be ({n_tea},) bool with the identity (id 0) available.")
+        self.register_buffer("tea_available", tea_available, persistent=False)
+        if tea_logits is None:
+            tea_logits = torch.zeros(n_tea)
+        if tuple(tea_logits.shape) != (n_tea,):
+            raise PolicyError(f"tea_logits must have shape ({n_tea},) (one per pool entry), got {tuple(tea_logits.shape)}.")
+        if not bool(torch.isfinite(tea_logits).all()):
+            raise PolicyError("tea_logits must be finite; use a large negative logit for a probability of 0.")
+        self.tea_logits = torch.nn.Parameter(tea_logits.detach().to(torch.float32).clone())
+        n_tea_available = int(tea_available.sum())
+        if not 1 <= tea_top_k <= n_tea_available:
+            raise PolicyError(f"tea_top_k must be in [1, {n_tea_available}] (available TEA entries), got {tea_top_k}.")
+        self.tea_top_k = int(tea_top_k)
+
+        lut = torch.full((max(self.label_names.values()) + 1,), -1, dtype=torch.int64)
+        for index, group in enumerate(self.group_names):
+            lut[list(self.group_labels[group])] = index
+        self.register_buffer("label_lut", lut, persistent=False)
+
+    # -- construction checks -------------------------------------------------------------------------------------
+
+    def _check_groups(self) -> None:
+        if not self.group_names:
+            raise PolicyError("a policy needs at least one class group.")
+        values = sorted(self.label_names.values())
+        if min(values) < 0 or len(set(values)) != len(values):
+            raise PolicyError(f"label values must be distinct non-negative integers, got {self.label_names}.")
+        names_of = {value: name for name, value in self.label_names.items()}
+        owner: dict[int, str] = {}
+        for group, members in self.group_labels.items():
+            for value in members:
+                if value not in names_of:
+                    raise PolicyError(
+                        f"group {group!r} lists label value {value}, which is not a label "
+                        f"(labels: {self.label_names})."
+                    )
+                if value in owner:
+                    raise PolicyError(
+                        f"label {names_of[value]!r} ({value}) is in both groups {owner[value]!r} and {group!r}; "
+                        "every label must belong to exactly one group."
+                    )
+                owner[value] = group
+        missing = [names_of[v] for v in values if v not in owner]
+        if missing:
+            raise PolicyError(
+                f"labels {missing} belong to no group (groups: {dict(self.group_labels)}); every label must belong "
+                "to exactly one group: add them to a group."
+            )
+
+    @property
+    def tea_names(self) -> tuple[str, ...]:
+        """Names of the TEA pool entries, by id."""
+        return tuple(entry.name for entry in self.tea_entries)
+
+    # -- probabilities ---------------------------------------------------------------------------------------------
+
+    def masked_tra_logits(self) -> Tensor:
+        """(G, n_ops, max_bins): tra_logits with -inf at padded and unavailable bins (carries the gradient)."""
+        return self.tra_logits.masked_fill(~self.available, -math.inf)
+
+    def masked_tea_logits(self) -> Tensor:
+        """(A,): tea_logits with -inf at unavailable entries."""
+        return self.tea_logits.masked_fill(~self.tea_available, -math.inf)
+
+    def tra_probs(self) -> Tensor:
+        """(G, n_ops, max_bins) probabilities; exactly 0 at padded and unavailable bins."""
+        return torch.softmax(self.masked_tra_logits(), dim=-1)
+
+    def tea_probs(self) -> Tensor:
+        """(A,) probabilities over the TEA pool."""
+        return torch.softmax(self.masked_tea_logits(), dim=-1)
+
+    def p_on(self) -> Tensor:
+        """(G, n_ops): probability that each op is applied, 1 - P(bin 0)."""
+        return 1.0 - self.tra_probs()[..., 0]
+
+    # -- groups ----------------------------------------------------------------------------------------------------
+
+    def group_index(self, anchor_class: Tensor) -> Tensor:
+        """(B,) label values at the patch centres -> (B,) int64 group indices."""
+        lut = self.label_lut.to(anchor_class.device)
+        anchor = anchor_class.to(torch.int64)
+        index = lut[anchor.clamp(0, lut.numel() - 1)]
+        bad = (anchor < 0) | (anchor >= lut.numel()) | (index < 0)
+        if bool(bad.any()):
+            raise PolicyError(
+                f"anchor classes {sorted(set(anchor[bad].tolist()))} are not labels of this policy "
+                f"(labels: {self.label_names}); bind the policy to the dataset's labels with with_labels()."
+            )
+        return index
+
+    # -- TRA sampling ------------------------------------------------------------------------------------------------
+
+    def sample_tra(self, group_idx: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Bins (B, n_ops) int64, one per op per sample, for samples of the given groups (B,).
+
+        "independent" draws every op's bin from its group's categorical; "randaugment", "trivialaugment" and "none"
+        are the baseline samplers (see `baseline_marginals`) and ignore the logits.
+        """
+        with torch.no_grad():
+            logits = self.masked_tra_logits()
+            group_idx = group_idx.to(logits.device)
+            batch = group_idx.shape[0]
+            n_ops = len(self.op_names)
+            if self.sampling == "none":
+                return torch.zeros(batch, n_ops, dtype=torch.int64, device=logits.device)
+            if self.sampling == "independent":
+                return gumbel_max(logits[group_idx], generator)
+            available = self.available.to(logits.device)
+            if self.sampling == "randaugment":
+                bin_mask = self._level_mask(self.randaugment_m).to(logits.device)
+                n_pick = self.randaugment_n
+            else:
+                bin_mask = available.clone()
+                bin_mask[:, 0] = False
+                n_pick = 1
+            eligible = bin_mask.any(-1)
+            n_pick = min(n_pick, int(eligible.sum()))
+            if n_pick == 0:
+                return torch.zeros(batch, n_ops, dtype=torch.int64, device=logits.device)
+            # n_pick distinct ops uniformly: the top n_pick of iid uniform keys among eligible ops.
+            keys = torch.rand(batch, n_ops, generator=generator, device=logits.device).masked_fill(~eligible, -1.0)
+            chosen = torch.zeros(batch, n_ops, dtype=torch.bool, device=logits.device)
+            chosen.scatter_(1, keys.topk(n_pick, dim=1).indices, True)
+            bins = gumbel_max(_log_mask(bin_mask, logits).expand(batch, n_ops, -1), generator)
+            return torch.where(chosen, bins, torch.zeros_like(bins))
+
+    def _level_mask(self, m: int) -> Tensor:
+        """(n_ops, max_bins) bool: the bins of magnitude level m of each op (its strongest level if it has fewer)."""
+        mask = torch.zeros_like(self.available, device="cpu")
+        for op, bins in enumerate(self.op_bins):
+            levels = magnitude_levels(bins, self.available[op].tolist())
+            if levels:
+                mask[op, levels[min(m, len(levels)) - 1]] = True
+        return mask
+
+    def baseline_marginals(self) -> Tensor:
+        """(n_ops, max_bins): per-op bin probabilities of this policy's baseline sampler (exact, float64).
+
+        randaugment: n distinct ops uniformly among those with an available non-off bin, each at a uniformly chosen
+        bin of magnitude level m (`magnitude_levels`); trivialaugment: one such op, one of its available non-off bins
+        uniformly; none: bin 0 always. For "independent", the group-averaged policy probabilities.
+        """
+        n_ops, max_bins = self.available.shape
+        if self.sampling == "independent":
+            return self.tra_probs().detach().double().mean(0).cpu()
+        out = torch.zeros(n_ops, max_bins, dtype=torch.float64)
+        out[:, 0] = 1.0
+        if self.sampling == "none":
+            return out
+        if self.sampling == "randaugment":
+            bin_mask, n_pick = self._level_mask(self.randaugment_m), self.randaugment_n
+        else:
+            bin_mask, n_pick = self.available.clone().cpu(), 1
+            bin_mask[:, 0] = False
+        eligible = bin_mask.any(-1)
+        n_eligible = int(eligible.sum())
+        if n_eligible == 0:
+            return out
+        p_op = min(n_pick, n_eligible) / n_eligible
+        spread = bin_mask.double() / bin_mask.double().sum(-1, keepdim=True).clamp_min(1)
+        out = torch.where(eligible.unsqueeze(-1), p_op * spread, out)
+        out[eligible, 0] = 1.0 - p_op
+        return out
+
+    def tra_weights(self, group_idx: Tensor, bins: Tensor, generator: torch.Generator | None) -> Tensor:
+        """(B, n_ops) straight-through weights of drawn bins (B, n_ops) under the groups' categoricals.
+
+        Value exactly 1.0; gradient d softmax((phi + G) / tau)_a / d phi into tra_logits[group, op, :] only, with G an
+        exact conditional Gumbel draw given argmax(phi + G) = a (a = the drawn bin).
+        """
+        logits = self.masked_tra_logits()
+        group_idx = group_idx.to(logits.device)
+        bins = bins.to(device=logits.device, dtype=torch.int64)
+        phi = logits[group_idx]
+        self._check_index(bins, self.available.to(logits.device).unsqueeze(0).expand(bins.shape[0], -1, -1), "bins")
+        perturbed = conditional_gumbel(phi, bins, generator)
+        return straight_through(phi, perturbed, bins, self.tau)
+
+    @staticmethod
+    def _check_index(index: Tensor, available: Tensor, what: str) -> None:
+        size = available.shape[-1]
+        in_range = (index >= 0) & (index < size)
+        ok = in_range & available.gather(-1, index.clamp(0, size - 1).unsqueeze(-1)).squeeze(-1)
+        if not bool(ok.all()):
+            raise PolicyError(
+                f"{what} must index available categories; got unavailable or out-of-range values "
+                f"{sorted(set(index[~ok].tolist()))}. Draw them with this policy's sample method."
+            )
+
+    # -- TEA ---------------------------------------------------------------------------------------------------------
+
+    def sample_tea(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """(n,) int64 TEA pool ids drawn from the TEA categorical."""
+        with torch.no_grad():
+            logits = self.masked_tea_logits()
+            return gumbel_max(logits.expand(n, -1), generator)
+
+    def tea_weights(self, ids: Tensor, generator: torch.Generator | None) -> Tensor:
+        """(n,) straight-through weights of drawn ids (n,): value exactly 1, gradient into tea_logits."""
+        logits = self.masked_tea_logits()
+        ids = ids.to(device=logits.device, dtype=torch.int64)
+        phi = logits.expand(ids.shape[0], -1)
+        self._check_index(ids, self.tea_available.to(logits.device).expand(ids.shape[0], -1), "TEA ids")
+        perturbed = conditional_gumbel(phi, ids, generator)
+        return straight_through(phi, perturbed, ids, self.tau)
+
+    def tea_selected(self, top_k: int | None = None) -> list[tuple[int, float]]:
+        """The top-K TEA entries, best first, as (pool id, weight) with the weights renormalised to sum to 1.
+
+        Ties are broken towards the lower id, so the identity (id 0) wins a tie.
+        """
+        k = self.tea_top_k if top_k is None else int(top_k)
+        probs = self.tea_probs().detach().double().cpu().tolist()
+        candidates = [i for i in range(len(probs)) if bool(self.tea_available[i])]
+        if not 1 <= k <= len(candidates):
+            raise PolicyError(f"top_k must be in [1, {len(candidates)}] (available TEA entries), got {k}.")
+        best = sorted(candidates, key=lambda i: (-probs[i], i))[:k]
+        total = sum(probs[i] for i in best)
+        if total <= 0:
+            return [(i, 1.0 / k) for i in best]
+        return [(i, probs[i] / total) for i in best]
+
+    # -- display -----------------------------------------------------------------------------------------------------
+
+    def summary(self, top: int = 3) -> str:
+        """One line for logs: per group the ops most likely applied, with P(on); then the TEA leaders."""
+        p_on = self.p_on().detach().cpu()
+        parts = []
+        for g, group in enumerate(self.group_names):
+            order = sorted(range(len(self.op_names)), key=lambda k: (-float(p_on[g, k]), k))
+            shown = [f"{self.op_names[k]} {_fmt_prob(float(p_on[g, k]))}" for k in order[:top]]
+            more = " ..." if len(order) > top else ""
+            parts.append(f"{group}: {', '.join(shown)}{more}")
+        tea = ", ".join(f"{self.tea_entries[i].name} {_fmt_prob(w)}" for i, w in self.tea_selected(min(2, self.tea_top_k)))
+        parts.append(f"tea: {tea}")
+        return f"Policy({' | '.join(parts)})"
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    # -- derived policies --------------------------------------------------------------------------------------------
+
+    def replace(self, **changes) -> Policy:
+        """A new policy with the same spec and (cloned) logits, except for `changes` (constructor arguments)."""
+        kwargs = dict(
+            dims=self.dims,
+            op_specs=self.op_specs,
+            group_labels=self.group_labels,
+            label_names=self.label_names,
+            tea_entries=self.tea_entries,
+            tra_logits=self.tra_logits.detach().cpu().clone(),
+            tea_logits=self.tea_logits.detach().cpu().clone(),
+            available=self.available.cpu().clone(),
+            tea_available=self.tea_available.cpu().clone(),
+            sampling=self.sampling,
+            randaugment_n=self.randaugment_n,
+            randaugment_m=self.randaugment_m,
+            tea_top_k=self.tea_top_k,
+            tau=self.tau,
+        )
+        kwargs.update(changes)
+        return Policy(**kwargs)
+
+    def group_label_names(self) -> dict[str, tuple[str, ...]]:
+        """Group -> the names of its labels, in label-value order."""
+        names_of = {value: name for name, value in self.label_names.items()}
+        return {group: tuple(names_of[v] for v in self.group_labels[group]) for group in self.group_names}
+
+    def with_labels(self, label_names: Mapping[str, int] | Sequence[str]) -> Policy:
+        """This policy bound to a dataset's labels (name -> value); logits unchanged.
+
+        Binding rules: a single group `all` takes every label; groups exactly `background`/`foreground` whose
+        background holds only label value 0 bind to any dataset (label 0 -> background, every other label ->
+        foreground); any other grouping binds by label name, and the dataset must have exactly those names.
+        """
+        labels = normalise_labels(label_names)
+        if labels == self.label_names:
+            return self
+        if self.group_names == (AGNOSTIC_GROUP,):
+            groups = {AGNOSTIC_GROUP: list(labels)}
+        elif self.group_names == DEFAULT_GROUPS and self.group_labels["background"] == (0,):
+            groups = None
+        else:
+            by_name = self.group_label_names()
+            wanted = sorted(name for names in by_name.values() for name in names)
+            if sorted(labels) != wanted:
+                raise PolicyError(
+                    f"this policy's groups {dict(by_name)} name labels {wanted}, but the dataset's labels are "
+                    f"{sorted(labels)}; use a policy whose groups name the dataset's labels, or the default "
+                    "background/foreground groups."
+                )
+            groups = {group: list(names) for group, names in by_name.items()}
+        return self.replace(label_names=labels, group_labels=resolve_groups(labels, groups, class_specific=True))
+
+    def with_patch_size(self, patch_size: Sequence[int]) -> Policy:
+        """This policy with rot90 bins made unavailable in planes where `patch_size` is not square."""
+        blocked = rot90_unavailable(self.op_specs, patch_size)
+        if not blocked:
+            return self
+        available = self.available.cpu().clone()
+        for op, index in blocked:
+            available[self.op_names.index(op), index] = False
+        return self.replace(available=available)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Construction from the op registry
+
+
+def normalise_labels(label_names: Mapping[str, int] | Sequence[str]) -> dict[str, int]:
+    """dataset.json-style name -> value mapping; a list of names means values 0, 1, 2, ..."""
+    if isinstance(label_names, Mapping):
+        return {str(name): int(value) for name, value in label_names.items()}
+    return {str(name): index for index, name in enumerate(label_names)}
+
+
+def resolve_groups(
+    label_names: Mapping[str, int], groups: Mapping[str, Sequence[str]] | None, *, class_specific: bool
+) -> dict[str, tuple[int, ...]]:
+    """Group name -> label values.
+
+    class_specific=False: one group `all`. groups=None: `background` (label 0) and `foreground` (all other labels).
+    Otherwise groups by label names; every label must belong to exactly one group.
+    """
+    labels = dict(label_names)
+    if not class_specific:
+        if groups is not None:
+            raise PolicyError("groups were given with class_specific=False; drop the groups or set class_specific.")
+        return {AGNOSTIC_GROUP: tuple(sorted(labels.values()))}
+    if groups is None:
+        if 0 not in labels.values():
+            raise PolicyError(f"the default groups need a background label with value 0; labels are {labels}.")
+        foreground = tuple(sorted(v for v in labels.values() if v != 0))
+        if not foreground:
+            raise PolicyError(f"the default groups need at least one foreground label; labels are {labels}.")
+        return {"background": (0,), "foreground": foreground}
+    out: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, str] = {}
+    for group, names in groups.items():
+        values = []
+        for name in names:
+            if name not in labels:
+                raise PolicyError(
+                    f"group {group!r} names label {name!r}, which is not a label of the dataset "
+                    f"(labels: {sorted(labels)})."
+                )
+            if name in owner:
+                raise PolicyError(
+                    f"label {name!r} is in both groups {owner[name]!r} and {group!r}; every label must belong to "
+                    "exactly one group."
+                )
+            owner[name] = group
+            values.append(labels[name])
+        out[group] = tuple(sorted(values))
+    missing = [name for name in labels if name not in owner]
+    if missing:
+        raise PolicyError(
+            f"labels {missing} belong to no group (groups: {dict(groups)}); every label must belong to exactly one "
+            "group: add them to a group."
+        )
+    return out
+
+
+def _is_rot90(bin_spec: BinLike) -> bool:
+    return "rot90" in bin_spec.label
+
+
+def rot90_unavailable(op_specs: Sequence[OpSpecLike], patch_size: Sequence[int] | None) -> list[tuple[str, int]]:
+    """(op name, bin index) of rot90 bins in planes where the patch is not square (the patch would change shape)."""
+    if patch_size is None:
+        return []
+    axes = "xyz"
+    out = []
+    for spec in op_specs:
+        if not spec.name.startswith("rotate_"):
+            continue
+        plane = spec.name.removeprefix("rotate_")
+        i, j = axes.index(plane[0]), axes.index(plane[1])
+        if j < len(patch_size) and int(patch_size[i]) != int(patch_size[j]):
+            out.extend((spec.name, b) for b, bin_spec in enumerate(spec.bins) if _is_rot90(bin_spec))
+    return out
+
+
+def _split_on(p_on: float, bins_available: Sequence[bool]) -> list[float]:
+    """Bin probabilities: P(off) = 1 - p_on and p_on split evenly over the available non-off bins."""
+    n = sum(bins_available[1:])
+    if n == 0:
+        return [1.0] + [0.0] * (len(bins_available) - 1)
+    return [1.0 - p_on] + [p_on / n if ok else 0.0 for ok in bins_available[1:]]
+
+
+def _init_probs(init: str, name: str, bins_available: Sequence[bool]) -> list[float]:
+    if init == "identity":
+        return _split_on(0.0, bins_available)
+    if init == "uniform-0.1":
+        return _split_on(0.1, bins_available)
+    if init == "uniform":
+        n = sum(bins_available)
+        return [1.0 / n if ok else 0.0 for ok in bins_available]
+    table = INIT_TABLES[init]
+    if name not in table:
+        raise PolicyError(f"init {init!r} has no probability for op {name!r} (its table covers {sorted(table)}).")
+    return _split_on(table[name], bins_available)
+
+
+def logits_from_probs(probs: Sequence[float]) -> list[float]:
+    """log(p), with ZERO_LOGIT for p = 0, so that softmax returns the probabilities."""
+    return [math.log(p) if p > 0 else ZERO_LOGIT for p in probs]
+
+
+def tea_init_probs(entries: Sequence[TeaEntryLike], dims: int, tea_init: str) -> list[float]:
+    """TEA probabilities per METHOD 3.4.
+
+    "flips": identity, single flips, 180-degree rotations and flip-all at 0.1 each (those present), the others
+    share the rest. "single-flips": identity and single flips share 0.8, the others share 0.2 (the reference's
+    --orgts 4 in 3D). "identity": identity 1 - TEA_IDENTITY_FLOOR, the others share the floor. "uniform": equal.
+    """
+    n = len(entries)
+    if tea_init == "uniform":
+        return [1.0 / n] * n
+    if tea_init == "identity":
+        chosen, mass = [0], 1.0 - TEA_IDENTITY_FLOOR
+    elif tea_init == "single-flips":
+        chosen = [0] + [e.id for e in entries if e.op.startswith("flip_") and len(e.op) == len("flip_x")]
+        mass = 0.8
+    elif tea_init == "flips":
+        chosen = [0] + [e.id for e in entries if _is_flip_or_half_turn(e)]
+        mass = 0.1 * len(chosen)
+    else:
+        raise PolicyError(f"tea_init must be one of {', '.join(TEA_INITS)}; got {tea_init!r}.")
+    rest = n - len(chosen)
+    if rest == 0:
+        return [1.0 / n] * n
+    each, other = mass / len(chosen), (1.0 - mass) / rest
+    chosen_set = set(chosen)
+    return [each if i in chosen_set else other for i in range(n)]
+
+
+def _is_flip_or_half_turn(entry: TeaEntryLike) -> bool:
+    if entry.op.startswith("flip_"):
+        return True
+    return entry.op.startswith("rotate_") and entry.value is not None and abs(abs(float(entry.value)) - 180.0) < 1e-9
+
+
+def make_policy(
+    dims: int,
+    label_names: Mapping[str, int] | Sequence[str],
+    *,
+    init: str = "uniform-0.1",
+    groups: Mapping[str, Sequence[str]] | None = None,
+    class_specific: bool = True,
+    patch_size: Sequence[int] | None = None,
+    tea_init: str = "flips",
+    sampling: Sampling = "independent",
+    randaugment_n: int = 2,
+    randaugment_m: int = 2,
+    tea_top_k: int = 4,
+    tau: float = 1.0,
+    ops: Sequence[str] | None = None,
+) -> Policy:
+    """A policy over the registry's ops for `dims`, every group starting from the same probabilities.
+
+    init (METHOD 3.3): "identity" (bin 0 with probability 1), "uniform-0.1" (P(on) = 0.1 per op), "nnunet" (--org 2),
+    "deepmedic" (--org 3), "uniform" (equal logits); P(on) is split evenly over an op's available bins and logits are
+    log(p), so softmax reproduces the probabilities. With a baseline `sampling` ("randaugment", "trivialaugment",
+    "none") the logits are set to that sampler's per-op marginals instead (they describe it; sampling ignores them).
+    patch_size makes rot90 bins unavailable in non-square planes. ops restricts the op set (registry order kept).
+    """
+    from augsearch.ops.registry import get_op, list_ops
+    from augsearch.ops.tea import tea_pool
+
+    if dims not in (2, 3):
+        raise PolicyError(f"dims must be 2 or 3, got {dims!r}.")
+    if init not in INITS:
+        raise PolicyError(f"init must be one of {', '.join(INITS)}; got {init!r}.")
+    if tea_init not in TEA_INITS:
+        raise PolicyError(f"tea_init must be one of {', '.join(TEA_INITS)}; got {tea_init!r}.")
+    if patch_size is not None and len(patch_size) != dims:
+        raise PolicyError(f"patch_size must have {dims} entries for dims={dims}, got {list(patch_size)}.")
+    names = list_ops(dims)
+    if ops is not None:
+        unknown = [name for name in ops if name not in names]
+        if unknown:
+            raise PolicyError(f"ops {unknown} are not available in {dims}D; valid ops: {', '.join(names)}.")
+        names = [name for name in names if name in set(ops)]
+    specs = [get_op(name).spec for name in names]
+    labels = normalise_labels(label_names)
+    group_labels = resolve_groups(labels, groups, class_specific=class_specific)
+
+    max_bins = max(len(spec.bins) for spec in specs)
+    available = torch.arange(max_bins).unsqueeze(0) < torch.tensor([len(s.bins) for s in specs]).unsqueeze(1)
+    for op, index in rot90_unavailable(specs, patch_size):
+        available[names.index(op), index] = False
+
+    entries = tea_pool(dims)
+    tea_logits = torch.tensor(logits_from_probs(tea_init_probs(entries, dims, tea_init)), dtype=torch.float32)
+    policy = Policy(
+        dims=dims,
+        op_specs=specs,
+        group_labels=group_labels,
+        label_names=labels,
+        tea_entries=entries,
+        tea_logits=tea_logits,
+        available=available,
+        sampling=sampling,
+        randaugment_n=randaugment_n,
+        randaugment_m=randaugment_m,
+        tea_top_k=tea_top_k,
+        tau=tau,
+    )
+    if sampling == "independent":
+        rows = [_init_probs(init, spec.name, available[k, : len(spec.bins)].tolist()) for k, spec in enumerate(specs)]
+    else:
+        marginals = policy.baseline_marginals()
+        rows = [marginals[k, : len(spec.bins)].tolist() for k, spec in enumerate(specs)]
+    logits = torch.zeros(len(group_labels), len(specs), max_bins)
+    for k, row in enumerate(rows):
+        logits[:, k, : len(row)] = torch.tensor(logits_from_probs(row))
+    with torch.no_grad():
+        policy.tra_logits.copy_(logits)
+    return policy
