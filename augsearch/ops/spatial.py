@@ -1,0 +1,215 @@
+"""Spatial ops (scale, rotations with a rot90 bin, flips) and the batched geometry they share.
+
+Conventions (torch dims 2, 3, 4 are x, y, z):
+- A forward matrix A (N, d, d) moves content: the voxel at centred coordinate u lands at A u. The array centre
+  ((n - 1) / 2 per axis) is fixed. Scale "up" (factor f > 1) magnifies content: A = f I.
+- A rotation by +theta in plane (a, b) turns axis a towards axis b: A[a,a] = A[b,b] = cos, A[b,a] = sin,
+  A[a,b] = -sin. `torch.rot90(x, 1, dims=(a, b))` is exactly the +90 degree case.
+- Warps resample with `grid_sample` (align_corners=True, zeros outside): linear for images and predictions, nearest
+  for label masks, so labels stay in their value set. rot90 and flips are exact tensor permutations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from augsearch.ops.base import Op, OpInputError, OpSpec, spatial_view
+
+PLANES: dict[str, tuple[int, int]] = {"xy": (0, 1), "xz": (0, 2), "yz": (1, 2)}  # spatial axes of each plane
+AXES = "xyz"
+
+
+def rotation_matrix(angle_deg: torch.Tensor, plane: tuple[int, int], dims: int) -> torch.Tensor:
+    """Forward rotation matrices (N, d, d) for angles (N,) in degrees in `plane` (spatial axes a, b)."""
+    a, b = plane
+    rad = angle_deg * (math.pi / 180.0)
+    c, s = torch.cos(rad), torch.sin(rad)
+    m = torch.eye(dims, dtype=angle_deg.dtype, device=angle_deg.device).repeat(angle_deg.shape[0], 1, 1)
+    m[:, a, a] = c
+    m[:, b, b] = c
+    m[:, b, a] = s
+    m[:, a, b] = -s
+    return m
+
+
+def centred_grid(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Centred voxel coordinates (prod(shape), d), axis order x, y, z."""
+    axes = [torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2 for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+
+
+def sample_coordinates(sample_matrix: torch.Tensor, in_shape: tuple[int, ...],
+                       out_shape: tuple[int, ...]) -> torch.Tensor:
+    """Input voxel coordinates (N, *out_shape, d) read by each output voxel: centre-to-centre, u_in = M u_out."""
+    base = centred_grid(out_shape, sample_matrix.device)
+    pts = torch.einsum("nij,pj->npi", sample_matrix.float(), base)
+    centre = torch.tensor([(n - 1) / 2 for n in in_shape], dtype=torch.float32, device=sample_matrix.device)
+    return (pts + centre).reshape((sample_matrix.shape[0],) + tuple(out_shape) + (len(in_shape),))
+
+
+def warp(x: torch.Tensor, sample_matrix: torch.Tensor, out_shape: tuple[int, ...],
+         mode: Literal["bilinear", "nearest"] = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample x (N, C, *E) at u_in = M u_out on an output grid `out_shape` sharing E's centre.
+
+    Returns (warped (N, C, *out_shape), inside (N, 1, *out_shape) bool: the sample point lay within E).
+    """
+    in_shape = tuple(x.shape[2:])
+    coords = sample_coordinates(sample_matrix, in_shape, out_shape)
+    last = torch.tensor([n - 1 for n in in_shape], dtype=torch.float32, device=x.device)
+    grid = (coords / last.clamp_min(1) * 2 - 1).flip(-1)  # grid_sample wants the last spatial dim first
+    out = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    eps = 1e-4  # float error of the grid; a sample point this close to the border reads the border voxel
+    inside = ((coords >= -eps) & (coords <= last + eps)).all(-1)
+    return out, inside.unsqueeze(1)
+
+
+def centre_crop(x: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """Central `out_shape` of x (..., *E) (E - out_shape even per axis)."""
+    d = len(out_shape)
+    index = [slice(None)] * (x.dim() - d)
+    for n_in, n_out in zip(x.shape[-d:], out_shape):
+        start = (n_in - n_out) // 2
+        index.append(slice(start, start + n_out))
+    return x[tuple(index)]
+
+
+def is_identity(matrix: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the matrix (N, d, d) is exactly the identity."""
+    return (matrix == torch.eye(matrix.shape[-1], device=matrix.device)).all(-1).all(-1)
+
+
+def warp_image(x: torch.Tensor, sample_matrix: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """Linear warp of x (N, C, *E) reading u_in = M u_out, onto the central `out_shape`; samples whose matrix is
+    exactly the identity are passed through unresampled."""
+    warped, _ = warp(x, sample_matrix, out_shape)
+    return torch.where(is_identity(sample_matrix).view(spatial_view(x)), centre_crop(x, out_shape), warped)
+
+
+def warp_mask(mask: torch.Tensor, sample_matrix: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """Nearest-neighbour warp of a label mask (N, *E) int64 (values kept exactly; background 0 outside)."""
+    moved = ~is_identity(sample_matrix)
+    warped, _ = warp(mask.unsqueeze(1).float(), sample_matrix, out_shape, mode="nearest")
+    warped = warped.squeeze(1).round().to(mask.dtype)
+    return torch.where(moved.view((-1,) + (1,) * len(out_shape)), warped, centre_crop(mask, out_shape))
+
+
+def rot90_where(x: torch.Tensor, k: torch.Tensor, plane: tuple[int, int], first_spatial: int) -> torch.Tensor:
+    """Rotate each sample of x (N, ..., *S) by k[n] * 90 degrees (any integer k) in `plane`, exactly.
+
+    The rotated groups are formed with `torch.where` over the batch (no per-sample loop, no host sync)."""
+    dims = (first_spatial + plane[0], first_spatial + plane[1])
+    if x.shape[dims[0]] != x.shape[dims[1]]:
+        if bool((k != 0).any()):
+            raise OpInputError(f"rot90 in the plane of torch dims {dims} needs equal extents, got shape "
+                               f"{tuple(x.shape)}; disable the rot90 bins there (augment.unavailable_bins)")
+        return x
+    view = (-1,) + (1,) * (x.dim() - 1)
+    k = torch.remainder(k, 4)
+    out = x
+    for turns in (1, 2, 3):
+        out = torch.where((k == turns).view(view), torch.rot90(x, turns, dims), out)
+    return out
+
+
+def flip_where(x: torch.Tensor, on: torch.Tensor, dim: int) -> torch.Tensor:
+    """Flip torch dim `dim` of the samples where on (N,) is true."""
+    return torch.where(on.view((-1,) + (1,) * (x.dim() - 1)), torch.flip(x, (dim,)), x)
+
+
+class ScaleOp(Op):
+    """Isotropic scale; params (N, 1): factor (1 = off)."""
+
+    n_params = 1
+
+    def __init__(self, spec: OpSpec):
+        self.spec = spec
+
+    def _params(self, bins, mag, sign, generator):
+        return torch.pow(1.0 + mag, sign).unsqueeze(1)
+
+    def matrix(self, params: torch.Tensor, dims: int) -> torch.Tensor:
+        """Forward matrices (N, d, d)."""
+        eye = torch.eye(dims, device=params.device)
+        return params[:, 0].view(-1, 1, 1) * eye
+
+    def apply(self, x, params, target="image", stats=None):
+        return _apply_affine(x, self.matrix(params, _dims(x, target)), target)
+
+    def invert(self, x, params):
+        return _invert_affine(x, self.matrix(params, x.dim() - 2))
+
+
+class RotateOp(Op):
+    """Rotation in one plane; params (N, 2): angle in degrees (affine bins), k quarter turns (rot90 bins)."""
+
+    n_params = 2
+
+    def __init__(self, spec: OpSpec, plane: str):
+        self.spec = spec
+        self.plane = PLANES[plane]
+        self.rot90_bins = tuple(i for i, b in enumerate(spec.bins) if b.label.startswith("rot90"))
+
+    def _params(self, bins, mag, sign, generator):
+        quarter = torch.zeros_like(bins, dtype=torch.bool)
+        for i in self.rot90_bins:
+            quarter |= bins == i
+        angle = torch.where(quarter, 0.0, sign * mag)
+        k = torch.where(quarter, sign, 0.0)
+        return torch.stack([angle, k], dim=1)
+
+    def matrix(self, params: torch.Tensor, dims: int) -> torch.Tensor:
+        """Forward matrices (N, d, d) of the non-rot90 part."""
+        return rotation_matrix(params[:, 0], self.plane, dims)
+
+    def apply(self, x, params, target="image", stats=None):
+        first = 2 if target == "image" else 1
+        out = _apply_affine(x, self.matrix(params, x.dim() - first), target)
+        return rot90_where(out, params[:, 1].round().long(), self.plane, first)
+
+    def invert(self, x, params):
+        out = rot90_where(x, -params[:, 1].round().long(), self.plane, 2)
+        return _invert_affine(out, self.matrix(params, x.dim() - 2))
+
+
+class FlipOp(Op):
+    """Flip of one spatial axis; params (N, 1): 1 = flip."""
+
+    n_params = 1
+
+    def __init__(self, spec: OpSpec, axis: int):
+        self.spec = spec
+        self.axis = axis
+
+    def _params(self, bins, mag, sign, generator):
+        return (bins != 0).float().unsqueeze(1)
+
+    def apply(self, x, params, target="image", stats=None):
+        first = 2 if target == "image" else 1
+        if self.axis >= x.dim() - first:
+            raise OpInputError(f"{self.name} needs a 3D input, got shape {tuple(x.shape)} ({target})")
+        return flip_where(x, params[:, 0] > 0.5, first + self.axis)
+
+    def invert(self, x, params):
+        return flip_where(x, params[:, 0] > 0.5, 2 + self.axis)
+
+
+def _dims(x: torch.Tensor, target: str) -> int:
+    return x.dim() - (2 if target == "image" else 1)
+
+
+def _apply_affine(x: torch.Tensor, forward: torch.Tensor, target: str) -> torch.Tensor:
+    """Warp onto the same grid: image linear, mask nearest."""
+    if target == "image":
+        return warp_image(x, torch.linalg.inv(forward), tuple(x.shape[2:]))
+    if target == "mask":
+        return warp_mask(x, torch.linalg.inv(forward), tuple(x.shape[1:]))
+    raise OpInputError(f"target must be 'image' or 'mask', got {target!r}")
+
+
+def _invert_affine(pred: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
+    """Linear inverse warp of predictions (N, K, *S) on the same grid (zeros where it samples outside)."""
+    return warp_image(pred, forward, tuple(pred.shape[2:]))
