@@ -321,3 +321,21 @@ def test_bad_construction_is_rejected_with_a_message():
         _policy(sampling="auto")
     with pytest.raises(PolicyError, match="must index available"):
         _policy(available=_no_rot90()).tra_weights(torch.tensor([0]), torch.tensor([[0, 5, 0]]), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_and_weights_follow_the_device():
+    policy = _policy(available=_no_rot90()).to("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    groups = policy.group_index(torch.tensor([0, 1, 2, 1], device="cuda"))
+    bins = policy.sample_tra(groups, gen)
+    assert bins.device.type == "cuda" and not torch.any(bins[:, 1] >= 5)
+    weights = policy.tra_weights(groups, bins, gen)
+    assert torch.all(weights == 1.0)
+    weights.sum().backward()
+    assert policy.tra_logits.grad.device.type == "cuda" and policy.tra_logits.grad.abs().sum() > 0
+    ids = policy.sample_tea(8, gen)
+    assert torch.all(policy.tea_weights(ids, gen) == 1.0)
+    ra = policy.replace(sampling="randaugment").to("cuda")
+    assert torch.all((ra.sample_tra(groups, gen) != 0).sum(1) == 2)
