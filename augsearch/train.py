@@ -24,7 +24,7 @@ from augsearch.data.dataset import Case, dataset_fingerprint, ensure_dataset, lo
 from augsearch.data.sampler import PatchSampler
 from augsearch.errors import AugsearchError
 from augsearch.joint import JointStep
-from augsearch.losses import batch_loss, per_sample_loss, rare_mask
+from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
 from augsearch.model import UNet, model_config
 from augsearch.policy import Policy
 from augsearch.schedules import poly_lr, set_lr
@@ -112,6 +112,11 @@ def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int]) -> Policy 
     )
 
 
+def _full_resolution(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """The full-resolution head of a deep-supervised output list (or the tensor itself)."""
+    return logits[0] if isinstance(logits, list) else logits
+
+
 class _Run:
     """Everything `fit` builds once: data, samplers, model, optimisers, policy, the joint step, logs."""
 
@@ -171,10 +176,10 @@ class _Run:
         outer_kind = aug.tra.outer_loss
 
         def train_loss(logits, target):
-            return per_sample_loss(logits, target, loss_cfg, self.rare)
+            return deep_supervision_loss(logits, target, loss_cfg, self.rare)
 
         def outer_loss(logits, target):
-            return batch_loss(logits, target, outer_kind, fg)
+            return batch_loss(_full_resolution(logits), target, outer_kind, fg)
 
         self.step = JointStep(
             model=self.model, policy=self.policy, optimizer=self.optimizer,
@@ -215,7 +220,7 @@ class _Run:
                     rare=self.rare, asymmetric=loss_cfg.asymmetric, generator=self.generator,
                 )
                 out["train/adversarial_loss"] = self._extra_step(
-                    lambda: per_sample_loss(self.model(image + r_adv), mask, loss_cfg, self.rare).mean()
+                    lambda: deep_supervision_loss(self.model(image + r_adv), mask, loss_cfg, self.rare).mean()
                 )
             if loss_cfg.mixup_alpha > 0:
                 x_mix, soft, valid = mixup(
@@ -223,7 +228,7 @@ class _Run:
                     rare=self.rare, asymmetric=loss_cfg.asymmetric, generator=self.generator,
                 )
                 out["train/mixup_loss"] = self._extra_step(
-                    lambda: soft_target_loss(self.model(x_mix), soft, valid, loss_cfg, self.rare)
+                    lambda: soft_target_loss(_full_resolution(self.model(x_mix)), soft, valid, loss_cfg, self.rare)
                 )
             return out
 
