@@ -1,0 +1,121 @@
+"""Export a trained segmenter and its policy file side by side, with the policy's provenance filled in.
+
+Sources: a local run dir (`augsearch train`: checkpoint.pt + policy.json) or a search dir (`augsearch search`),
+whose best trial is chosen by a validation metric (search.metric unless told otherwise), never a test metric.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from augsearch.atomic import atomic_open
+from augsearch.errors import AugsearchError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+POLICY_NAME = "policy.json"
+MANIFEST_NAME = "search.json"
+SUMMARY_JSON = "summary.json"
+
+
+class ExportError(AugsearchError):
+    """A source that is neither a run nor a search directory, or a search with nothing to export."""
+
+
+def export(source: str | Path, out: str | Path, *, all_trials: bool = False, metric: str | None = None) -> list[Path]:
+    """Export from a run or search directory into OUT; returns the directories written (one per exported model)."""
+    source, out = Path(source), Path(out)
+    if (source / MANIFEST_NAME).is_file():
+        return export_search(source, out, all_trials=all_trials, metric=metric)
+    if (source / CHECKPOINT_NAME).is_file():
+        if all_trials or metric:
+            raise ExportError(f"{source} is a single training run; --all and --metric apply to search directories")
+        export_checkpoint_dir(source, out, {"source": "augsearch train", "run_dir": str(source.resolve())})
+        return [out]
+    raise ExportError(
+        f"{source} is neither a training run (no {CHECKPOINT_NAME}) nor a search (no {MANIFEST_NAME}); pass the "
+        f"run directory of `augsearch train` or the --out directory of `augsearch search`"
+    )
+
+
+def export_search(run_dir: Path, out: Path, *, all_trials: bool = False, metric: str | None = None) -> list[Path]:
+    """The best trial by a validation metric into OUT, or every trial with a checkpoint into OUT/<trial>/."""
+    manifest = json.loads((run_dir / MANIFEST_NAME).read_text())
+    summary_path = run_dir / SUMMARY_JSON
+    if not summary_path.is_file():
+        raise ExportError(f"{run_dir} has no {SUMMARY_JSON}: the search has not finished; finish it with "
+                          f"augsearch search --resume {run_dir}")
+    rows = json.loads(summary_path.read_text())["trials"]
+    metric = metric or manifest["metric"]
+    if not metric.startswith("val/"):
+        raise ExportError(f"export ranks trials by validation metrics ('val/...'), got {metric!r}; test metrics "
+                          f"must not choose the model")
+    mode = manifest["mode"] if metric == manifest["metric"] else metric_mode(metric)
+    base = {"source": "augsearch search", "run_dir": str(run_dir.resolve()), "experiment": manifest["config"]["name"],
+            "search_metric": metric, "search_mode": mode}
+    if all_trials:
+        done = []
+        for row in rows:
+            if row.get("checkpoint"):
+                done.append(_export_row(run_dir, row, out / row["trial"], base))
+        if not done:
+            raise ExportError(f"no trial of {run_dir} wrote a checkpoint; nothing to export")
+        return done
+    best = best_trial(rows, metric, mode)
+    if best is None:
+        reported = sorted({k for row in rows for k in row["metrics"] if k.startswith("val/")})
+        raise ExportError(f"no trial of {run_dir} with a checkpoint reported {metric!r}; reported validation "
+                          f"metrics: {', '.join(reported) or 'none'}")
+    return [_export_row(run_dir, best, out, base)]
+
+
+def metric_mode(metric: str) -> str:
+    """Losses and distances are minimised, overlaps maximised."""
+    return "min" if any(word in metric for word in ("loss", "hd95", "distance")) else "max"
+
+
+def best_trial(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The row with the best finite metric among rows with a checkpoint; ties go to the first."""
+    def finite(value: Any) -> bool:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+
+    scored = [row for row in rows if row.get("checkpoint") and finite(row["metrics"].get(metric))]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda row: sign * float(row["metrics"][metric]))
+
+
+def _export_row(run_dir: Path, row: dict[str, Any], out: Path, base: dict[str, Any]) -> Path:
+    provenance = {**base, "trial": row["trial"], "params": row["params"], "status": row["status"],
+                  "metrics": {k: v for k, v in row["metrics"].items() if k.startswith("val/") or k == "epoch"}}
+    export_checkpoint_dir(run_dir / row["checkpoint"], out, provenance)
+    return out
+
+
+def export_checkpoint_dir(src: Path, out: Path, provenance: dict[str, Any]) -> None:
+    """Copy SRC/checkpoint.pt to OUT and re-save SRC/policy.json there with provenance (both atomic)."""
+    from augsearch.checkpoint import load_checkpoint
+    from augsearch.policy_io import load_policy, save_policy
+
+    ckpt = load_checkpoint(src / CHECKPOINT_NAME)
+    config_hash = hashlib.sha256(json.dumps(ckpt["config"], sort_keys=True).encode()).hexdigest()
+    provenance = {**provenance, "epoch": int(ckpt["epoch"]), "config_hash": config_hash,
+                  "checkpoint_metrics": {k: v for k, v in ckpt.get("metrics", {}).items()
+                                         if isinstance(v, (int, float))},
+                  "augsearch_version": ckpt.get("versions", {}).get("augsearch"),
+                  "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    policy_path = src / POLICY_NAME
+    if not policy_path.is_file():
+        raise ExportError(f"{src} has {CHECKPOINT_NAME} but no {POLICY_NAME}; export needs both (a run with "
+                          f"augment.mode='none' has no policy to export)")
+    policy = load_policy(policy_path)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(src / CHECKPOINT_NAME, "rb") as source, atomic_open(out / CHECKPOINT_NAME, "wb") as target:
+        shutil.copyfileobj(source, target)
+    save_policy(policy, out / POLICY_NAME, provenance=provenance)
