@@ -293,13 +293,12 @@ def read_image(path_or_paths: str | Path | list, dims: int | None = None
         elif arr.shape[1:] != channels[0].shape[1:] or not np.allclose(sp, spacing, rtol=1e-3):
             raise DatasetError(path, f"the shape {channels[0].shape[1:]} and spacing {spacing} of {paths[0].name}",
                                f"shape {arr.shape[1:]}, spacing {sp}", "resample every channel onto one grid")
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise DatasetError(path, "finite voxel values", f"{bad} NaN/inf voxels",
+                               "replace the non-finite voxels (e.g. with the background value) and re-save")
         channels.append(arr)
-    image = np.concatenate(channels, axis=0).astype(np.float32, copy=False)
-    if not np.isfinite(image).all():
-        bad = int((~np.isfinite(image)).sum())
-        raise DatasetError(paths[0], "finite voxel values", f"{bad} NaN/inf voxels",
-                           "replace the non-finite voxels (e.g. with the background value) and re-save")
-    return image, spacing, affine, header
+    return np.concatenate(channels, axis=0).astype(np.float32, copy=False), spacing, affine, header
 
 
 def read_label(path: str | Path, dims: int, labels: dict[str, int]) -> tuple[np.ndarray, tuple, np.ndarray]:

@@ -1,0 +1,157 @@
+"""Dataset integrity check (like nnU-Net's): every problem found, not only the first.
+
+Checks: dataset.json readable and complete; imagesTr/labelsTr present; every training image has its label and all
+channel files, every label its image; headers and voxel data readable; image and label agree in shape, spacing and
+affine; channel files of a case agree with each other; label values are in dataset.json; no NaN/inf voxels;
+imagesTs cases have all channels and are readable; splits.json (when present) names known cases.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from augsearch.data.dataset import (
+    DatasetError,
+    check_pair,
+    infer_dims,
+    missing_channel_files,
+    parse_channel_names,
+    parse_labels,
+    read_dataset_json,
+    read_image,
+    read_label,
+    scan_images,
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    expected: str
+    found: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.file}: expected {self.expected}, found {self.found}" + (f". Fix: {self.fix}" if self.fix else "")
+
+
+def _problem(err: DatasetError) -> Problem:
+    return Problem(err.file, err.expected, err.found, err.fix)
+
+
+def check_dataset(root: str | Path) -> list[Problem]:
+    """Every integrity problem of the dataset at `root`; an empty list means it is sound."""
+    root = Path(root)
+    try:
+        meta = read_dataset_json(root)
+    except DatasetError as err:
+        return [_problem(err)]
+    problems: list[Problem] = []
+    path = root / "dataset.json"
+    labels = channels = None
+    try:
+        labels = parse_labels(meta, path)
+    except DatasetError as err:
+        problems.append(_problem(err))
+    try:
+        channels = parse_channel_names(meta, path)
+    except DatasetError as err:
+        problems.append(_problem(err))
+    file_ending = str(meta.get("file_ending", ".nii.gz"))
+    for sub in ("imagesTr", "labelsTr"):
+        if not (root / sub).is_dir():
+            problems.append(Problem(str(root / sub), "a folder of training files", "no such folder",
+                                    f"create {sub}/"))
+    if labels is None or channels is None or problems:
+        return problems
+
+    images = scan_images(root / "imagesTr", file_ending)
+    label_files = {p.name[: -len(file_ending)]: p for p in (root / "labelsTr").iterdir()
+                   if p.is_file() and p.name.endswith(file_ending) and not p.name.startswith(".")}
+    if not images:
+        problems.append(Problem(str(root / "imagesTr"), f"training images ending in {file_ending}", "none",
+                                "add images or fix `file_ending` in dataset.json"))
+        return problems
+    if isinstance(meta.get("numTraining"), int) and meta["numTraining"] != len(images):
+        problems.append(Problem(str(path), f"numTraining = number of training cases ({len(images)})",
+                                str(meta["numTraining"]), "correct numTraining"))
+    try:
+        dims = infer_dims(meta, next(iter(images.values()))[0])
+    except DatasetError as err:
+        problems.append(_problem(err))
+        dims = 3
+    for case_id in sorted(set(label_files) - set(images)):
+        problems.append(Problem(str(label_files[case_id]), f"a training image {case_id}_0000{file_ending} or "
+                                f"{case_id}{file_ending}", "none", "add the image or remove the label"))
+    for case_id, files in images.items():
+        problems += _check_case(root, "Tr", case_id, files, channels, file_ending, dims, labels,
+                                label_files.get(case_id))
+    if (root / "imagesTs").is_dir():
+        for case_id, files in scan_images(root / "imagesTs", file_ending).items():
+            problems += _check_case(root, "Ts", case_id, files, channels, file_ending, dims, labels, None)
+    problems += _check_splits(root, set(images))
+    return problems
+
+
+def _check_case(root: Path, split: str, case_id: str, files: list[Path], channels: list[str], file_ending: str,
+                dims: int, labels: dict[str, int], label_path: Path | None) -> list[Problem]:
+    missing = missing_channel_files(root, split, case_id, files, len(channels), file_ending)
+    problems = [Problem(str(p), f"channel file {p.name} of case {case_id} ({len(channels)} channels)", "no such file",
+                        "add the missing channel file") for p in missing]
+    if split == "Tr" and label_path is None:
+        problems.append(Problem(str(root / "labelsTr" / f"{case_id}{file_ending}"),
+                                f"the label of training image {files[0].name}", "no such file",
+                                "add the label or move the image to imagesTs/"))
+    image = None
+    if not missing:
+        try:
+            image, spacing, affine, _ = read_image(files, dims)
+            if image.shape[0] != len(channels):
+                problems.append(Problem(str(files[0]), f"{len(channels)} channel(s) as in dataset.json",
+                                        f"{image.shape[0]}", "fix channel_names or the file"))
+        except DatasetError as err:
+            problems.append(_problem(err))
+    if label_path is not None:
+        try:
+            label, label_spacing, label_affine = read_label(label_path, dims, labels)
+            if image is not None:
+                problems += [_problem(e) for e in check_pair(files[0], label_path, image.shape[1:], spacing, affine,
+                                                             label.shape, label_spacing, label_affine)]
+        except DatasetError as err:
+            problems.append(_problem(err))
+    return problems
+
+
+def _check_splits(root: Path, known: set[str]) -> list[Problem]:
+    path = root / "splits.json"
+    if not path.is_file():
+        return []
+    try:
+        split = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        return [Problem(str(path), "valid JSON", f"a parse error ({err})", "repair or delete splits.json")]
+    if not isinstance(split, dict):
+        return [Problem(str(path), 'an object {"train": [...], "val": [...], "test": [...]}', type(split).__name__,
+                        "repair or delete splits.json")]
+    problems = []
+    for name in ("train", "val", "test"):
+        unknown = [c for c in split.get(name, []) if c not in known]
+        if unknown:
+            problems.append(Problem(str(path), f"{name} ids of training cases", f"unknown ids {unknown[:5]}",
+                                    "fix splits.json"))
+    return problems
+
+
+def format_report(root: str | Path, problems: list[Problem]) -> str:
+    """Human-readable report: one line per problem, or a short OK summary."""
+    if problems:
+        return f"{root}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems)
+    root = Path(root)
+    meta = read_dataset_json(root)
+    n_train = len(scan_images(root / "imagesTr", str(meta.get("file_ending", ".nii.gz"))))
+    n_test = len(scan_images(root / "imagesTs", str(meta.get("file_ending", ".nii.gz")))) \
+        if (root / "imagesTs").is_dir() else 0
+    labels = parse_labels(meta, root / "dataset.json")
+    return f"{root}: OK ({n_train} training cases, {n_test} test cases, labels {labels})"

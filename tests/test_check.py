@@ -1,0 +1,93 @@
+"""Integrity check: one dataset with many planted faults, every one reported; the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel
+import numpy as np
+
+from augsearch.cli import main
+from augsearch.data.check import check_dataset
+
+
+def _save(path, array, spacing=(1.0, 1.0, 2.0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(nibabel.Nifti1Image(np.asarray(array), np.diag(list(spacing) + [1.0])), str(path))
+
+
+def _dataset(root, cases=("ok", "nolabel", "shape", "spacing", "value", "nan", "corrupt", "onechannel")):
+    rng = np.random.default_rng(0)
+    meta = {"labels": {"background": 0, "organ": 1}, "channel_names": {"0": "T1", "1": "T2"}, "numTraining": len(cases)}
+    root.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for case in cases:
+        for c in range(2):
+            _save(root / "imagesTr" / f"{case}_{c:04d}.nii.gz", rng.normal(size=(6, 5, 4)).astype(np.float32))
+        _save(root / "labelsTr" / f"{case}.nii.gz", rng.integers(0, 2, (6, 5, 4)).astype(np.uint8))
+    for c in range(2):
+        _save(root / "imagesTs" / f"t_{c:04d}.nii.gz", np.zeros((6, 5, 4), np.float32))
+    return root
+
+
+def test_clean_dataset_passes(tmp_path, capsys):
+    root = _dataset(tmp_path / "clean", cases=("a", "b"))
+    assert check_dataset(root) == []
+    assert main(["data", "check", str(root)]) == 0
+    assert "OK (2 training cases, 1 test cases" in capsys.readouterr().out
+
+
+def test_every_planted_fault_is_reported(tmp_path, capsys):
+    root = _dataset(tmp_path / "bad")
+    (root / "labelsTr" / "nolabel.nii.gz").unlink()
+    _save(root / "labelsTr" / "shape.nii.gz", np.zeros((6, 5, 3), np.uint8))
+    _save(root / "labelsTr" / "spacing.nii.gz", np.zeros((6, 5, 4), np.uint8), spacing=(1.0, 1.0, 3.0))
+    value = np.zeros((6, 5, 4), np.uint8)
+    value[0, 0, 0] = 4
+    _save(root / "labelsTr" / "value.nii.gz", value)
+    nan = np.ones((6, 5, 4), np.float32)
+    nan[1, 1, 1] = np.inf
+    _save(root / "imagesTr" / "nan_0001.nii.gz", nan)
+    (root / "imagesTr" / "corrupt_0000.nii.gz").write_bytes(b"garbage, not NIfTI")
+    (root / "imagesTr" / "onechannel_0001.nii.gz").unlink()
+    _save(root / "labelsTr" / "orphan.nii.gz", np.zeros((6, 5, 4), np.uint8))
+    (root / "imagesTs" / "t_0001.nii.gz").unlink()
+
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "numTraining": 7}))
+
+    problems = check_dataset(root)
+    by_file = {}
+    for p in problems:
+        by_file.setdefault(p.file.split("/")[-1], []).append(p)
+    expected = {
+        "nolabel.nii.gz": "the label of training image",
+        "shape.nii.gz": "spatial shape",
+        "spacing.nii.gz": "the spacing of spacing_0000.nii.gz",
+        "value.nii.gz": "label values in dataset.json [0, 1]",
+        "nan_0001.nii.gz": "finite voxel values",
+        "corrupt_0000.nii.gz": "a readable NIfTI file",
+        "onechannel_0001.nii.gz": "channel file onechannel_0001.nii.gz",
+        "orphan.nii.gz": "a training image orphan_0000.nii.gz",
+        "t_0001.nii.gz": "channel file t_0001.nii.gz",
+    }
+    assert set(by_file) == set(expected) | {"dataset.json"}, [str(p) for p in problems]
+    for name, fragment in expected.items():
+        assert any(fragment in p.expected for p in by_file[name]), (name, [str(p) for p in by_file[name]])
+    assert by_file["dataset.json"][0].found == "7"  # 8 cases have images
+    assert "values [4]" in by_file["value.nii.gz"][0].found
+    assert "shape (6, 5, 3)" in by_file["shape.nii.gz"][0].found
+
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert f"{len(problems)} problem(s)" in out and out.count("\n  - ") == len(problems)
+
+
+def test_missing_dataset_json_and_bad_labels(tmp_path):
+    (tmp_path / "x").mkdir()
+    problems = check_dataset(tmp_path / "x")
+    assert len(problems) == 1 and problems[0].file.endswith("dataset.json")
+    root = _dataset(tmp_path / "y", cases=("a",))
+    (root / "dataset.json").write_text(json.dumps({"labels": {"organ": "x"}, "channel_names": {}}))
+    found = {p.expected.split(" (")[0] for p in check_dataset(root)}
+    assert len(found) == 2  # both the labels and the channel names are reported
