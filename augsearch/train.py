@@ -6,6 +6,7 @@ No Ray in here: a Ray trial calls `fit` with a callback that reports each valida
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -21,7 +22,7 @@ from augsearch.atomic import write_json
 from augsearch.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from augsearch.config import ExperimentConfig
 from augsearch.data.dataset import Case, dataset_fingerprint, ensure_dataset, load_cases, read_dataset_info, resolve_splits
-from augsearch.data.sampler import PatchSampler
+from augsearch.data.sampler import Batch, PatchSampler
 from augsearch.errors import AugsearchError
 from augsearch.joint import JointStep
 from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
@@ -112,6 +113,10 @@ def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int]) -> Policy 
     )
 
 
+def _batch_to(batch: Batch, device: torch.device) -> Batch:
+    return Batch(**{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)})
+
+
 def _full_resolution(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """The full-resolution head of a deep-supervised output list (or the tensor itself)."""
     return logits[0] if isinstance(logits, list) else logits
@@ -155,7 +160,7 @@ class _Run:
         patch = cfg.train.patch_size
         margin = required_margin(patch, self.policy.op_names) if self.policy is not None else 0
         pool_ids = torch.arange(len(tea_pool(cfg.dims)))
-        val_margin = tea_margin(cfg.dims, pool_ids)
+        val_margin = tea_margin(cfg.dims, pool_ids, patch)
         self.train_sampler = PatchSampler(
             self.data.train, patch, fg_fraction=cfg.train.fg_fraction, margin=margin, seed=cfg.seed
         )
@@ -386,7 +391,7 @@ def fit(
                 if meta_now and run.tea_optimizer is not None:
                     tea_batch = run.val_sampler.sample(aug.tea.groups_per_step, fg_fraction=1.0, generator=run.val_rng)
                 batch, val_batch, tea_batch = (
-                    b.to(run.device) if b is not None else None for b in (batch, val_batch, tea_batch)
+                    _batch_to(b, run.device) if b is not None else None for b in (batch, val_batch, tea_batch)
                 )
                 losses.append(run.step.run(batch, val_batch, tea_batch, inner_lr=inner_lr, generator=run.generator))
                 run.global_step += 1

@@ -1,0 +1,104 @@
+"""Milliseconds per iteration: a plain training step against a full joint iteration (TRA meta-step, TEA step,
+segmenter step) per meta-gradient backend, 2D and 3D, measured side by side in one process."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+SIZES = {  # (dims, quick) -> patch size, batch size (train and validation), U-Net width, depth
+    (2, False): ([128, 128], 8, 16, 4),
+    (3, False): ([64, 64, 64], 2, 16, 4),
+    (2, True): ([32, 32], 4, 8, 3),
+    (3, True): ([16, 16, 16], 2, 4, 2),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small patches and batches (CI-sized, CPU seconds)")
+    parser.add_argument("--backends", nargs="+", default=["jvp", "fd", "functional", "higher"])
+    parser.add_argument("--dims", nargs="+", type=int, default=[2, 3])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tea-views", type=int, default=8)
+
+
+def _random_batch(patch: list[int], batch: int, margin: int, device, generator):
+    import torch
+
+    from augsearch.data.sampler import Batch
+
+    crop = [p + 2 * margin for p in patch]
+    image = torch.randn(batch, 1, *crop, device=device, generator=generator)
+    mask = torch.randint(0, 3, (batch, *crop), device=device, generator=generator)
+    anchor = torch.arange(batch, device=device) % 3
+    return Batch(image=image, mask=mask, anchor_class=anchor, case_index=torch.zeros_like(anchor))
+
+
+def _case(dims: int, args: argparse.Namespace, device) -> dict[str, Any]:
+    import torch
+
+    from augsearch.augment import required_margin
+    from augsearch.bench import peak_memory_mb, time_fn
+    from augsearch.config import LossConfig
+    from augsearch.joint import JointStep
+    from augsearch.losses import batch_loss, deep_supervision_loss
+    from augsearch.model import UNet
+    from augsearch.ops.tea import tea_margin, tea_pool
+    from augsearch.policy import make_policy
+
+    patch, batch_size, width, depth = SIZES[(dims, args.quick)]
+    labels = {"background": 0, "organ": 1, "lesion": 2}
+    rare = torch.tensor([False, True, True], device=device)
+    loss_cfg = LossConfig()
+    generator = torch.Generator(device=device).manual_seed(0)
+    pool = tea_pool(dims)
+
+    def build(backend: str | None) -> tuple[JointStep, Any]:
+        torch.manual_seed(0)
+        model = UNet(dims, 1, 3, base_features=width, depth=depth).to(device)
+        policy = make_policy(dims, labels, init="nnunet", patch_size=patch).to(device)
+        step = JointStep(
+            model=model, policy=policy,
+            optimizer=torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True),
+            tra_optimizer=torch.optim.Adam([policy.tra_logits], lr=1e-2) if backend else None,
+            tea_optimizer=torch.optim.Adam([policy.tea_logits], lr=1e-2) if backend else None,
+            per_sample_loss=lambda logits, y: deep_supervision_loss(logits, y, loss_cfg, rare),
+            outer_loss=lambda logits, y: batch_loss(logits, y, "ce_dice", [1, 2]),
+            patch_size=patch, num_classes=3, fg_classes=[1, 2], tea_fg_classes=[1, 2],
+            meta_backend=backend or "jvp", tea_views=args.tea_views,
+            tea_spatial=torch.tensor([e.spatial for e in pool]),
+        )
+        return step, policy
+
+    train = _random_batch(patch, batch_size, required_margin(patch, build(None)[1].op_names), device, generator)
+    val_margin = tea_margin(dims, torch.arange(len(pool)), patch)
+    val = _random_batch(patch, batch_size, val_margin, device, generator)
+    tea = _random_batch(patch, 1, val_margin, device, generator)
+
+    def iteration(step: JointStep, meta: bool):
+        return lambda: step.run(train, val if meta else None, tea if meta else None, inner_lr=1e-2,
+                                generator=generator)
+
+    results: dict[str, Any] = {"dims": dims, "patch_size": patch, "batch_size": batch_size,
+                               "val_batch_size": batch_size, "tea_views": args.tea_views}
+    plain_step, _ = build(None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    plain = time_fn(iteration(plain_step, False), device, repeats=args.repeats)
+    results["plain_ms"] = plain
+    results["plain_peak_memory_mb"] = peak_memory_mb(device)
+    for backend in args.backends:
+        step, _ = build(backend)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ms = time_fn(iteration(step, True), device, repeats=args.repeats)
+        results[backend] = {"joint_ms": ms, "ratio_to_plain": ms / plain, "peak_memory_mb": peak_memory_mb(device)}
+    return results
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from augsearch.bench import environment, resolve_device
+
+    device = resolve_device(args.device)
+    return {"benchmark": "meta", "environment": environment(device),
+            "results": [_case(dims, args, device) for dims in args.dims]}
