@@ -21,7 +21,8 @@ import torch
 from augsearch.atomic import write_json
 from augsearch.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from augsearch.config import ExperimentConfig
-from augsearch.data.dataset import Case, dataset_fingerprint, ensure_dataset, load_cases, read_dataset_info, resolve_splits
+from augsearch.data.dataset import Case, dataset_fingerprint, load_cases, read_dataset_info, resolve_splits
+from augsearch.data.synthetic import ensure_dataset
 from augsearch.data.sampler import Batch, PatchSampler
 from augsearch.errors import AugsearchError
 from augsearch.joint import JointStep
