@@ -322,31 +322,29 @@ def predict_files(
 ) -> list[Path]:
     """Predict every case under `input_path` into `output_dir`; returns the written files.
 
-    policy: a policy file (None: no TTA, the plain sliding-window prediction). Everything is checked (checkpoint,
+    policy: a policy file or preset name (e.g. "flips-tta"), bound to the checkpoint's labels; None: no TTA, the
+    plain sliding-window prediction. top_k: TEA views (default: the policy's K). Everything is checked (checkpoint,
     policy, input files' headers) before the first case is predicted. progress: tqdm bar over the cases (None: only
     on a terminal).
     """
     from tqdm import tqdm
 
     from augsearch.checkpoint import build_model, load_checkpoint
-    from augsearch.tta import resolve_policy
+    from augsearch.policy_io import policy_from_file_or_preset
 
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     config = ckpt["model_config"]
-    loaded = resolve_policy(policy)
-    if loaded is not None:
-        if loaded.dims != config["dims"]:
-            raise PredictError(
-                f"policy {policy} is for {loaded.dims}D volumes but the model in {checkpoint} is {config['dims']}D; "
-                "use the policy learned with this model"
-            )
+    loaded = None
+    if policy is not None:
+        # Presets are built for the model's labels; a file is bound to them (background/foreground groups fit any).
+        loaded = policy_from_file_or_preset(policy, int(config["dims"]), ckpt["label_names"])
         if len(loaded.label_names) != config["num_classes"]:
             raise PredictError(
                 f"policy {policy} has {len(loaded.label_names)} labels {dict(loaded.label_names)} but the model in "
-                f"{checkpoint} outputs {config['num_classes']} classes {ckpt['label_names']}; use the policy learned "
-                "with this model"
+                f"{checkpoint} outputs {config['num_classes']} classes; use the policy learned with this model"
             )
+        loaded.tea_selected(top_k)  # a bad --top-k fails here, before any output
     inputs = find_inputs(input_path, cases)
     check_inputs(inputs, int(config["dims"]), int(config["in_channels"]))
     model = build_model(ckpt).to(torch_device)

@@ -241,11 +241,30 @@ def test_policy_that_does_not_match_the_model(tmp_path, capsys):
     code, err = _run_cli(["--model", str(ckpt), "--policy", str(policy3d), "--input", str(src), "--output",
                           str(tmp_path / "out")], capsys)
     assert code == 2 and "3D" in err and "2D" in err
-    policy_labels = _flips_policy(tmp_path / "p2.json", 2, labels={"background": 0, "organ": 1})
-    code, err = _run_cli(["--model", str(ckpt), "--policy", str(policy_labels), "--input", str(src), "--output",
-                          str(tmp_path / "out")], capsys)
-    assert code == 2 and "2 labels" in err and "3 classes" in err
+    # Groups that name labels the model does not have: the file cannot be bound to the model's labels.
+    other = make_policy(2, {"background": 0, "tumour": 1}, groups={"bg": ["background"], "small": ["tumour"]})
+    save_policy(other, tmp_path / "other.json")
+    code, err = _run_cli(["--model", str(ckpt), "--policy", str(tmp_path / "other.json"), "--input", str(src),
+                          "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and "tumour" in err and "lesion" in err
+    code, err = _run_cli(["--model", str(ckpt), "--policy", "flips-tta", "--top-k", "99", "--input", str(src),
+                          "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and "top_k must be in" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_presets_bind_to_the_model_labels(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt.pt", 2)
+    src = _write(tmp_path / "a.nii.gz", _volume((19, 18), 5), np.eye(4))
+    predict_files(ckpt, src, tmp_path / "flips", policy="flips-tta", device="cpu", progress=False)
+    predict_files(ckpt, src, tmp_path / "file", policy=_flips_policy(tmp_path / "f.json", 2, {"background": 0,
+                  "foreground": 1}), device="cpu", progress=False)
+    predict_files(ckpt, src, tmp_path / "identity", policy="identity", device="cpu", progress=False)
+    predict_files(ckpt, src, tmp_path / "plain", device="cpu", progress=False)
+    read = {name: np.asarray(nib.load(str(tmp_path / name / "a.nii.gz")).dataobj) for name in
+            ("flips", "file", "identity", "plain")}
+    np.testing.assert_array_equal(read["flips"], read["file"])
+    np.testing.assert_array_equal(read["identity"], read["plain"])
 
 
 def test_volume_smaller_than_window_refused_unless_padding_asked(tmp_path, capsys):

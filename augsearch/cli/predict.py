@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="checkpoint.pt written by `augsearch train`, or its run folder")
     parser.add_argument("--policy", default=None,
-                        help="policy JSON whose TEA entries to use; omitted: no TTA (plain sliding window)")
+                        help="policy JSON file or preset name (flips-tta, identity, ...) whose TEA entries to use; "
+                        "omitted: no TTA (plain sliding window)")
     parser.add_argument("--input", required=True, help="a NIfTI file, or a folder of them (<case>_0000.nii.gz ...)")
     parser.add_argument("--output", required=True, help="folder for <case>.nii.gz (created)")
     parser.add_argument("--cases", nargs="+", default=None, metavar="ID", help="predict only these case ids")
