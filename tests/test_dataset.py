@@ -12,8 +12,10 @@ import pytest
 from augsearch.config import PreprocessConfig, SplitConfig
 from augsearch.data.dataset import (
     DatasetError,
+    complete_preprocess,
     dataset_fingerprint,
     load_cases,
+    normalize_image,
     read_dataset_info,
     read_image,
     resolve_splits,
@@ -131,7 +133,21 @@ def test_normalisations(v2_3d):
     case = load_cases(info, ["a"], ct)[0]
     np.testing.assert_allclose(case.image, (np.clip(raw, 90, 110) - 100) / 5, rtol=1e-5, atol=1e-5)
     with pytest.raises(DatasetError, match="ct_mean"):
-        load_cases(info, ["a"], PreprocessConfig(normalization="ct"))
+        normalize_image(raw, PreprocessConfig(normalization="ct"))
+
+
+def test_ct_statistics_measured_on_foreground(v2_3d, tmp_path):
+    root, truth = v2_3d
+    info = read_dataset_info(root)
+    fg = np.concatenate([truth[c][0][0][truth[c][1] > 0] for c in info.training])
+    low, high = np.percentile(fg, [0.5, 99.5])
+    clipped = np.clip(fg, low, high)
+    cfg = complete_preprocess(info, PreprocessConfig(normalization="ct", ct_std=2.0), tmp_path / "cache")
+    np.testing.assert_allclose(cfg.ct_clip, [low, high], rtol=1e-5)
+    assert cfg.ct_mean == pytest.approx(clipped.mean(), rel=1e-5) and cfg.ct_std == 2.0
+    case = load_cases(info, ["a"], PreprocessConfig(normalization="ct"), cache_dir=tmp_path / "cache")[0]
+    expected = (np.clip(truth["a"][0], low, high) - clipped.mean()) / clipped.std()
+    np.testing.assert_allclose(case.image, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_resample_and_restore(tmp_path):

@@ -170,3 +170,16 @@ def test_planted_flip_hurts_a_model_trained_without_flips(tmp_path):
     unshifted = _lesion_dice(net, val, flip_back=True)
     shifted = _lesion_dice(net, val, flip_back=False)
     assert unshifted > 0.5 and shifted < 0.1, (unshifted, shifted)
+
+
+def test_cli_synth(tmp_path, capsys):
+    from augsearch.cli import main
+
+    out = tmp_path / "cli"
+    args = ["data", "synth", "--out", str(out), "--dims", "2", "--cases", "5", "--train-cases", "2", "--size", "32",
+            "--seed", "4", "--shift", "rot90_xy"]
+    assert main(args) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["synth"] == {"dims": 2, "cases": 5, "train_cases": 2, "size": 32, "seed": 4, "shift": "rot90_xy"}
+    assert main(args) == 2  # the folder is no longer empty
+    assert "choose another --out" in capsys.readouterr().err

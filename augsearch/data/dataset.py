@@ -365,7 +365,7 @@ def normalize_image(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
         if cfg.ct_clip is None or cfg.ct_mean is None or cfg.ct_std is None:
             raise DatasetError("data.preprocess", "ct_clip, ct_mean and ct_std for normalization='ct'",
                                f"ct_clip={cfg.ct_clip}, ct_mean={cfg.ct_mean}, ct_std={cfg.ct_std}",
-                               "set them (or call ct_statistics() on the training cases to measure them)")
+                               "set them, or pass the config through complete_preprocess() to measure them")
         low, high = cfg.ct_clip
         return ((np.clip(image, low, high) - cfg.ct_mean) / max(cfg.ct_std, 1e-8)).astype(np.float32)
     axes = tuple(range(1, image.ndim))
@@ -417,7 +417,8 @@ def _target_spacing(cfg: PreprocessConfig, dims: int) -> tuple[float, ...]:
 
 
 def ct_statistics(info: DatasetInfo, case_ids: list[str], clip_percentiles=(0.5, 99.5)) -> dict[str, Any]:
-    """nnU-Net CT statistics from foreground voxels of labelled cases: percentile clip window, mean, std."""
+    """nnU-Net CT statistics from foreground voxels of labelled cases (first channel): percentile clip window, then
+    mean and std of the clipped values."""
     values = []
     for case_id in case_ids:
         image, _, _, _ = read_image(info.image_files(case_id), info.dims)
@@ -427,6 +428,26 @@ def ct_statistics(info: DatasetInfo, case_ids: list[str], clip_percentiles=(0.5,
     low, high = np.percentile(fg, clip_percentiles)
     clipped = np.clip(fg, low, high)
     return {"ct_clip": [float(low), float(high)], "ct_mean": float(clipped.mean()), "ct_std": float(clipped.std())}
+
+
+def complete_preprocess(info: DatasetInfo, cfg: PreprocessConfig, cache_dir: str | Path | None = None
+                        ) -> PreprocessConfig:
+    """`cfg` with missing CT statistics (normalization='ct') measured on all labelled cases; others unchanged.
+
+    The measurement is cached in `cache_dir` under the dataset fingerprint. Keep the returned config with the model,
+    so that prediction normalises with the same numbers.
+    """
+    missing = {k: None for k in ("ct_clip", "ct_mean", "ct_std") if getattr(cfg, k) is None}
+    if cfg.normalization != "ct" or not missing:
+        return cfg
+    stats_path = Path(cache_dir) / f"ct_stats.{dataset_fingerprint(info)[:20]}.json" if cache_dir else None
+    if stats_path is not None and stats_path.is_file():
+        stats = json.loads(stats_path.read_text())
+    else:
+        stats = ct_statistics(info, info.training)
+        if stats_path is not None:
+            write_json(stats_path, stats)
+    return cfg.model_copy(update={k: stats[k] for k in missing})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,8 +488,10 @@ def load_cases(info: DatasetInfo, case_ids: list[str], preprocess: PreprocessCon
                split: str = "Tr") -> list[Case]:
     """Preprocessed cases, read from `cache_dir` when an entry matches (no NIfTI read), else from disk and cached.
 
-    `split` is "Tr" (image + label) or "Ts" (image only, label None). `cache_dir=None` disables caching.
+    `split` is "Tr" (image + label) or "Ts" (image only, label None). `cache_dir=None` disables caching. Missing CT
+    statistics are measured first (`complete_preprocess`).
     """
+    preprocess = complete_preprocess(info, preprocess, cache_dir)
     known = set(info.training if split == "Tr" else info.test)
     unknown = [c for c in case_ids if c not in known]
     if unknown:
