@@ -280,7 +280,8 @@ def test_errors_bad_contents(tmp_path):
     info = read_dataset_info(root)
     _expect(lambda: load_cases(info, ["k"], NONE), "k.nii.gz", "values [7]", "[0, 1]")
     root = _one_case(tmp_path / "s", label=np.zeros((6, 5, 4)))
-    _expect(lambda: load_cases(read_dataset_info(root), ["k"], NONE), "shape of k_0000.nii.gz (6, 6, 4)", "shape (6, 5, 4)")
+    _expect(lambda: load_cases(read_dataset_info(root), ["k"], NONE), "shape of k_0000.nii.gz (6, 6, 4)",
+            "shape (6, 5, 4)")
     root = _one_case(tmp_path / "p", label_spacing=(1.0, 1.0, 3.0))
     _expect(lambda: load_cases(read_dataset_info(root), ["k"], NONE), "spacing of k_0000.nii.gz (1.0, 1.0, 2.0)",
             "spacing (1.0, 1.0, 3.0)")

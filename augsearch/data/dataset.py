@@ -100,7 +100,7 @@ def read_dataset_json(root: str | Path) -> dict[str, Any]:
     path = root / "dataset.json"
     if not path.is_file():
         raise DatasetError(path, "a dataset.json file", "no such file",
-                           "add dataset.json (nnU-Net v2 or MSD format) or generate a dataset with `augsearch data synth`")
+                           "add dataset.json (nnU-Net v2 or MSD format) or generate one with `augsearch data synth`")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -139,7 +139,7 @@ def parse_channel_names(meta: dict[str, Any], path: Path) -> list[str]:
     try:
         keys = sorted(int(k) for k in raw)
     except ValueError:
-        raise DatasetError(path, "channel keys \"0\", \"1\", ...", repr(list(raw)), "number the channels from 0") from None
+        raise DatasetError(path, 'channel keys "0", "1", ...', repr(list(raw)), "number the channels from 0") from None
     if keys != list(range(len(keys))):
         raise DatasetError(path, f"channel keys 0..{len(keys) - 1}", repr(keys), "number the channels 0, 1, 2 ...")
     return [str(raw[str(k)]) for k in keys]
@@ -484,8 +484,8 @@ def load_case(info: DatasetInfo, case_id: str, preprocess: PreprocessConfig, spl
                 original_spacing=tuple(float(s) for s in spacing), original_shape=original_shape, affine=affine)
 
 
-def load_cases(info: DatasetInfo, case_ids: list[str], preprocess: PreprocessConfig, cache_dir: str | Path | None = None,
-               split: str = "Tr") -> list[Case]:
+def load_cases(info: DatasetInfo, case_ids: list[str], preprocess: PreprocessConfig,
+               cache_dir: str | Path | None = None, split: str = "Tr") -> list[Case]:
     """Preprocessed cases, read from `cache_dir` when an entry matches (no NIfTI read), else from disk and cached.
 
     `split` is "Tr" (image + label) or "Ts" (image only, label None). `cache_dir=None` disables caching. Missing CT

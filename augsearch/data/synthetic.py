@@ -90,7 +90,8 @@ def phantom_case(rng: np.random.Generator, size: int, dims: int, wide: bool, les
         centre += [rng.uniform(-0.3, 0.3) * fov_z] if dims == 3 else []
         r = rng.uniform(0.04, 0.10) * fov
         value = organ_mean - rng.uniform(0.12, 0.2) if k == 0 else rng.uniform(0.2, 0.75)
-        image[_ellipsoid(coords, centre, [r, r * rng.uniform(0.6, 1.4)] + z_axis(rng.uniform(0.05, 0.15))) & body] = value
+        blob = _ellipsoid(coords, centre, [r, r * rng.uniform(0.6, 1.4)] + z_axis(rng.uniform(0.05, 0.15)))
+        image[blob & body] = value
     for _ in range(2):  # vessels: thick line segments
         a = rng.uniform(-0.3, 0.3, dims) * np.array([fov, fov, fov_z][:dims])
         b = rng.uniform(-0.3, 0.3, dims) * np.array([fov, fov, fov_z][:dims])
@@ -125,7 +126,10 @@ def phantom_case(rng: np.random.Generator, size: int, dims: int, wide: bool, les
     if lesion:
         # Cap the radius so the lesion stays below 1% of the voxels even at the largest scale.
         fov_volume = fov ** 2 * (fov_z if dims == 3 else 1.0)
-        r_max = (0.009 * fov_volume / math.pi) ** 0.5 if dims == 2 else (0.009 * fov_volume * 3 / (4 * math.pi)) ** (1 / 3)
+        if dims == 2:
+            r_max = (0.009 * fov_volume / math.pi) ** 0.5
+        else:
+            r_max = (0.009 * fov_volume * 3 / (4 * math.pi)) ** (1 / 3)
         r = min(rng.uniform(*r_frac) * fov * scale, r_max)
         spot = _ellipsoid(local, [0.65 * a, rng.uniform(-0.45, 0.45) * b] + centre_z,
                           [r, r] + ([r] if dims == 3 else []))
