@@ -138,7 +138,7 @@ def _channel_count(shape: tuple[int, ...], dims: int) -> int | None:
 
 
 def check_inputs(inputs: list[InputCase], dims: int, in_channels: int) -> None:
-    """Headers only: every file is NIfTI with the model's dims and channel count (fails before any output is written)."""
+    """Read headers only: every file is NIfTI with the model's dims and channel count (fails before any output)."""
     import nibabel as nib
 
     for case in inputs:

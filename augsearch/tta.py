@@ -1,9 +1,10 @@
 """Test-time augmentation at inference: predict a whole volume under the policy's selected TEA entries.
 
 Each selected entry z transforms the whole volume (on a grid enlarged by `tea_margin` for affine entries, so
-nothing is cropped, and made square in the plane of quarter turns); the windows of all Z views go through one batched sliding-window pass; each view's map is brought back by
-`tea_invert` and the views are averaged with the policy's weights w_z. Where an inverse leaves a voxel outside its
-view (validity mask false), the weights of the remaining views are renormalised at that voxel (METHOD 5, 10.10-10.11).
+nothing is cropped, and made square in the plane of quarter turns); the windows of all Z views go through one
+batched sliding-window pass; each view's map is brought back by `tea_invert` and the views are averaged with the
+policy's weights w_z. Where an inverse leaves a voxel outside its view (validity mask false), the weights of the
+remaining views are renormalised at that voxel (METHOD 5, 10.10-10.11).
 
 Aggregation: "probabilities" (default) is the weighted mean of the views' softmax maps; "logits" is the weighted mean
 of the views' logit maps followed by a softmax (the reference code's choice).

@@ -227,3 +227,25 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.probabilities.cpu(), cpu.probabilities, atol=1e-4, rtol=0)
     torch.testing.assert_close(gpu.variance.cpu(), cpu.variance, atol=1e-4, rtol=0)
     np.testing.assert_allclose(gpu.view_volumes.cpu().numpy(), cpu.view_volumes.numpy(), rtol=0.05)
+
+
+def test_views_invalid_at_a_voxel_are_left_out_there(monkeypatch):
+    import augsearch.tta as tta_module
+
+    real = tta_module.tea_invert
+
+    def half_invalid(pred, ids, dims):
+        out, valid = real(pred, ids, dims)
+        valid = valid.clone()
+        valid[1, :, : valid.shape[2] // 2] = False  # the second view does not reach the lower half of x
+        return out, valid
+
+    monkeypatch.setattr(tta_module, "tea_invert", half_invalid)
+    model, image = _unet(2, seed=4), _image(2, seed=5)
+    result = predict_tta(model, image, _policy(2, ["identity", "flip_y"], [0.6, 0.4]), window=16,
+                         return_uncertainty=True)
+    views, w = _flip_ensemble(model, image, [None, 1], [0.6, 0.4], (16, 16))
+    half = SHAPES[2][0] // 2
+    torch.testing.assert_close(result.probabilities[:, :half], views[0][:, :half], atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.probabilities[:, half:], (w * views).sum(0)[:, half:], atol=1e-6, rtol=0)
+    assert float(result.variance[:half].abs().max()) == 0.0
