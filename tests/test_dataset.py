@@ -268,9 +268,14 @@ def test_errors_missing_pieces(tmp_path):
     (root / "labelsTr").mkdir()
     _expect(lambda: read_dataset_info(root), "labelsTr/k.nii.gz", "label of training image k_0000.nii.gz")
     os.rename(root / "labelsX" / "k.nii.gz", root / "labelsTr" / "k.nii.gz")
-    meta = {"labels": {"background": 0}, "channel_names": {"0": "CT", "1": "PET"}}
+    meta = {"labels": {"background": 0, "x": 1}, "channel_names": {"0": "CT", "1": "PET"}}
     (root / "dataset.json").write_text(json.dumps(meta))
     _expect(lambda: read_dataset_info(root), "k_0001.nii.gz", "2 channel file(s)")
+    save(root / "imagesTr" / "k_0001.nii.gz", np.zeros((6, 6, 4), np.float32), (1.0, 1.0, 2.0),
+         affine=_affine((1.0, 1.0, 2.0), origin=(0.0, 0.0, 50.0)))
+    _expect(lambda: load_cases(read_dataset_info(root), ["k"], NONE), "k_0001.nii.gz", "affine (origin/direction)")
+    save(root / "imagesTr" / "k_0001.nii.gz", np.zeros((6, 6, 5), np.float32), (1.0, 1.0, 2.0))
+    _expect(lambda: load_cases(read_dataset_info(root), ["k"], NONE), "k_0001.nii.gz", "shape (6, 6, 5)")
 
 
 def test_errors_bad_contents(tmp_path):

@@ -293,6 +293,9 @@ def read_image(path_or_paths: str | Path | list, dims: int | None = None
         elif arr.shape[1:] != channels[0].shape[1:] or not np.allclose(sp, spacing, rtol=1e-3):
             raise DatasetError(path, f"the shape {channels[0].shape[1:]} and spacing {spacing} of {paths[0].name}",
                                f"shape {arr.shape[1:]}, spacing {sp}", "resample every channel onto one grid")
+        elif not np.allclose(aff, affine, rtol=1e-3, atol=1e-3):
+            raise DatasetError(path, f"the affine (origin/direction) of {paths[0].name}", "a different affine",
+                               "register the channels and write them with one header")
         if not np.isfinite(arr).all():
             bad = int((~np.isfinite(arr)).sum())
             raise DatasetError(path, "finite voxel values", f"{bad} NaN/inf voxels",
