@@ -255,11 +255,11 @@ def _trial_body(
     report: Callable[[dict[str, Any], Path | None, Path | None], None],
 ) -> None:
     """One fit of one trial: shared by the Ray trial function and the in-process runner."""
+    started = time.time()
     import torch
 
     from augsearch.train import fit
 
-    started = time.time()
     cfg = trial_config(base, params, cpus)
     torch.set_num_threads(max(1, int(cpus)))
     resumed_epoch = _checkpoint_epoch(resume) if resume is not None else 0
@@ -295,13 +295,9 @@ def _claim(marker: str) -> bool:
 
 
 def _node_id() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except ImportError:
-        pass
+    ray = sys.modules.get("ray")  # loaded in Ray workers; the in-process runner never imports it
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
     return f"local:{socket.gethostname()}"
 
 
@@ -367,22 +363,28 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 def ray_session(address: str | None) -> Iterator[None]:
     """Join ADDRESS, or start a local loopback-only Ray with this machine's resources and stop it afterwards.
 
-    An already initialised Ray (a test fixture, a notebook) is used as it is and left running.
+    An already initialised Ray (a test fixture, a notebook) is used as it is and left running. For a local start or
+    a loopback address, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before ray is imported: it keeps every Ray server
+    and connection on 127.0.0.1 (Ray reads it once, at import).
     """
-    import ray
-
+    host = address.split("://", 1)[-1].rpartition(":")[0] if address else "127.0.0.1"
+    if _is_loopback(host) and "ray" not in sys.modules:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every trial's epoch lines
     if address:
         check_reachable(address)
+    import ray
+
     if ray.is_initialized():
         yield
         return
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every trial's epoch lines
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address:
-        host = address.split("://", 1)[-1].rpartition(":")[0]
         if _is_loopback(host):
             kwargs["_node_ip_address"] = "127.0.0.1"
+        if (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
+            # `ray start` turns token authentication on when a token exists; a joining driver must send it too
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
@@ -461,9 +463,7 @@ def resume_search(run_dir: Path, *, address: str | None = None) -> SearchResult:
     if manifest["backend"] == "local":
         finished = {row["trial"]: row for row in _read_rows(run_dir) if row["status"] == "TERMINATED"}
         return _run_local(run_dir, manifest, finished=finished)
-    from ray import tune
-
-    if not tune.Tuner.can_restore(str(run_dir)):
+    if not (run_dir / "tuner.pkl").is_file():
         raise SearchError(f"{run_dir} has a search manifest but no Ray Tune state (tuner.pkl); it never started, "
                           f"so run it again with augsearch search CONFIG --out NEW_DIR")
     cfg = config_from_dict(manifest["config"], source=str(run_dir / MANIFEST_NAME))

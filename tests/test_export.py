@@ -1,0 +1,116 @@
+"""Export: a training run's checkpoint + policy side by side with provenance; a search's best trial by validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from augsearch.cli import main
+from augsearch.config import load_config
+from augsearch.policy_io import load_policy
+
+SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
+
+
+def tiny_overrides(data_root: Path) -> list[str]:
+    return ["train.epochs=2", "train.iterations=2", f"data.root={json.dumps(str(data_root))}"]
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    from augsearch.train import fit
+
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = load_config(SMOKE, tiny_overrides(tmp / "data"))
+    fit(cfg, tmp / "run")
+    return tmp / "run", cfg
+
+
+@pytest.fixture(scope="module")
+def search_dir(tmp_path_factory):
+    """A finished two-trial in-process search (seed 0 and 1)."""
+    tmp = tmp_path_factory.mktemp("search")
+    sets = [a for s in tiny_overrides(tmp / "data") for a in ("--set", s)]
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(tmp / "search"), *sets]) == 0
+    return tmp / "search"
+
+
+def planted(search_dir: Path, tmp_path: Path, metrics: dict[str, dict[str, float]]) -> Path:
+    """A copy of the search whose summary carries the given metrics per trial."""
+    copy = tmp_path / "planted"
+    shutil.copytree(search_dir, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    for row in summary["trials"]:
+        row["metrics"].update(metrics[row["trial"]])
+    (copy / "summary.json").write_text(json.dumps(summary))
+    return copy
+
+
+def provenance(path: Path) -> dict:
+    return json.loads(path.read_text())["provenance"]
+
+
+def test_export_training_run(train_run, tmp_path):
+    run, cfg = train_run
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert (out / "checkpoint.pt").read_bytes() == (run / "checkpoint.pt").read_bytes()
+    exported, source = load_policy(out / "policy.json"), load_policy(run / "policy.json")
+    assert exported.op_names == source.op_names
+    assert exported.tra_probs().tolist() == source.tra_probs().tolist()
+    prov = provenance(out / "policy.json")
+    assert prov["source"] == "augsearch train" and prov["run_dir"] == str(run.resolve())
+    assert prov["epoch"] == 2
+    assert prov["config_hash"] == cfg.fingerprint()
+
+
+def test_export_search_picks_the_best_validation_trial(search_dir, tmp_path):
+    # trial_00000 is best on validation, trial_00001 on test and on validation loss
+    source = planted(search_dir, tmp_path, {
+        "trial_00000": {"val/dice_rare": 0.80, "test/dice_rare": 0.10, "val/loss": 0.9},
+        "trial_00001": {"val/dice_rare": 0.30, "test/dice_rare": 0.95, "val/loss": 0.2},
+    })
+    out = tmp_path / "best"
+    assert main(["export", str(source), "--out", str(out)]) == 0
+    trial0 = source / "trial_00000" / "fit" / "checkpoint.pt"
+    trial1 = source / "trial_00001" / "fit" / "checkpoint.pt"
+    assert trial0.read_bytes() != trial1.read_bytes()
+    assert (out / "checkpoint.pt").read_bytes() == trial0.read_bytes()
+    load_policy(out / "policy.json")
+    prov = provenance(out / "policy.json")
+    assert prov["trial"] == "trial_00000" and prov["params"] == {"seed": 0}
+    assert prov["metrics"]["val/dice_rare"] == 0.80 and "test/dice_rare" not in prov["metrics"]
+    assert prov["search_metric"] == "val/dice_rare" and prov["search_mode"] == "max"
+    assert len(prov["config_hash"]) == 64
+
+    by_loss = tmp_path / "by_loss"
+    assert main(["export", str(source), "--out", str(by_loss), "--metric", "val/loss"]) == 0
+    assert (by_loss / "checkpoint.pt").read_bytes() == trial1.read_bytes()
+    assert provenance(by_loss / "policy.json")["search_mode"] == "min"
+
+
+def test_export_refuses_test_metrics(search_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export", str(search_dir), "--out", str(out), "--metric", "test/dice_rare"]) == 2
+    assert "validation metrics" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_export_all_trials(search_dir, tmp_path):
+    out = tmp_path / "all"
+    assert main(["export", str(search_dir), "--out", str(out), "--all"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["trial_00000", "trial_00001"]
+    for trial in ("trial_00000", "trial_00001"):
+        assert (out / trial / "checkpoint.pt").read_bytes() == (search_dir / trial / "fit" / "checkpoint.pt").read_bytes()
+        assert provenance(out / trial / "policy.json")["trial"] == trial
+        load_policy(out / trial / "policy.json")
+
+
+def test_export_of_a_directory_that_is_neither(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("x")
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "neither a training run" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

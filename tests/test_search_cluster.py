@@ -1,0 +1,66 @@
+"""A search joining a two-node Ray cluster (head + worker, both on 127.0.0.1) places trials on both nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from augsearch.cli import main
+
+SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
+
+
+def _ray_processes() -> list[int]:
+    """Raylets and GCS servers whose parent chain leads to this test process."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                commands[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [pid for pid, cmd in commands.items() if ("raylet" in cmd or "gcs_server" in cmd) and ours(pid)]
+
+
+@pytest.mark.slow
+def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    node = {"num_cpus": 1, "object_store_memory": 120 * 2**20, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        expected = {cluster.head_node.node_id, worker.node_id}
+        out = tmp_path / "search"
+        sets = ["train.epochs=2", "train.iterations=2", f"data.root={json.dumps(str(tmp_path / 'data'))}",
+                "search.cpus_per_trial=1"]
+        argv = ["search", str(SMOKE), "--address", cluster.address, "--out", str(out)]
+        assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+        assert not ray.is_initialized()  # the driver left the cluster; the cluster itself keeps running
+        rows = json.loads((out / "summary.json").read_text())["trials"]
+        assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
+        # one CPU per node and one CPU per trial: the two trials ran side by side, one on each node
+        assert {r["node_id"] for r in rows} == expected
+    finally:
+        cluster.shutdown()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _ray_processes():
+        time.sleep(0.5)
+    assert not _ray_processes()
