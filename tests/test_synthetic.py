@@ -169,7 +169,7 @@ def test_planted_flip_hurts_a_model_trained_without_flips(tmp_path):
         optimiser.step()
     unshifted = _lesion_dice(net, val, flip_back=True)
     shifted = _lesion_dice(net, val, flip_back=False)
-    assert unshifted > 0.5 and shifted < 0.1, (unshifted, shifted)
+    assert unshifted > 0.4 and shifted < 0.1, (unshifted, shifted)
 
 
 def test_cli_synth(tmp_path, capsys):
