@@ -144,7 +144,9 @@ class TeaSearchConfig(_Section):
     groups_per_step: int = Field(1, ge=1, description="Foreground-centred validation patches per TEA step.")
     top_k: int = Field(4, ge=1, description="Entries exported for inference.")
     class1_only: bool = Field(False, description="Reproduce the reference: TEA loss on label 1 only.")
-    augment_outer_batch: bool = Field(True, description="Apply TEA views to the TRA outer-loss batch (the coupling).")
+    augment_outer_batch: bool = Field(
+        True, description="When TEA is learned, apply its views to the TRA outer-loss batch (the joint coupling)."
+    )
 
 
 class AugmentConfig(_Section):

@@ -126,10 +126,11 @@ class JointStep:
         and `learnable` (B,) bool: samples whose bins were drawn from the policy (asymmetric augmentation may
         leave background patches unaugmented; those carry no policy gradient)."""
         if self.policy is None:
-            bsz = batch.image.shape[0]
-            empty = torch.zeros(bsz, 0, dtype=torch.long, device=batch.image.device)
+            bsz, device = batch.image.shape[0], batch.image.device
+            no_ops = torch.zeros(bsz, 0, dtype=torch.long, device=device)
             crop = centre_crop(batch.image, self.patch_size), centre_crop(batch.mask, self.patch_size)
-            return *crop, empty[:, 0], empty, torch.zeros(bsz, dtype=torch.bool, device=batch.image.device)
+            group = torch.zeros(bsz, dtype=torch.long, device=device)
+            return *crop, group, no_ops, torch.zeros(bsz, dtype=torch.bool, device=device)
         group = self.policy.group_index(batch.anchor_class)
         bins = self.policy.sample_tra(group, generator)
         learnable = torch.ones_like(group, dtype=torch.bool)
