@@ -1,3 +1,35 @@
-"""augsearch: learned class-specific training-time and test-time augmentation for medical image segmentation."""
+"""augsearch: learned class-specific training-time and test-time augmentation for medical image segmentation.
+
+Public API (imported on first use, so `import augsearch` stays light):
+`Policy`, `make_policy`, `load_policy`, `save_policy`, `list_ops`, `fit`, `load_config`, `predict_tta`,
+`TTAResult`, `metrics`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Policy": "augsearch.policy",
+    "make_policy": "augsearch.policy",
+    "load_policy": "augsearch.policy_io",
+    "save_policy": "augsearch.policy_io",
+    "list_ops": "augsearch.ops.registry",
+    "fit": "augsearch.train",
+    "load_config": "augsearch.config",
+    "predict_tta": "augsearch.tta",
+    "TTAResult": "augsearch.tta",
+}
+
+__all__ = [*_EXPORTS, "metrics", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "metrics":
+        return importlib.import_module("augsearch.metrics")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'augsearch' has no attribute {name!r}")
