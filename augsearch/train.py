@@ -21,7 +21,14 @@ import torch
 from augsearch.atomic import write_json
 from augsearch.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from augsearch.config import ExperimentConfig
-from augsearch.data.dataset import Case, dataset_fingerprint, load_cases, read_dataset_info, resolve_splits
+from augsearch.data.dataset import (
+    Case,
+    complete_preprocess,
+    dataset_fingerprint,
+    load_cases,
+    read_dataset_info,
+    resolve_splits,
+)
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.data.sampler import Batch, PatchSampler
 from augsearch.errors import AugsearchError
@@ -80,12 +87,14 @@ def _load_data(cfg: ExperimentConfig) -> _Data:
             f"give train.patch_size {info.dims} entries"
         )
     splits = resolve_splits(info, cfg.data.split)
-    cache = cfg.data.cache_dir
-    train = load_cases(info, splits.train, cfg.data.preprocess, cache)
-    val = load_cases(info, splits.val, cfg.data.preprocess, cache)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else root / ".augsearch_cache"
+    preprocess = complete_preprocess(info, cfg.data.preprocess, cache)
+    train = load_cases(info, splits.train, preprocess, cache)
+    val = load_cases(info, splits.val, preprocess, cache)
     if not val:
         raise AugsearchError(f"no validation cases in {root}; name them with data.split.val or raise val_fraction")
-    preprocess = cfg.data.preprocess.model_dump(mode="json")
+    # Saved with the model, so prediction normalises with the numbers measured here.
+    preprocess = preprocess.model_dump(mode="json")
     return _Data(dict(info.labels), len(info.channel_names), train, val, dataset_fingerprint(info), preprocess)
 
 
