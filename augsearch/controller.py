@@ -510,7 +510,8 @@ def _run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Searc
             run_config=tune.RunConfig(
                 name=run_dir.name, storage_path=str(run_dir.parent),
                 failure_config=tune.FailureConfig(max_failures=search.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                # PBT copies a donor's checkpoint that may be several reports old: keep them all for PBT
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if search.scheduler == "pbt" else 2),
             ),
         )
     grid = tuner.fit()
