@@ -98,7 +98,7 @@ class TrainConfig(_Section):
     update_model: bool = Field(True, description="False freezes the segmenter (TEA-only search on a trained model).")
     init_checkpoint: str | None = Field(None, description="Start from this segmenter checkpoint (weights only).")
     validate_every: int = Field(1, ge=1, description="Epochs between whole-volume validations.")
-    checkpoint_every: int = Field(1, ge=1, description="Epochs between checkpoints.")
+    checkpoint_every: int = Field(1, ge=1, description="Epochs between checkpoints (validation epochs always write one).")
     sliding_window_batch: int = Field(8, ge=1)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default.")

@@ -272,6 +272,8 @@ def _trial_body(
         value = metrics.get(cfg.search.metric, float("nan"))
         print(f"[{trial_id}] epoch {rep.epoch}/{cfg.train.epochs} {cfg.search.metric}={value:.4f} "
               f"train/loss={metrics.get('train/loss', float('nan')):.4f}", flush=True)
+        if cfg.search.metric not in metrics:
+            return  # Tune reports carry the metric: only validation epochs are reported
         report(metrics, rep.checkpoint_path, rep.policy_path)
         if crash_marker and rep.checkpoint_path is not None and _claim(crash_marker):
             raise SimulatedCrash(f"{CRASH_ENV} test hook: trial {trial_id} crashes after epoch {rep.epoch}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -361,7 +362,10 @@ def fit(
     resume: str | Path | None = None,
     progress: bool = True,
 ) -> FitResult:
-    """Train (and search) as `cfg` says; write checkpoints, policy files and metrics into `run_dir`."""
+    """Train (and search) as `cfg` says; write checkpoints, policy files and metrics into `run_dir`.
+
+    `progress` prints one line per epoch, and a progress bar when stderr is a terminal.
+    """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
@@ -391,7 +395,7 @@ def fit(
             started = time.perf_counter()
             losses = []
             bar = tqdm(range(t.iterations), desc=f"{cfg.name} epoch {epoch + 1}/{t.epochs}", leave=False,
-                       disable=not progress, dynamic_ncols=True)
+                       disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
             for iteration in bar:
                 meta_now = iteration % aug.meta_every == 0
                 batch = run.train_sampler.sample(t.batch_size, generator=run.train_rng)
@@ -416,7 +420,8 @@ def fit(
                 **run.step.stats.extra, **_policy_scalars(run.policy),
             }
             last = run.epoch == t.epochs
-            if run.epoch % t.validate_every == 0 or last:
+            validated = run.epoch % t.validate_every == 0 or last
+            if validated:
                 metrics.update(
                     validate(run.model, run.data.val, patch_size=t.patch_size, label_names=run.data.label_names,
                              rare_labels=run.rare_labels, batch_size=t.sliding_window_batch, device=run.device)
@@ -432,7 +437,7 @@ def fit(
                 print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics['train/loss']:.4f} "
                       f"val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}{summary}", flush=True)
             report_ckpt = report_policy = None
-            if run.epoch % t.checkpoint_every == 0 or last:
+            if run.epoch % t.checkpoint_every == 0 or validated:  # every validation comes with its checkpoint
                 checkpoint_path = _write_checkpoint(run, metrics)
                 policy_path = _write_policy(run, metrics)
                 report_ckpt, report_policy = checkpoint_path, policy_path
