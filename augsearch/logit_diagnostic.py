@@ -177,7 +177,7 @@ def plot_margins(
         ax.set_title(f"{names.get(cls, f'class {cls}')}: mean shift {s['mean_shift']:+.2f}")
         ax.set_xlabel("true-class logit margin  z_y - max_{c≠y} z_c")
         ax.set_ylabel("density")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     if title:
         fig.suptitle(title)
     buffer = io.BytesIO()
