@@ -101,7 +101,8 @@ def run_one(config: str, fraction: float, seed: int, run_dir: str, overrides: li
     report = margin_report(margins, checkpoint=str(run_dir / "checkpoint.pt"), dataset=str(root))
     write_json(run_dir / "logits.json", report)
     result = {"row": Path(config).stem, "fraction": fraction, "seed": seed, "train_cases": margins["cases"]["train"],
-              "test_cases": margins["cases"]["unseen"], "train_s": train_s, "test": test, "test_cases_metrics": case_rows,
+              "test_cases": margins["cases"]["unseen"], "train_s": train_s, "test": test,
+              "test_cases_metrics": case_rows,
               "logits": {name: {k: row[k] for k in ("mean_shift", "train_mean", "unseen_mean", "train_frac_across",
                                                     "unseen_frac_across")}
                          for name, row in report["classes"].items()}}
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results.append(result)
             lesion = result["test"][RARE]
-            print(f"[{time.perf_counter() - started:6.0f}s] {result['row']:<17} {round(fraction * 100):3d}% seed {seed}: "
+            elapsed = time.perf_counter() - started
+            print(f"[{elapsed:6.0f}s] {result['row']:<17} {round(fraction * 100):3d}% seed {seed}: "
                   f"lesion DSC {_nan(lesion['dice']):.3f} SEN {_nan(lesion['sensitivity']):.3f} "
                   f"PRC {_nan(lesion['precision']):.3f} (train {result['train_s']:.0f}s)", flush=True)
     write_tables(out, results, args.rows, sorted(args.fractions), args.seeds)
