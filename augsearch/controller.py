@@ -261,6 +261,8 @@ def _trial_body(
     from augsearch.train import fit
 
     cfg = trial_config(base, params, cpus)
+    # fit prints one line per epoch under the trial's name, with the policy summary
+    cfg = cfg.model_copy(update={"name": f"{cfg.name}:{trial_id}"})
     torch.set_num_threads(max(1, int(cpus)))
     resumed_epoch = _checkpoint_epoch(resume) if resume is not None else 0
     node = _node_id()
@@ -269,9 +271,6 @@ def _trial_body(
         metrics = {k: float(v) for k, v in rep.metrics.items() if isinstance(v, (int, float))}
         metrics.update({"epoch": int(rep.epoch), "resumed_epoch": resumed_epoch, "node_id": node,
                         "time/trial_start": started, "time/report": time.time()})
-        value = metrics.get(cfg.search.metric, float("nan"))
-        print(f"[{trial_id}] epoch {rep.epoch}/{cfg.train.epochs} {cfg.search.metric}={value:.4f} "
-              f"train/loss={metrics.get('train/loss', float('nan')):.4f}", flush=True)
         if cfg.search.metric not in metrics:
             return  # Tune reports carry the metric: only validation epochs are reported
         report(metrics, rep.checkpoint_path, rep.policy_path)
