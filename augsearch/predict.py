@@ -292,18 +292,6 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
     write_text(path, buffer.getvalue())
 
 
-def resolve_device(name: str | None) -> Any:
-    """'auto' (or None) picks CUDA when torch sees a GPU, else CPU; an unavailable CUDA is a PredictError."""
-    import torch
-
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PredictError(f"--device {name} asked for CUDA, but torch sees no GPU; use --device cpu or auto")
-    return device
-
-
 def predict_files(
     checkpoint: str | Path,
     input_path: str | Path,
@@ -331,6 +319,8 @@ def predict_files(
 
     from augsearch.checkpoint import build_model, load_checkpoint
     from augsearch.policy_io import policy_from_file_or_preset
+
+    from augsearch.devices import resolve_device
 
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)

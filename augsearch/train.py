@@ -32,6 +32,7 @@ from augsearch.data.dataset import (
 )
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.data.sampler import Batch, PatchSampler
+from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError
 from augsearch.joint import JointStep
 from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
@@ -58,15 +59,6 @@ class FitResult:
     metrics: dict[str, float]
     checkpoint_path: Path
     policy_path: Path | None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AugsearchError(f"train.device={name!r} asked for CUDA, but torch sees no GPU; set train.device='cpu'")
-    return device
 
 
 @dataclass
@@ -142,7 +134,7 @@ class _Run:
 
         self.cfg = cfg
         self.run_dir = run_dir
-        self.device = resolve_device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, option="train.device")
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.data = _load_data(cfg)

@@ -8,6 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "augsearch"
 # Lower number = lower layer. Modules in one subpackage (ops/, data/) may import each other.
 LAYERS = {
     "augsearch": 0, "augsearch.errors": 0, "augsearch.atomic": 0,
+    "augsearch.devices": 1,
     "augsearch.config": 1,
     "augsearch.ops": 2,
     "augsearch.policy": 3, "augsearch.model": 3, "augsearch.losses": 3, "augsearch.metrics": 3,

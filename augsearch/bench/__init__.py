@@ -11,19 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 
-def resolve_device(name: str) -> "torch.device":  # noqa: F821 - torch imported lazily
-    import torch
-
-    from augsearch.errors import AugsearchError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AugsearchError(f"--device {name} asked for CUDA, but torch sees no GPU; use --device cpu")
-    return device
-
-
 def time_fn(fn: Callable[[], Any], device: "torch.device", *, warmup: int = 2, repeats: int = 5) -> float:  # noqa: F821
     """Median wall time of `fn()` in milliseconds, synchronising CUDA around each call."""
     import torch

@@ -16,6 +16,7 @@ def _case(dims: int, quick: bool, repeats: int, device) -> dict[str, Any]:
 
     from augsearch.augment import augment_batch, required_margin, unavailable_bins
     from augsearch.bench import peak_memory_mb, time_fn
+
     from augsearch.model import UNet
     from augsearch.ops import get_op, list_ops
 
@@ -63,7 +64,8 @@ def _case(dims: int, quick: bool, repeats: int, device) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from augsearch.bench import environment, resolve_device
+    from augsearch.bench import environment
+    from augsearch.devices import resolve_device
 
     device = resolve_device(args.device)
     return {"benchmark": "augment", "environment": environment(device),

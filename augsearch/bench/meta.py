@@ -39,6 +39,7 @@ def _case(dims: int, args: argparse.Namespace, device) -> dict[str, Any]:
 
     from augsearch.augment import required_margin
     from augsearch.bench import peak_memory_mb, time_fn
+
     from augsearch.config import LossConfig
     from augsearch.joint import JointStep
     from augsearch.losses import batch_loss, deep_supervision_loss
@@ -97,7 +98,8 @@ def _case(dims: int, args: argparse.Namespace, device) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from augsearch.bench import environment, resolve_device
+    from augsearch.bench import environment
+    from augsearch.devices import resolve_device
 
     device = resolve_device(args.device)
     return {"benchmark": "meta", "environment": environment(device),

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import os
 
-    from augsearch.bench import environment, resolve_device
+    from augsearch.bench import environment
+    from augsearch.devices import resolve_device
     from augsearch.config import load_config
     from augsearch.controller import new_search, ray_session
 

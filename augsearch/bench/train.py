@@ -15,6 +15,7 @@ def _case(dims: int, quick: bool, device) -> dict[str, Any]:
     import torch
 
     from augsearch.bench import peak_memory_mb, time_fn
+
     from augsearch.config import LossConfig
     from augsearch.losses import per_sample_loss
     from augsearch.model import UNet
@@ -42,7 +43,8 @@ def _case(dims: int, quick: bool, device) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from augsearch.bench import environment, resolve_device
+    from augsearch.bench import environment
+    from augsearch.devices import resolve_device
 
     device = resolve_device(args.device)
     return {"benchmark": "train", "environment": environment(device),

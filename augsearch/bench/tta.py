@@ -42,7 +42,8 @@ def _pick(pool, names: tuple[str, ...], affine_ops: tuple[str, ...], count: int)
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from augsearch.bench import environment, peak_memory_mb, resolve_device, time_fn
+    from augsearch.bench import environment, peak_memory_mb, time_fn
+    from augsearch.devices import resolve_device
     from augsearch.inference import sliding_window_predict
     from augsearch.model import UNet
     from augsearch.ops.tea import tea_apply, tea_invert, tea_pool
