@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rows to run (row 7 needs row 2's run, row 8 row 6's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of every row that trains a segmenter (default: the configs' 8)")
+                        help="epochs of every row that trains a segmenter (default: the configs' 10)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="iterations per epoch of those rows (default: the configs' 25)")
     parser.add_argument("--posthoc-iterations", type=int, default=None,
