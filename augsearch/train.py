@@ -236,7 +236,7 @@ class _Run:
                     rare=self.rare, asymmetric=loss_cfg.asymmetric, generator=self.generator,
                 )
                 out["train/mixup_loss"] = self._extra_step(
-                    lambda: soft_target_loss(_full_resolution(self.model(x_mix)), soft, valid, loss_cfg, self.rare)
+                    lambda: soft_target_loss(_full_resolution(self.model(x_mix)), soft, valid, loss_cfg, self.rare).mean()
                 )
             return out
 

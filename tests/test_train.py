@@ -1,6 +1,7 @@
 """fit end to end on a tiny benchmark: outputs, resume, modes, and bad configuration."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def _stop_after_epoch(epoch):
     return callback
 
 
-@pytest.mark.parametrize("mode", ["none", "fixed", "trivialaugment", "higher"])
+@pytest.mark.parametrize("mode", ["none", "fixed", "trivialaugment", "higher", "regularizers"])
 def test_modes_run(data_root, tmp_path, mode):
     overrides = {
         "none": {"augment.mode": "none", "augment.tra.learn": False, "augment.tea.learn": False},
@@ -86,10 +87,14 @@ def test_modes_run(data_root, tmp_path, mode):
         "trivialaugment": {"augment.policy": "trivialaugment", "augment.tra.learn": False,
                            "augment.tea.learn": False},
         "higher": {"augment.tra.backend": "higher", "train.epochs": 1},
+        "regularizers": {"loss.margin": 0.5, "loss.focal_gamma": 2.0, "loss.adversarial_eps": 10.0,
+                         "loss.mixup_alpha": 0.4, "loss.bg_augment_prob": 0.5, "train.epochs": 1},
     }[mode]
     result = fit(tiny(data_root, **overrides), tmp_path / mode, progress=False)
     assert result.checkpoint_path.is_file()
     assert (result.policy_path is None) == (mode == "none")
+    if mode == "regularizers":  # the extra optimiser steps ran and their losses were logged
+        assert all(math.isfinite(result.metrics[k]) for k in ("train/adversarial_loss", "train/mixup_loss"))
     if mode == "fixed":
         policy = load_policy(result.policy_path)
         reference = load_policy_initial(data_root)
