@@ -119,7 +119,7 @@ def test_local_search_runs_every_trial_and_restarts_a_crash_from_its_checkpoint(
         assert (out / row["checkpoint"] / "checkpoint.pt").is_file()
         assert (out / row["checkpoint"] / "policy.json").is_file()
     text = capsys.readouterr().out
-    assert "search summary" in text and "[trial_00001] epoch 2/2" in text
+    assert "search summary" in text and "[smoke:trial_00001] epoch 2/2" in text
     header = (out / "summary.csv").read_text().splitlines()[0].split(",")
     assert header[:2] == ["trial", "seed"] and "val/dice_rare" in header and "status" in header
 
