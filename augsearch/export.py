@@ -6,7 +6,6 @@ whose best trial is chosen by a validation metric (search.metric unless told oth
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -101,21 +100,19 @@ def _export_row(run_dir: Path, row: dict[str, Any], out: Path, base: dict[str, A
 def export_checkpoint_dir(src: Path, out: Path, provenance: dict[str, Any]) -> None:
     """Copy SRC/checkpoint.pt to OUT and re-save SRC/policy.json there with provenance (both atomic)."""
     from augsearch.checkpoint import load_checkpoint
-    from augsearch.policy_io import load_policy, save_policy
+    from augsearch.policy_io import load_policy, read_policy_document, save_policy
 
     ckpt = load_checkpoint(src / CHECKPOINT_NAME)
-    config_hash = hashlib.sha256(json.dumps(ckpt["config"], sort_keys=True).encode()).hexdigest()
-    provenance = {**provenance, "epoch": int(ckpt["epoch"]), "config_hash": config_hash,
-                  "checkpoint_metrics": {k: v for k, v in ckpt.get("metrics", {}).items()
-                                         if isinstance(v, (int, float))},
-                  "augsearch_version": ckpt.get("versions", {}).get("augsearch"),
-                  "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    export = {**provenance, "epoch": int(ckpt["epoch"]), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     policy_path = src / POLICY_NAME
     if not policy_path.is_file():
         raise ExportError(f"{src} has {CHECKPOINT_NAME} but no {POLICY_NAME}; export needs both (a run with "
                           f"augment.mode='none' has no policy to export)")
     policy = load_policy(policy_path)
+    # The run's own provenance (config hash, seed, data fingerprint, versions, validation metrics) stays; the
+    # export adds where it came from.
+    training = read_policy_document(policy_path).get("provenance") or {}
     out.mkdir(parents=True, exist_ok=True)
     with open(src / CHECKPOINT_NAME, "rb") as source, atomic_open(out / CHECKPOINT_NAME, "wb") as target:
         shutil.copyfileobj(source, target)
-    save_policy(policy, out / POLICY_NAME, provenance=provenance)
+    save_policy(policy, out / POLICY_NAME, provenance={**training, "export": export})

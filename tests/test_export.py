@@ -62,9 +62,11 @@ def test_export_training_run(train_run, tmp_path):
     assert exported.op_names == source.op_names
     assert exported.tra_probs().tolist() == source.tra_probs().tolist()
     prov = provenance(out / "policy.json")
-    assert prov["source"] == "augsearch train" and prov["run_dir"] == str(run.resolve())
-    assert prov["epoch"] == 2
-    assert prov["config_hash"] == cfg.fingerprint()
+    assert prov["export"]["source"] == "augsearch train" and prov["export"]["run_dir"] == str(run.resolve())
+    assert prov["export"]["epoch"] == 2
+    # the run's own provenance is kept
+    assert prov["config_sha256"] == cfg.fingerprint() and prov["seed"] == cfg.seed
+    assert prov["data_fingerprint"] and prov["versions"]["augsearch"]
 
 
 def test_export_search_picks_the_best_validation_trial(search_dir, tmp_path):
@@ -81,15 +83,16 @@ def test_export_search_picks_the_best_validation_trial(search_dir, tmp_path):
     assert (out / "checkpoint.pt").read_bytes() == trial0.read_bytes()
     load_policy(out / "policy.json")
     prov = provenance(out / "policy.json")
-    assert prov["trial"] == "trial_00000" and prov["params"] == {"seed": 0}
-    assert prov["metrics"]["val/dice_rare"] == 0.80 and "test/dice_rare" not in prov["metrics"]
-    assert prov["search_metric"] == "val/dice_rare" and prov["search_mode"] == "max"
-    assert len(prov["config_hash"]) == 64
+    export = prov["export"]
+    assert export["trial"] == "trial_00000" and export["params"] == {"seed": 0}
+    assert export["metrics"]["val/dice_rare"] == 0.80 and "test/dice_rare" not in export["metrics"]
+    assert export["search_metric"] == "val/dice_rare" and export["search_mode"] == "max"
+    assert len(prov["config_sha256"]) == 64 and prov["seed"] == 0
 
     by_loss = tmp_path / "by_loss"
     assert main(["export", str(source), "--out", str(by_loss), "--metric", "val/loss"]) == 0
     assert (by_loss / "checkpoint.pt").read_bytes() == trial1.read_bytes()
-    assert provenance(by_loss / "policy.json")["search_mode"] == "min"
+    assert provenance(by_loss / "policy.json")["export"]["search_mode"] == "min"
 
 
 def test_export_refuses_test_metrics(search_dir, tmp_path, capsys):
@@ -105,7 +108,7 @@ def test_export_all_trials(search_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["trial_00000", "trial_00001"]
     for trial in ("trial_00000", "trial_00001"):
         assert (out / trial / "checkpoint.pt").read_bytes() == (search_dir / trial / "fit" / "checkpoint.pt").read_bytes()
-        assert provenance(out / trial / "policy.json")["trial"] == trial
+        assert provenance(out / trial / "policy.json")["export"]["trial"] == trial
         load_policy(out / trial / "policy.json")
 
 
