@@ -32,6 +32,21 @@ def time_fn(fn: Callable[[], Any], device: "torch.device", *, warmup: int = 2, r
     return times[len(times) // 2]
 
 
+def time_round_robin(
+    fns: dict[str, Callable[[], Any]], device: "torch.device", *, warmup: int = 1, repeats: int = 5  # noqa: F821
+) -> dict[str, float]:
+    """Median wall time (ms) of each function, timed in turns (a, b, c, a, b, c, ...) so that a change in the
+    machine's load during the run affects every candidate alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(time_fn(fn, device, warmup=0, repeats=1))
+    return {name: sorted(times)[len(times) // 2] for name, times in samples.items()}
+
+
 def peak_memory_mb(device: "torch.device") -> float | None:  # noqa: F821
     import torch
 

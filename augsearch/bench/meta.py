@@ -38,7 +38,7 @@ def _case(dims: int, args: argparse.Namespace, device) -> dict[str, Any]:
     import torch
 
     from augsearch.augment import required_margin
-    from augsearch.bench import peak_memory_mb, time_fn
+    from augsearch.bench import peak_memory_mb, time_round_robin
 
     from augsearch.config import LossConfig
     from augsearch.joint import JointStep
@@ -82,18 +82,21 @@ def _case(dims: int, args: argparse.Namespace, device) -> dict[str, Any]:
 
     results: dict[str, Any] = {"dims": dims, "patch_size": patch, "batch_size": batch_size,
                                "val_batch_size": batch_size, "tea_views": args.tea_views}
-    plain_step, _ = build(None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    plain = time_fn(iteration(plain_step, False), device, repeats=args.repeats)
-    results["plain_ms"] = plain
-    results["plain_peak_memory_mb"] = peak_memory_mb(device)
-    for backend in args.backends:
-        step, _ = build(backend)
+    # Memory first, one candidate at a time (peak statistics are per device); then times in turns.
+    steps = {"plain": build(None)[0], **{backend: build(backend)[0] for backend in args.backends}}
+    calls = {name: iteration(step, name != "plain") for name, step in steps.items()}
+    memory = {}
+    for name, call in calls.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        ms = time_fn(iteration(step, True), device, repeats=args.repeats)
-        results[backend] = {"joint_ms": ms, "ratio_to_plain": ms / plain, "peak_memory_mb": peak_memory_mb(device)}
+        call()
+        memory[name] = peak_memory_mb(device)
+    times = time_round_robin(calls, device, repeats=args.repeats)
+    results["plain_ms"] = times["plain"]
+    results["plain_peak_memory_mb"] = memory["plain"]
+    for backend in args.backends:
+        results[backend] = {"joint_ms": times[backend], "ratio_to_plain": times[backend] / times["plain"],
+                            "peak_memory_mb": memory[backend]}
     return results
 
 
