@@ -118,11 +118,14 @@ def policy_notes(policy_path: Path | None) -> dict:
 
     policy = load_policy(policy_path)
     names = policy.tea_names
+    on = 1.0 - policy.tra_probs().detach()[:, :, 0]  # (G, n_ops): P(op applied) per group
     return {"summary": policy.summary(),
-            "tea_selected": [[names[i], round(w, 3)] for i, w in policy.tea_selected()]}
+            "tea_selected": [[names[i], round(w, 3)] for i, w in policy.tea_selected()],
+            "p_on": {group: dict(zip(policy.op_names, map(float, on[g]), strict=True))
+                     for g, group in enumerate(policy.group_names)}}
 
 
-def run_one(row: Row, seed: int, out: Path, args: argparse.Namespace, gt_dir: Path) -> dict:
+def run_one(row: Row, seed: int, out: Path, args: argparse.Namespace, gt_dir: Path, source: str) -> dict:
     """Train (or reuse) one (row, seed), predict and score the test cases; the result dict (also result.json)."""
     import torch
 
@@ -138,9 +141,9 @@ def run_one(row: Row, seed: int, out: Path, args: argparse.Namespace, gt_dir: Pa
     if row.reuse is not None:
         other = load_config(HERE / f"{row.reuse}.toml", row_overrides(BY_NAME[row.reuse], seed, out, args))
         same = {**other.to_dict(), "name": cfg.name} == cfg.to_dict()
-        source = run_dir_for(out, row.reuse, seed) / "checkpoint.pt"
-        if same and source.is_file():
-            checkpoint = source
+        donor = run_dir_for(out, row.reuse, seed) / "checkpoint.pt"
+        if same and donor.is_file():
+            checkpoint = donor
             previous = json.loads((run_dir_for(out, row.reuse, seed) / "result.json").read_text())
             train_s, val, reused = previous["train_s"], previous["val"], True
     if checkpoint is None:
@@ -154,7 +157,8 @@ def run_one(row: Row, seed: int, out: Path, args: argparse.Namespace, gt_dir: Pa
     case_rows, summary = evaluate_run(checkpoint, tta, root, labels, cases, run_dir, gt_dir)
     lesion_cases = [r for r in case_rows if r["class"] == RARE and not math.isnan(r["sensitivity"])]
     result = {
-        "row": row.name, "seed": seed, "checkpoint": str(checkpoint), "reused": reused, "tta": tta, "train_s": train_s,
+        "row": row.name, "seed": seed, "source": source, "checkpoint": str(checkpoint), "reused": reused, "tta": tta,
+        "train_s": train_s,
         "eval_s": time.perf_counter() - started, "val": val,
         "test": {name: {metric: stats["mean"] for metric, stats in metrics.items()}
                  for name, metrics in summary.items()},
@@ -195,10 +199,41 @@ COLUMNS = (  # (column, how to read it from a result, scale, decimals)
     ("lesion HD95 mm", lambda r: _nan(r["test"][RARE]["hd95"]), 1, 1),
     ("lesions found", lambda r: float(r["lesion_detected"]), 1, 1),
     ("organ DSC %", lambda r: _nan(r["test"][FREQUENT]["dice"]), 100, 1),
+    ("val lesion DSC % (plain)", lambda r: _nan(r["val"].get(f"val/dice_{RARE}")), 100, 1),
 )
 
 
-def write_tables(results_dir: Path, results: list[dict], seeds: list[int], settings: str, source: str) -> None:
+def op_table(results: list[dict]) -> list[str]:
+    """Markdown lines: P(op applied) at the end of training per learned TRA row and group, mean ± std over seeds,
+    beside the nnU-Net-like start they all share."""
+    from augsearch.policy_io import preset_policy
+
+    columns: dict[str, list[dict[str, float]]] = {}
+    for row in ROWS:
+        if row.tta == "flips-tta" or row.posthoc_of is not None:
+            continue
+        for r in sorted((r for r in results if r["row"] == row.name and r["policy"].get("p_on")),
+                        key=lambda r: r["seed"]):
+            for group, probs in r["policy"]["p_on"].items():
+                columns.setdefault(f"{row.name} {group}", []).append(probs)
+    if not columns:
+        return []
+    start = preset_policy("nnunet", 2)
+    start_on = dict(zip(start.op_names, map(float, 1.0 - start.tra_probs().detach()[0, :, 0]), strict=True))
+    ops = list(next(iter(columns.values()))[0])
+    lines = ["", "P(op applied) at the end of training (mean ± std over seeds) in the learned TRA rows, by class "
+             "group; every row starts from the nnU-Net-like column:", "",
+             "| op | nnU-Net-like start | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for op in ops:
+        cells = []
+        for values in columns.values():
+            mean, std = _mean_std([v[op] for v in values])
+            cells.append(f"{mean:.2f} ± {std:.2f}")
+        lines.append(f"| {op} | {start_on.get(op, math.nan):.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_tables(results_dir: Path, results: list[dict], seeds: list[int], settings: str) -> None:
     from augsearch.atomic import write_text
 
     by_row: dict[str, list[dict]] = {}
@@ -210,11 +245,19 @@ def write_tables(results_dir: Path, results: list[dict], seeds: list[int], setti
                      *(f"{c} {s}" for c, *_ in COLUMNS for s in ("mean", "std")), "train_s_mean"])
     lesion_cases = max((r["lesion_cases"] for r in results), default=0)
     runtime = sum(r["eval_s"] + (0.0 if r["reused"] else r["train_s"]) for r in results)
+    sources: dict[str, list[int]] = {}
+    for r in results:
+        seeds_of = sources.setdefault(r["source"], [])
+        seeds_of += [] if r["seed"] in seeds_of else [r["seed"]]
+    source = "; ".join(f"seeds {sorted(s)}: {src}" for src, s in sources.items())
     md = [f"{settings}. Seeds {seeds}. Cells: mean ± sample std over seeds of the per-seed mean over the test cases "
-          f"(DSC/SEN/PRC/HD95 skip a case where the metric is undefined: HD95 needs a non-empty prediction and "
-          f"ground truth; 'lesions found' counts, of the {lesion_cases} test cases with a lesion, those with a "
-          f"lesion DSC above 0). HD95 in mm (1 mm voxels). Training and prediction took {runtime / 60:.0f} min in "
-          f"all (one CPU thread, shared machine); {source}.", ""]
+          "(DSC/SEN/PRC/HD95 skip a case where the metric is undefined: HD95 needs a non-empty prediction and "
+          "ground truth; a seed without any defined case is left out, '(k seeds)' says how many remain; 'lesions "
+          f"found' counts, of the {lesion_cases} test cases with a lesion, those with a lesion DSC above 0). HD95 in "
+          "mm (1 mm voxels). 'val lesion DSC' is fit's own validation at the end of training (the 9 validation "
+          "cases, predicted without TTA in every row; nothing is selected on it). Training and prediction took "
+          f"{runtime / 60:.0f} min in all (one CPU thread, shared machine); {source}.",
+          ""]
     md.append("| # | TRA / TEA | config | n | " + " | ".join(c for c, *_ in COLUMNS) + " | train s |")
     md.append("|---|---|---|---|" + "---|" * len(COLUMNS) + "---|")
     for index, row in enumerate(ROWS, start=1):
@@ -223,8 +266,12 @@ def write_tables(results_dir: Path, results: list[dict], seeds: list[int], setti
             continue
         cells, csv_cells = [], []
         for _, read, scale, decimals in COLUMNS:
-            mean, std = _mean_std([read(r) for r in group])
-            cells.append("–" if math.isnan(mean) else f"{scale * mean:.{decimals}f} ± {scale * std:.{decimals}f}")
+            values = [read(r) for r in group]
+            mean, std = _mean_std(values)
+            defined = sum(not math.isnan(v) for v in values)
+            partial = f" ({defined} seeds)" if 0 < defined < len(values) else ""
+            cells.append("–" if math.isnan(mean)
+                         else f"{scale * mean:.{decimals}f} ± {scale * std:.{decimals}f}{partial}")
             csv_cells += [f"{mean:.6g}", f"{std:.6g}"]
         train_s = float(np.mean([r["train_s"] for r in group]))
         md.append(f"| {index} | {row.title} | {row.name}.toml | {len(group)} | " + " | ".join(cells)
@@ -237,6 +284,7 @@ def write_tables(results_dir: Path, results: list[dict], seeds: list[int], setti
         if per_seed:
             cells = [f"{100 * _nan(per_seed[s]['test'][RARE]['dice']):.1f}" if s in per_seed else "–" for s in seeds]
             md.append(f"| {index} | {row.name} | " + " | ".join(cells) + " |")
+    md += op_table(results)
     learned = [r for r in results if r["policy"]]
     if learned:
         md += ["", "What the learned policies chose (TRA: the three most probable ops per group, P(op on); TEA: the "
@@ -256,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default experiments/comparison)")
     parser.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS],
                         help="rows to run (row 7 needs row 2's run, row 8 row 6's)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of every row that trains a segmenter (default: the configs' 10)")
     parser.add_argument("--iterations", type=int, default=None,
@@ -293,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(json.loads(done.read_text()))
                 continue
             try:
-                result = run_one(row, seed, out, args, gt_dir)
+                result = run_one(row, seed, out, args, gt_dir, source)
             except Exception:
                 failures += 1
                 print(f"FAILED {row.name} seed {seed}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
@@ -305,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_nan(lesion['precision']):.3f} HD95 {_nan(lesion['hd95']):.1f}, organ DSC "
                   f"{_nan(result['test'][FREQUENT]['dice']):.3f} (train {result['train_s']:.0f}s, "
                   f"eval {result['eval_s']:.0f}s)", flush=True)
-            write_tables(Path(args.results), results, args.seeds, budget, source)
-    write_tables(Path(args.results), results, args.seeds, budget, source)
+            write_tables(Path(args.results), results, args.seeds, budget)
+    write_tables(Path(args.results), results, args.seeds, budget)
     print(f"tables: {Path(args.results) / 'results.md'}, {Path(args.results) / 'results.csv'}; "
           f"{failures} failed runs; {time.perf_counter() - started:.0f}s")
     return 1 if failures else 0
