@@ -158,6 +158,9 @@ class AugmentConfig(_Section):
     randaugment_m: int = Field(2, ge=1)
     reference_signs: bool = Field(False, description="Random sign inside each bin, as the reference code does.")
     meta_every: int = Field(1, ge=1, description="Run the TRA meta-step and the TEA step every k iterations.")
+    warmup_iterations: int = Field(
+        0, ge=0, description="Segmenter iterations under the initial policy before the first meta-step and TEA step."
+    )
     tra: TraSearchConfig = TraSearchConfig()
     tea: TeaSearchConfig = TeaSearchConfig()
 

@@ -389,7 +389,9 @@ def fit(
             bar = tqdm(range(t.iterations), desc=f"{cfg.name} epoch {epoch + 1}/{t.epochs}", leave=False,
                        disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
             for iteration in bar:
-                meta_now = iteration % aug.meta_every == 0
+                # Meta-steps judge the segmenter's response to augmentation; during the warm-up it is still
+                # adapting to augmented batches and that upheaval, not the validation shift, would drive them.
+                meta_now = run.global_step >= aug.warmup_iterations and iteration % aug.meta_every == 0
                 batch = run.train_sampler.sample(t.batch_size, generator=run.train_rng)
                 val_batch = tea_batch = None
                 if meta_now and run.tra_optimizer is not None:
