@@ -403,7 +403,7 @@ def fit(
                 )
                 losses.append(run.step.run(batch, val_batch, tea_batch, inner_lr=inner_lr, generator=run.generator))
                 run.global_step += 1
-                if run.policy is not None and iteration % 10 == 0:
+                if iteration % 10 == 0:
                     bar.set_postfix_str(f"loss {np.mean(losses[-10:]):.3f}")
             run.epoch += 1
             metrics = {
