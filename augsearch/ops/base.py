@@ -7,6 +7,7 @@ samples whose params are the identity (bin 0).
 
 from __future__ import annotations
 
+import abc
 import functools
 from dataclasses import dataclass
 from typing import Literal
@@ -79,7 +80,7 @@ def spatial_view(t: torch.Tensor) -> tuple[int, ...]:
     return (t.shape[0],) + (1,) * (t.dim() - 1)
 
 
-class Op:
+class Op(abc.ABC):
     """Base class. Subclasses set `spec`, `n_params` and implement `_params`, `apply` (and `invert` if spatial)."""
 
     spec: OpSpec
@@ -114,15 +115,16 @@ class Op:
         zeros = torch.zeros(n, device=device)
         return self._params(torch.zeros(n, dtype=torch.long, device=device), zeros, zeros, None)
 
+    @abc.abstractmethod
     def _params(self, bins: torch.Tensor, mag: torch.Tensor, sign: torch.Tensor,
                 generator: torch.Generator | None) -> torch.Tensor:
-        raise NotImplementedError
+        """Params (N, P) from each sample's bin, magnitude and sign."""
 
+    @abc.abstractmethod
     def apply(self, x: torch.Tensor, params: torch.Tensor, target: Literal["image", "mask"] = "image",
               stats: torch.Tensor | None = None) -> torch.Tensor:
         """image (N, C, *S) float or mask (N, *S) int64 -> same shape. `stats` (N, C, 4): image-level
         (min, max, mean, std) for intensity ops that use them; defaults to the patch's own."""
-        raise NotImplementedError
 
     def invert(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Map predictions (N, K, *S) of an `apply`-ed input back to the original geometry (identity here)."""

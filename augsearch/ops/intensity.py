@@ -168,7 +168,9 @@ class IntensityOp(Op):
         return _where(value != self.neutral, self._transform(x, value, stats), x)
 
     def _transform(self, x, value, stats):
-        raise NotImplementedError
+        """The op at per-sample values `value` (N,) on every sample; ops that keep `IntensityOp.apply` define it,
+        ops with their own `apply` (blur/sharpen, noise, low resolution) do not need it."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither _transform nor its own apply")
 
 
 class GammaOp(IntensityOp):
