@@ -115,7 +115,6 @@ class JointStep:
     bg_augment_prob: float = 1.0
     tea_views: int = 8
     couple_tea_to_outer: bool = True
-    tea_spatial: Tensor | None = None  # (A,) bool: which TEA pool entries move the label
     regularizers: Callable[[Tensor, Tensor, Tensor], dict[str, float]] | None = None
     stats: StepStats = field(default_factory=StepStats)
 
@@ -151,7 +150,8 @@ class JointStep:
             return centre_crop(batch.image, self.patch_size), centre_crop(batch.mask, self.patch_size)
         ids = self.policy.sample_tea(batch.image.shape[0], generator)
         image = tea_apply(batch.image, ids, len(self.patch_size))
-        mask = tea_apply_mask(batch.mask, ids, self.num_classes, self.tea_spatial.to(ids.device))
+        spatial = torch.tensor([entry.spatial for entry in self.policy.tea_entries], device=ids.device)
+        mask = tea_apply_mask(batch.mask, ids, self.num_classes, spatial)
         return centre_crop(image, self.patch_size), centre_crop(mask, self.patch_size)
 
     # --- the three steps ----------------------------------------------------------------------------------

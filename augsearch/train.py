@@ -198,7 +198,6 @@ class _Run:
             count_normalization=aug.tra.count_normalization, grad_clip=cfg.train.grad_clip,
             reference_signs=aug.reference_signs, bg_augment_prob=loss_cfg.bg_augment_prob,
             tea_views=aug.tea.views, couple_tea_to_outer=aug.tea.learn and aug.tea.augment_outer_batch,
-            tea_spatial=torch.tensor([entry.spatial for entry in tea_pool(cfg.dims)]),
             regularizers=self._regularizer_steps() if self.optimizer is not None else None,
         )
         self.epoch = 0

@@ -67,7 +67,6 @@ def _case(dims: int, args: argparse.Namespace, device) -> dict[str, Any]:
             outer_loss=lambda logits, y: batch_loss(logits, y, "ce_dice", [1, 2]),
             patch_size=patch, num_classes=3, fg_classes=[1, 2], tea_fg_classes=[1, 2],
             meta_backend=backend or "jvp", tea_views=args.tea_views,
-            tea_spatial=torch.tensor([e.spatial for e in pool]),
         )
         return step, policy
 
