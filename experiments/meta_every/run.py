@@ -3,7 +3,7 @@
 The search is the planted flip_x search (experiments/planted/flip_x.toml), where the quality of a learned policy is
 known: the foreground group's P(flip_x) should end first among the ops, and the segmenter should find the lesion on
 the mirrored validation cases. For each k, one run learns TRA and TEA with the meta-step and the TEA step every k
-iterations for 100 * k iterations (so every k sees the same 100 meta-steps at the same TRA and TEA rates), and one
+iterations for 100 * k iterations (so every k sees about 100 meta-steps at the same TRA and TEA rates), and one
 run trains the same number of iterations under the fixed initial policy (no meta-step, no TEA step): the plain
 training it is timed against. All start from the same plain segmenter (experiments/planted/plain_flip_x.toml).
 
