@@ -15,6 +15,7 @@ the same noise on any device and no generator state is consumed at apply time.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -149,7 +150,11 @@ def low_resolution(x: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
 
 
 class IntensityOp(Op):
-    """Shared parts: one scalar param per sample, labels untouched, inverse = identity."""
+    """Shared parts: labels untouched, inverse = identity, samples whose params mean "off" returned unchanged.
+
+    By default one scalar param per sample, "off" at `neutral`; an op with more params says when it is on in
+    `_active`.
+    """
 
     n_params = 1
     neutral = 1.0  # the param value that means "off"
@@ -164,27 +169,29 @@ class IntensityOp(Op):
         _check_image(self, x, target)
         if target == "mask":
             return x
-        value = params[:, 0]
-        return _where(value != self.neutral, self._transform(x, value, stats), x)
+        return _where(self._active(params), self._transform(x, params, stats), x)
 
-    def _transform(self, x, value, stats):
-        """The op at per-sample values `value` (N,) on every sample; ops that keep `IntensityOp.apply` define it,
-        ops with their own `apply` (blur/sharpen, noise, low resolution) do not need it."""
-        raise NotImplementedError(f"{type(self).__name__} defines neither _transform nor its own apply")
+    def _active(self, params: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: samples the op changes."""
+        return params[:, 0] != self.neutral
+
+    @abc.abstractmethod
+    def _transform(self, x: torch.Tensor, params: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
+        """The op with per-sample `params` (N, n_params) applied to every sample of x (N, C, *S)."""
 
 
 class GammaOp(IntensityOp):
     """x -> power law with exponent gamma; params (N, 1): gamma (1 = off)."""
 
-    def _transform(self, x, value, stats):
-        return gamma_transform(x, value, stats)
+    def _transform(self, x, params, stats):
+        return gamma_transform(x, params[:, 0], stats)
 
 
 class InverseGammaOp(IntensityOp):
     """Gamma of the negated image, negated back; params (N, 1): gamma (1 = off)."""
 
-    def _transform(self, x, value, stats):
-        return -gamma_transform(-x, value, _negated_stats(stats))
+    def _transform(self, x, params, stats):
+        return -gamma_transform(-x, params[:, 0], _negated_stats(stats))
 
 
 class ShiftOp(IntensityOp):
@@ -195,23 +202,23 @@ class ShiftOp(IntensityOp):
     def _params(self, bins, mag, sign, generator):
         return (sign * mag).unsqueeze(1)
 
-    def _transform(self, x, value, stats):
-        return x + value.view(spatial_view(x)).to(x.dtype)
+    def _transform(self, x, params, stats):
+        return x + params[:, 0].view(spatial_view(x)).to(x.dtype)
 
 
 class ScaleIntensityOp(IntensityOp):
     """x * factor; params (N, 1): factor (1 = off)."""
 
-    def _transform(self, x, value, stats):
-        return x * value.view(spatial_view(x)).to(x.dtype)
+    def _transform(self, x, params, stats):
+        return x * params[:, 0].view(spatial_view(x)).to(x.dtype)
 
 
 class ContrastOp(IntensityOp):
     """(x - mean) * factor + mean, clipped to [min, max] (image-level); params (N, 1): factor (1 = off)."""
 
-    def _transform(self, x, value, stats):
+    def _transform(self, x, params, stats):
         lo, hi, mean, _ = _stats(x, stats)
-        y = (x - mean) * value.view(spatial_view(x)).to(x.dtype) + mean
+        y = (x - mean) * params[:, 0].view(spatial_view(x)).to(x.dtype) + mean
         return torch.minimum(torch.maximum(y, lo), hi)
 
 
@@ -226,16 +233,15 @@ class BlurSharpenOp(IntensityOp):
         mode = torch.where(bins == 0, 0.0, torch.where(bins <= n_blur, 1.0, -1.0))
         return torch.stack([mag, mode], dim=1)
 
-    def apply(self, x, params, target="image", stats=None):
-        _check_image(self, x, target)
-        if target == "mask":
-            return x
+    def _active(self, params):
+        return params[:, 1] != 0
+
+    def _transform(self, x, params, stats):
         sigma, mode = params[:, 0], params[:, 1]
         blurred = gaussian_blur(x, sigma)
         lo, hi, _, _ = _stats(x, stats)
         sharpened = torch.minimum(torch.maximum(x - laplacian(blurred), lo), hi)
-        out = torch.where((mode > 0).view(spatial_view(x)), blurred, sharpened)
-        return _where(mode != 0, out, x)
+        return torch.where((mode > 0).view(spatial_view(x)), blurred, sharpened)
 
 
 class NoiseOp(IntensityOp):
@@ -251,13 +257,12 @@ class NoiseOp(IntensityOp):
             seed = torch.where(bins == 0, 0.0, seed)  # bin 0 has one canonical params row
         return torch.stack([mag, seed], dim=1)
 
-    def apply(self, x, params, target="image", stats=None):
-        _check_image(self, x, target)
-        if target == "mask":
-            return x
-        sigma = params[:, 0]
+    def _active(self, params):
+        return params[:, 0] != 0
+
+    def _transform(self, x, params, stats):
         noise = hash_normal(params[:, 1], tuple(x.shape[1:])).to(x.dtype)
-        return _where(sigma != 0, x + sigma.view(spatial_view(x)).to(x.dtype) * noise, x)
+        return x + params[:, 0].view(spatial_view(x)).to(x.dtype) * noise
 
 
 class LowResolutionOp(IntensityOp):
@@ -266,5 +271,5 @@ class LowResolutionOp(IntensityOp):
     def _params(self, bins, mag, sign, generator):
         return torch.where(bins == 0, 1.0, mag).unsqueeze(1)
 
-    def _transform(self, x, value, stats):
-        return low_resolution(x, value)
+    def _transform(self, x, params, stats):
+        return low_resolution(x, params[:, 0])
