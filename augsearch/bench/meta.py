@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from augsearch.errors import AugsearchError
+
 SIZES = {  # (dims, quick) -> patch size, batch size (train and validation), U-Net width, depth
     (2, False): ([128, 128], 8, 16, 4),
     (3, False): ([64, 64, 64], 2, 16, 4),
@@ -20,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", nargs="+", type=int, default=[2, 3])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tea-views", type=int, default=8)
+    parser.add_argument("--patch", nargs="+", type=int, default=None,
+                        help="patch size overriding the default of each --dims (one edge per axis)")
+    parser.add_argument("--batch-size", type=int, default=None, help="train and validation batch size override")
 
 
 def _random_batch(patch: list[int], batch: int, margin: int, device, generator):
@@ -48,6 +53,11 @@ def _case(dims: int, args: argparse.Namespace, device) -> dict[str, Any]:
     from augsearch.policy import make_policy
 
     patch, batch_size, width, depth = SIZES[(dims, args.quick)]
+    if args.patch is not None:
+        if len(args.patch) != dims:
+            raise AugsearchError(f"--patch has {len(args.patch)} edges for a {dims}D case; give {dims}, or one --dims")
+        patch = list(args.patch)
+    batch_size = args.batch_size or batch_size
     labels = {"background": 0, "organ": 1, "lesion": 2}
     rare = torch.tensor([False, True, True], device=device)
     loss_cfg = LossConfig()
