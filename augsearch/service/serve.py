@@ -41,6 +41,7 @@ import threading
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -400,13 +401,17 @@ class LoadedModel:
 
 @serve.deployment
 class Segmenter:
-    """Replicas that predict; every export is a multiplexed model id. One prediction at a time per replica."""
+    """Replicas that predict; every export is a multiplexed model id.
+
+    Predictions run one at a time on one worker thread of the replica: that bounds memory to one volume, gives
+    torch's threads to it, and keeps the event loop free for health checks and model loads.
+    """
 
     def __init__(self, models: list[ModelInfo], models_per_replica: int, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
         infos = {info.id: info for info in models}
         device = resolve_device("auto")
-        self._lock = asyncio.Lock()  # bounds memory and keeps torch's threads to one volume
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
 
         async def load(model_id: str) -> LoadedModel:
             return await asyncio.to_thread(LoadedModel, infos[model_id], device)
@@ -421,8 +426,7 @@ class Segmenter:
         """The prediction, or a refused request as RequestError.as_dict() (plain data crosses replicas intact)."""
         try:
             model = await self._model(serve.get_multiplexed_model_id())
-            async with self._lock:
-                return await asyncio.to_thread(model.predict, upload, options)
+            return await asyncio.get_running_loop().run_in_executor(self._worker, model.predict, upload, options)
         except RequestError as err:
             return err.as_dict()
         except AugsearchError as err:  # the export changed on disk after the service started
