@@ -6,7 +6,7 @@
    the same function in a warm process, both on one CPU thread like one Serve replica.
 3. Whether batching windows across requests could help: the segmenter's time per sliding window at growing batch
    sizes (one prediction already batches its windows, all TTA views together, by 8).
-4. `augsearch serve EXPORT` (one replica, one CPU), sequential requests, then CLIENTS concurrent clients x REQUESTS
+4. `augsearch serve EXPORT` (one replica, one CPU), single requests, then CLIENTS concurrent clients x REQUESTS
    requests each, bounded by a per-request timeout and a deadline; the RSS of the Serve processes before and after.
 5. SIGTERM, then a check that no process of the service is left.
 
@@ -56,54 +56,63 @@ def make_export(work: Path) -> tuple[Path, Path]:
     return export, volume
 
 
-def cli_times(export: Path, volume: Path, out: Path, repeats: int = 3) -> dict:
-    """`augsearch predict` on the volume: command wall time, and per-case time in a warm process (1 thread)."""
-    import torch
-
-    from augsearch.predict import predict_files
-
+def command_times(export: Path, volume: Path, out: Path, device: str, repeats: int = 3) -> dict:
+    """Wall time of the `augsearch predict` command on the volume (process start and imports included)."""
     wall = []
     for i in range(repeats):
         start = time.perf_counter()
         augsearch("predict", "--model", str(export / "checkpoint.pt"), "--policy", str(export / "policy.json"),
-                  "--input", str(volume), "--output", str(out / f"cli_{i}"), "--device", "cpu",
+                  "--input", str(volume), "--output", str(out / f"cli_{i}"), "--device", device,
                   stdout=subprocess.DEVNULL)
         wall.append(time.perf_counter() - start)
+    return {"command_wall_s": wall, "command_wall_median_s": statistics.median(wall)}
+
+
+def warm_predict(export: Path, volume: Path, out: Path, device: str):
+    """A callable timing `predict_files` (what `augsearch predict` runs) on the volume in this process, 1 thread."""
+    import torch
+
+    from augsearch.predict import predict_files
+
     torch.set_num_threads(1)
-    load_avg = os.getloadavg()[0]
-    warm = []
-    for i in range(repeats + 1):
+    runs = iter(range(10**6))
+
+    def once() -> float:
         start = time.perf_counter()
-        predict_files(export / "checkpoint.pt", volume, out / f"warm_{i}", policy=export / "policy.json",
-                      device="cpu", progress=False)
-        warm.append(time.perf_counter() - start)
-    return {"command_wall_s": wall, "command_wall_median_s": statistics.median(wall),
-            "warm_process_s": warm[1:], "warm_process_median_s": statistics.median(warm[1:]),
-            "machine_load_avg_1m": [load_avg, os.getloadavg()[0]]}
+        predict_files(export / "checkpoint.pt", volume, out / f"warm_{next(runs)}", policy=export / "policy.json",
+                      device=device, progress=False)
+        return time.perf_counter() - start
+
+    once()  # imports and first-call setup are the command's cost, not the per-case time
+    return once
 
 
-def window_batching(export: Path, batches=(1, 4, 8, 16, 32), repeats: int = 3) -> dict:
-    """ms per sliding window of the export's segmenter by batch size (1 thread, CPU)."""
+def window_batching(export: Path, batches=(1, 4, 8, 16, 32), repeats: int = 3, device: str = "cpu") -> dict:
+    """ms per sliding window of the export's segmenter by batch size (CPU: one thread)."""
     import torch
 
     from augsearch.checkpoint import build_model, load_checkpoint
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(export / "checkpoint.pt")
-    model = build_model(ckpt)
+    model = build_model(ckpt).to(device)
     patch = ckpt["patch_size"]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = {}
     with torch.inference_mode():
         for batch in batches:
-            x = torch.randn(batch, int(ckpt["model_config"]["in_channels"]), *patch)
+            x = torch.randn(batch, int(ckpt["model_config"]["in_channels"]), *patch, device=device)
             model(x)
             times = []
             for _ in range(repeats):
+                sync()
                 start = time.perf_counter()
                 model(x)
+                sync()
                 times.append(time.perf_counter() - start)
             rows[str(batch)] = 1000 * statistics.median(times) / batch
-    return {"patch_size": patch, "ms_per_window": rows}
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu, 1 thread"
+    return {"device": name, "patch_size": patch, "ms_per_window": rows}
 
 
 def free_port() -> int:
@@ -224,11 +233,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def run_service(export: Path, volume: Path, work: Path, args: argparse.Namespace) -> dict:
+def run_service(export: Path, volume: Path, work: Path, args: argparse.Namespace, cli_once) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (work / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "augsearch", "serve", str(export), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "augsearch", "serve", str(export), "--port", str(port),
+                             "--gpus-per-replica", str(args.gpus_per_replica)],
                             env=ENV, stdout=log, stderr=subprocess.STDOUT)
     started = time.perf_counter()
     seen: dict[int, str] = {}
@@ -250,7 +260,11 @@ def run_service(export: Path, volume: Path, work: Path, args: argparse.Namespace
         predict_url = f"{url}/v1/models/export/predict"
         body = volume.read_bytes()
         memory_ready = serve_memory(proc.pid)
-        sequential = [post(predict_url, body, args.timeout) for _ in range(3)]
+        # Served request and CLI per-case time in turns: the machine's other load hits both alike.
+        sequential, cli_warm = [], []
+        for _ in range(args.pairs):
+            sequential.append(post(predict_url, body, args.timeout))
+            cli_warm.append(cli_once())
         if any(status != 200 for status, _, _ in sequential):
             raise SystemExit(f"sequential requests failed: {[(s, a) for s, _, a in sequential if s != 200]}")
         (work / "served.nii.gz").write_bytes(sequential[0][2])
@@ -273,7 +287,9 @@ def run_service(export: Path, volume: Path, work: Path, args: argparse.Namespace
         time.sleep(0.5)
     return {
         "ready_after_s": ready_s,
-        "sequential_latency_s": [s for _, s, _ in sequential],
+        "paired": {"served_s": [s for _, s, _ in sequential], "cli_per_case_s": cli_warm,
+                   "served_median_s": statistics.median(s for _, s, _ in sequential),
+                   "cli_per_case_median_s": statistics.median(cli_warm)},
         "load": result,
         "rss_mb": {"ready": memory_ready, "before_load": memory_before, "after_load": memory_after},
         "shutdown": {"exit_code": code, "processes_seen": len(seen),
@@ -313,26 +329,30 @@ def write_readme(results: dict, path: Path) -> None:
     replicas = {k: v for k, v in rss["after_load"].items() if "Segmenter" in k}
     before = {k: v for k, v in rss["before_load"].items() if "Segmenter" in k}
     windows = results["window_batching"]["ms_per_window"]
-    seq = results["service"]["sequential_latency_s"]
-    after = results["cli_after_service"]
+    gpu = f" and {results['gpus_per_replica']:g} GPU" if results["gpus_per_replica"] else ""
+    on_gpu = f", on {results['window_batching']['device']}" if results["gpus_per_replica"] else ""
+    paired = results["service"]["paired"]
     trace = load_["segmenter_rss_trace"]
     quarters = [trace[max(0, round(q * len(trace)) - 1)] for q in (0.25, 0.5, 0.75, 1.0)] if trace else []
     lines = [
         "# Learned-TTA endpoint: bounded load test",
         "",
         f"`python experiments/serve/load_test.py` on {results['date']}, commit {results['commit']}, "
-        f"{results['machine']['cpu']} ({results['machine']['cores']} cores, shared), torch "
-        f"{results['machine']['torch']}, Ray {results['machine']['ray']}. Model: `experiments/serve/model3d.toml` "
-        f"(3D U-Net, {results['views']} learned TTA views), volume {results['volume']['name']} "
-        f"{results['volume']['shape']}. One Segmenter replica with one CPU; `augsearch predict` on one thread too.",
+        f"{results['machine']['cpu']} ({results['machine']['cores']} cores), torch {results['machine']['torch']}, "
+        f"Ray {results['machine']['ray']}. Model: `experiments/serve/model3d.toml` (3D U-Net, {results['views']} "
+        f"learned TTA views), volume {results['volume']['name']} {results['volume']['shape']}. One Segmenter "
+        f"replica with one CPU{gpu}; `augsearch predict` on one thread too{on_gpu}. "
+        "The served and CLI per-case times are taken in turns, so that the machine's other load (load average "
+        "below) hits both alike.",
         "",
         "| measure | value |",
         "|---|---|",
         f"| `augsearch predict` command, one case (process start included), median of "
         f"{len(cli['command_wall_s'])} | {cli['command_wall_median_s']:.2f} s |",
-        f"| `augsearch predict` per case in a warm process, median, before / after the service | "
-        f"{cli['warm_process_median_s']:.2f} / {after['warm_process_median_s']:.2f} s |",
-        f"| served, one request at a time (3 requests) | {', '.join(f'{s:.2f}' for s in seq)} s |",
+        f"| `augsearch predict` per case in a warm process, median of {len(paired['cli_per_case_s'])} | "
+        f"{paired['cli_per_case_median_s']:.2f} s ({', '.join(f'{s:.2f}' for s in paired['cli_per_case_s'])}) |",
+        f"| served, one request at a time, in turns with the line above, median | "
+        f"{paired['served_median_s']:.2f} s ({', '.join(f'{s:.2f}' for s in paired['served_s'])}) |",
         f"| load: {load_['clients']} clients x {load_['requests_per_client']} requests | {load_['succeeded']} "
         f"succeeded, {load_['failed']} failed, {load_['not_sent_by_deadline']} not sent |",
         f"| latency p50 / p95 / max under load | {load_['latency_p50_s']:.2f} / {load_['latency_p95_s']:.2f} / "
@@ -366,20 +386,22 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "serve-load")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=25)
+    parser.add_argument("--pairs", type=int, default=5, help="served vs CLI per-case timings, in turns")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--deadline", type=float, default=1800.0, help="no new request after this many seconds")
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0,
+                        help="> 0: the replica, `augsearch predict` and the batching probe run on CUDA")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
     export, volume = make_export(args.work)
     scratch = args.work / "predict"
     shutil.rmtree(scratch, ignore_errors=True)
-    cli = cli_times(export, volume, scratch)
-    windows = window_batching(export)
-    service = run_service(export, volume, args.work, args)
-    # Again after the service: on a shared machine the other users' load moves every timing.
-    cli_after = cli_times(export, volume, args.work / "predict_after")
+    device = "cuda" if args.gpus_per_replica > 0 else "cpu"
+    cli = command_times(export, volume, scratch, device)
+    windows = window_batching(export, device=device)
+    service = run_service(export, volume, args.work, args, warm_predict(export, volume, scratch, device))
 
     import nibabel as nib
 
@@ -388,15 +410,15 @@ def main() -> None:
     per_window = windows["ms_per_window"]
     gain = per_window["8"] / min(per_window["16"], per_window["32"])
     decision = (f"Going from batch 8 (one request's batches) to 16-32 (two to four requests' windows together) "
-                f"changes the time per window by a factor {gain:.2f}; "
-                + ("batching across requests would pay here, so it is worth adding." if gain > 1.15 else
-                   "that is no gain worth a batching queue, so the endpoint does not batch across requests "
-                   "(one request's windows are already batched, all views together)."))
+                f"divides the time per window by {gain:.2f} on {windows['device']}; "
+                + ("batching across requests would pay on this device." if gain > 1.15 else
+                   "no gain worth a batching queue (one request's windows are already batched, all views "
+                   "together)."))
     results = {
-        "date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
+        "gpus_per_replica": args.gpus_per_replica, "date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
         "volume": {"name": volume.name, "shape": list(nib.load(str(volume)).shape), "bytes": volume.stat().st_size},
         "views": load_policy(export / "policy.json").tea_top_k,
-        "cli": cli, "cli_after_service": cli_after, "window_batching": windows, "batching_decision": decision, "service": service,
+        "cli": cli, "window_batching": windows, "batching_decision": decision, "service": service,
         "served_equals_cli": same_segmentation(args.work / "served.nii.gz",
                                                scratch / "cli_0" / volume.name),
     }
