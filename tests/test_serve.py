@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-from augsearch.checkpoint import save_checkpoint
+from augsearch.artifacts.checkpoint import save_checkpoint
 from augsearch.cli import main
 from augsearch.config import PreprocessConfig
 from augsearch.model import UNet, model_config
-from augsearch.policy import make_policy
-from augsearch.policy_io import save_policy
-from augsearch.predict import predict_files
+from augsearch.policy.init import make_policy
+from augsearch.policy.io import save_policy
+from augsearch.predict.files import predict_files
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,3 +347,5 @@ def test_cli_refuses_bad_export_folders(tmp_path, capsys):
     assert "given twice" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "a" / "same"), "--replicas", "0"]) == 2
     assert "--replicas" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "a" / "same"), "--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err

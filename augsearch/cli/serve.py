@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="GPUs per replica, fractions share a GPU (e.g. 0.5); default 0 (CPU)")
     parser.add_argument("--models-per-replica", type=int, default=None,
                         help="models a replica keeps loaded (LRU); default all")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="sliding windows per model call, all TTA views together, as `augsearch predict "
+                        "--batch-size` (default 8); a GPU replica gains from more")
     parser.add_argument("--max-upload-mb", type=float, default=None, help="largest upload in MiB (default 256)")
     parser.add_argument("--max-voxels", type=int, default=None,
                         help="largest volume in voxels, channels included (default 2^25 = 512x512x128)")
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits.from_options(args.max_upload_mb, args.max_voxels)
     options = ServiceOptions(host=args.host, port=args.port, replicas=args.replicas,
                              cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-                             models_per_replica=args.models_per_replica, limits=limits)
+                             models_per_replica=args.models_per_replica, batch_size=args.batch_size,
+                             limits=limits)
     models = load_model_infos(args.exports)
     for info in models:
         print(f"model {info.id}: {info.dims}D, labels {info.labels}, {info.policy_summary}")

@@ -8,8 +8,10 @@ Two deployments form the application:
   hold it. Multiplexing rather than one deployment per model: replicas (and their GPU fractions) are shared by all
   models, so a rarely used model costs no idle replica, and the replica count is one knob for the whole service.
 
-A prediction is `augsearch predict` on the uploaded file: `check_inputs` and `predict_case` of augsearch.predict
-with the CLI's defaults, and the files `write_case` writes, so the served segmentation equals the CLI's.
+A prediction is `augsearch predict` on the uploaded file: `check_inputs` and `predict_case` of
+augsearch.predict.files with the CLI's defaults, and the files `write_case` writes, so the served segmentation equals
+the CLI's. Requests are not batched together: one request's windows are already batched (all TTA views together),
+and on a CPU larger batches do not run faster per window (experiments/serve/README.md).
 
 Routes:
     POST /v1/models/{id}/predict   body: one NIfTI file (.nii or .nii.gz bytes); query: tta=learned|flips|none,
@@ -56,16 +58,16 @@ from fastapi.responses import JSONResponse, Response  # noqa: E402
 from ray import serve  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
-from augsearch.checkpoint import CHECKPOINT_NAME, build_model, load_checkpoint  # noqa: E402
-from augsearch.controller import ray_session  # noqa: E402
-from augsearch.data.dataset import DatasetError  # noqa: E402
+from augsearch.artifacts.checkpoint import build_model, load_checkpoint  # noqa: E402
+from augsearch.artifacts.layout import CHECKPOINT_NAME, POLICY_NAME  # noqa: E402
 from augsearch.devices import resolve_device  # noqa: E402
-from augsearch.errors import AugsearchError  # noqa: E402
-from augsearch.export import POLICY_NAME  # noqa: E402
+from augsearch.errors import AugsearchError, DatasetError  # noqa: E402
 from augsearch.ops.tea import tea_pool  # noqa: E402
-from augsearch.policy_io import policy_from_file_or_preset, read_policy_document  # noqa: E402
-from augsearch.predict import InputCase, check_inputs, predict_case, write_case  # noqa: E402
-from augsearch.tta import selected_views  # noqa: E402
+from augsearch.policy.io import read_policy_document  # noqa: E402
+from augsearch.policy.presets import policy_from_file_or_preset  # noqa: E402
+from augsearch.predict.files import InputCase, check_inputs, predict_case, write_case  # noqa: E402
+from augsearch.predict.tta import selected_views  # noqa: E402
+from augsearch.tune.ray_tune import ray_session  # noqa: E402
 
 APP_NAME = "augsearch"
 TTA_MODES = ("learned", "flips", "none")
@@ -365,8 +367,8 @@ class LoadedModel:
         self.model = build_model(self.ckpt).to(device)
         self.policies = tta_policies(path, info.dims, info.labels)
 
-    def predict(self, upload: Upload, options: PredictOptions) -> Prediction:
-        """`augsearch predict` of the upload with this model (CLI defaults), its files read back."""
+    def predict(self, upload: Upload, options: PredictOptions, batch_size: int) -> Prediction:
+        """`augsearch predict --batch-size BATCH_SIZE` of the upload with this model, its files read back."""
         with tempfile.TemporaryDirectory(prefix="augsearch-serve-") as tmp:
             source = Path(tmp) / ("upload.nii.gz" if upload.compressed else "upload.nii")
             source.write_bytes(upload.data)
@@ -375,7 +377,8 @@ class LoadedModel:
             try:
                 check_inputs([case], self.info.dims, self.info.in_channels)
                 prediction = predict_case(self.model, self.ckpt, case, policy, top_k=options.top_k,
-                                          device=self.device, uncertainty=options.uncertainty)
+                                          batch_size=batch_size, device=self.device,
+                                          uncertainty=options.uncertainty)
             except DatasetError as err:
                 raise RequestError(422, f"the volume cannot be predicted: {err.fix}", err.expected,
                                    err.found) from None
@@ -407,8 +410,9 @@ class Segmenter:
     torch's threads to it, and keeps the event loop free for health checks and model loads.
     """
 
-    def __init__(self, models: list[ModelInfo], models_per_replica: int, threads: int) -> None:
+    def __init__(self, models: list[ModelInfo], models_per_replica: int, threads: int, batch_size: int) -> None:
         torch.set_num_threads(max(1, threads))
+        self._batch_size = batch_size
         infos = {info.id: info for info in models}
         device = resolve_device("auto")
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
@@ -426,7 +430,8 @@ class Segmenter:
         """The prediction, or a refused request as RequestError.as_dict() (plain data crosses replicas intact)."""
         try:
             model = await self._model(serve.get_multiplexed_model_id())
-            return await asyncio.get_running_loop().run_in_executor(self._worker, model.predict, upload, options)
+            return await asyncio.get_running_loop().run_in_executor(self._worker, model.predict, upload, options,
+                                                                    self._batch_size)
         except RequestError as err:
             return err.as_dict()
         except AugsearchError as err:  # the export changed on disk after the service started
@@ -540,7 +545,8 @@ class ServiceOptions:
     """How the service runs: where it listens, replicas and their resources, request bounds.
 
     replicas: an int, or "auto" (Serve's autoscaling). models_per_replica: the multiplexing LRU size (None: every
-    model stays loaded).
+    model stays loaded). batch_size: sliding windows per model call, all views together (`augsearch predict
+    --batch-size`); a GPU replica gains from more (experiments/serve/README.md); results differ by float rounding at most.
     """
 
     host: str = "127.0.0.1"
@@ -549,6 +555,7 @@ class ServiceOptions:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     models_per_replica: int | None = None
+    batch_size: int = 8
     limits: Limits = field(default_factory=Limits)
 
     def check(self) -> None:
@@ -557,6 +564,8 @@ class ServiceOptions:
         if self.cpus_per_replica <= 0 or self.gpus_per_replica < 0:
             raise ServeError(f"--cpus-per-replica must be > 0 and --gpus-per-replica >= 0, got "
                              f"{self.cpus_per_replica} and {self.gpus_per_replica}")
+        if self.batch_size < 1:
+            raise ServeError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.models_per_replica is not None and self.models_per_replica < 1:
             raise ServeError(f"--models-per-replica must be >= 1, got {self.models_per_replica}")
         if self.limits.max_upload_bytes < 1 or self.limits.max_voxels < 1:
@@ -568,7 +577,8 @@ def build_app(models: list[ModelInfo], options: ServiceOptions) -> Any:
     segmenter = Segmenter.options(
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
-    ).bind(models, options.models_per_replica or len(models), math.ceil(options.cpus_per_replica))
+    ).bind(models, options.models_per_replica or len(models), math.ceil(options.cpus_per_replica),
+           options.batch_size)
     return Endpoint.bind(segmenter, models, options.limits)
 
 

@@ -72,7 +72,7 @@ def warm_predict(export: Path, volume: Path, out: Path, device: str):
     """A callable timing `predict_files` (what `augsearch predict` runs) on the volume in this process, 1 thread."""
     import torch
 
-    from augsearch.predict import predict_files
+    from augsearch.predict.files import predict_files
 
     torch.set_num_threads(1)
     runs = iter(range(10**6))
@@ -91,7 +91,7 @@ def window_batching(export: Path, batches=(1, 4, 8, 16, 32), repeats: int = 3, d
     """ms per sliding window of the export's segmenter by batch size (CPU: one thread)."""
     import torch
 
-    from augsearch.checkpoint import build_model, load_checkpoint
+    from augsearch.artifacts.checkpoint import build_model, load_checkpoint
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(export / "checkpoint.pt")
@@ -405,7 +405,7 @@ def main() -> None:
 
     import nibabel as nib
 
-    from augsearch.policy_io import load_policy
+    from augsearch.policy.io import load_policy
 
     per_window = windows["ms_per_window"]
     gain = per_window["8"] / min(per_window["16"], per_window["32"])
