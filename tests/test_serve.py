@@ -130,12 +130,12 @@ def service(tmp_path_factory):
     log = (tmp / "serve.log").open("w")
     proc = subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     ray_pids: dict[int, str] = {}
     try:
         while True:
             assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the service did not become ready within 120 s"
+            assert time.monotonic() < deadline, "the service did not become ready within 300 s"
             ray_pids.update({p: c for p, c in descendants(proc.pid).items() if "raylet" in c or "gcs_server" in c})
             try:
                 if request(f"{url}/readyz", timeout=10)[0] == 200:

@@ -115,6 +115,58 @@ def window_batching(export: Path, batches=(1, 4, 8, 16, 32), repeats: int = 3, d
     return {"device": name, "patch_size": patch, "ms_per_window": rows}
 
 
+def request_anatomy(export: Path, volume: Path, device: str, repeats: int = 3) -> dict:
+    """One case's `predict_case` in three parts (medians of `repeats`, ms): the segmenter's forward calls (and how
+    many windows went through them), the rest of `predict_tta` (TTA transforms, window weighting), and the part
+    outside `predict_tta` (read, preprocess, resample back), which runs on the CPU whatever the device."""
+    import torch
+
+    import augsearch.predict.files as files
+    from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+    from augsearch.policy.presets import policy_from_file_or_preset
+
+    torch.set_num_threads(1)
+    ckpt = load_checkpoint(export / "checkpoint.pt")
+    model = build_model(ckpt).to(device)
+    policy = policy_from_file_or_preset(export / "policy.json", int(ckpt["model_config"]["dims"]), ckpt["label_names"])
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    state = {"windows": 0, "model_s": 0.0, "tta_s": 0.0, "start": 0.0}
+
+    def before(module, inputs):
+        sync()
+        state["start"] = time.perf_counter()
+
+    def after(module, inputs, output):
+        sync()
+        state["model_s"] += time.perf_counter() - state["start"]
+        state["windows"] += inputs[0].shape[0]
+
+    def timed_tta(*args, **kwargs):
+        start = time.perf_counter()
+        result = real_tta(*args, **kwargs)
+        sync()
+        state["tta_s"] += time.perf_counter() - start
+        return result
+
+    model.register_forward_pre_hook(before)
+    model.register_forward_hook(after)
+    real_tta, files.predict_tta = files.predict_tta, timed_tta
+    rows = []
+    try:
+        for _ in range(repeats + 1):
+            state.update(windows=0, model_s=0.0, tta_s=0.0)
+            start = time.perf_counter()
+            files.predict_case(model, ckpt, files.InputCase("case", (volume,)), policy, device=torch.device(device))
+            total = time.perf_counter() - start
+            rows.append((state["windows"], state["model_s"], state["tta_s"] - state["model_s"],
+                         total - state["tta_s"]))
+    finally:
+        files.predict_tta = real_tta
+    rows = rows[1:]
+    return {"windows": rows[0][0], **{key: 1000 * statistics.median(r[i] for r in rows) for i, key in
+                                      ((1, "model_ms"), (2, "tta_other_ms"), (3, "outside_tta_ms"))}}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -322,6 +374,27 @@ def commit() -> str:
     return head.strip() + ("+changes" if dirty else "")
 
 
+def gpu_probe_lines(results: dict) -> list[str]:
+    """A paragraph on gpu_window_batching.json (the same per-window timing on a GPU), when this folder has it."""
+    probe_path = HERE / "gpu_window_batching.json"
+    if results["gpus_per_replica"] or not probe_path.is_file():
+        return []
+    probe = json.loads(probe_path.read_text())
+    ms = probe["ms_per_window"]
+    windows = results["request_anatomy"]["windows"]
+    return [
+        f"On a GPU ({probe['device']}, `gpu_window_batching.json`, {probe['date']}) the same model takes "
+        + ", ".join(f"{b}: {v:.3f}" for b, v in ms.items())
+        + f" ms per window by batch size: batches of 32 are {ms['8'] / ms['32']:.1f}x faster per window than "
+        f"batches of 8, but one request of this volume has {windows} windows, so at batch 8 its model time is "
+        f"{windows * ms['8']:.0f} ms and batching across requests could save at most "
+        f"{windows * (ms['8'] - ms['32']):.0f} ms of it, against {results['request_anatomy']['outside_tta_ms']:.0f} ms per request "
+        "of reading, preprocessing and resampling back, which run on the CPU whatever the device (measured here). The endpoint's `--batch-size` takes the per-window "
+        "gain without a queue across requests. The full load test did not run on that machine (it lacked Ray).",
+        "",
+    ]
+
+
 def write_readme(results: dict, path: Path) -> None:
     load_ = results["service"]["load"]
     cli = results["cli"]
@@ -364,6 +437,10 @@ def write_readme(results: dict, path: Path) -> None:
         + " / ".join(f"{row['segmenter_rss_mb']:.0f}" for row in quarters) + " MiB |",
         f"| machine load average (1 min) during the load, start / end | "
         f"{load_['machine_load_avg_1m'][0]:.1f} / {load_['machine_load_avg_1m'][1]:.1f} |",
+        f"| one case in `predict_case`: windows through the segmenter; ms in it, in the rest of TTA, outside TTA "
+        f"(read, preprocess, resample back) | {results['request_anatomy']['windows']}; "
+        f"{results['request_anatomy']['model_ms']:.0f}, {results['request_anatomy']['tta_other_ms']:.0f}, "
+        f"{results['request_anatomy']['outside_tta_ms']:.0f} |",
         f"| served segmentation equals `augsearch predict` | {results['served_equals_cli']} |",
         f"| after SIGTERM: exit code, processes left | {results['service']['shutdown']['exit_code']}, "
         f"{len(results['service']['shutdown']['left_running'])} |",
@@ -373,6 +450,7 @@ def write_readme(results: dict, path: Path) -> None:
         + ", ".join(f"{b}: {ms:.1f}" for b, ms in windows.items())
         + ". " + results["batching_decision"],
         "",
+        *gpu_probe_lines(results),
         "Under load the requests queue at the single replica: latency is about the number of requests ahead times "
         "the one-request time, and throughput is one replica's rate. More replicas (`--replicas N`, one CPU or a "
         "GPU fraction each) raise it on a machine with the cores.",
@@ -401,6 +479,7 @@ def main() -> None:
     device = "cuda" if args.gpus_per_replica > 0 else "cpu"
     cli = command_times(export, volume, scratch, device)
     windows = window_batching(export, device=device)
+    anatomy = request_anatomy(export, volume, device)
     service = run_service(export, volume, args.work, args, warm_predict(export, volume, scratch, device))
 
     import nibabel as nib
@@ -418,7 +497,7 @@ def main() -> None:
         "gpus_per_replica": args.gpus_per_replica, "date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
         "volume": {"name": volume.name, "shape": list(nib.load(str(volume)).shape), "bytes": volume.stat().st_size},
         "views": load_policy(export / "policy.json").tea_top_k,
-        "cli": cli, "window_batching": windows, "batching_decision": decision, "service": service,
+        "cli": cli, "request_anatomy": anatomy, "window_batching": windows, "batching_decision": decision, "service": service,
         "served_equals_cli": same_segmentation(args.work / "served.nii.gz",
                                                scratch / "cli_0" / volume.name),
     }
