@@ -52,7 +52,7 @@ def make_export(work: Path) -> tuple[Path, Path]:
     if not (export / "policy.json").is_file():
         augsearch("train", str(CONFIG), "--out", str(work / "run"), "--set", f'data.root="{work / "data"}"')
         augsearch("export", str(work / "run"), "--out", str(export))
-    volume = sorted((work / "data" / "imagesTs").glob("*.nii.gz"))[0]
+    volume = min((work / "data" / "imagesTs").glob("*.nii.gz"))
     return export, volume
 
 
@@ -121,9 +121,9 @@ def request_anatomy(export: Path, volume: Path, device: str, repeats: int = 3) -
     outside `predict_tta` (read, preprocess, resample back), which runs on the CPU whatever the device."""
     import torch
 
-    import augsearch.predict.files as files
     from augsearch.artifacts.checkpoint import build_model, load_checkpoint
     from augsearch.policy.presets import policy_from_file_or_preset
+    from augsearch.predict import files
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(export / "checkpoint.pt")
@@ -368,9 +368,10 @@ def machine() -> dict:
 
 
 def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+                           text=True, check=True).stdout.strip()
     return head.strip() + ("+changes" if dirty else "")
 
 
