@@ -20,6 +20,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 POLICY_NAME = "policy.json"
 MANIFEST_NAME = "search.json"
 SUMMARY_JSON = "summary.json"
+METRICS_NAME = "metrics.jsonl"  # written by train.fit: one JSON line per epoch
 
 
 class ExportError(AugsearchError):
