@@ -63,7 +63,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from augsearch.controller import format_table
+    from augsearch.tune.summary import format_table
     from augsearch.service import jobs
 
     report = jobs.status(args.submission_id, _address(args))

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from augsearch.policy import Policy
+from augsearch.policy.core import Policy
 
 Record = Mapping[str, Any]
 

@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import augsearch
+from augsearch.artifacts.layout import MANIFEST_NAME
 from augsearch.config import ExperimentConfig, config_from_dict
-from augsearch.controller import PATH_KEYS, SearchResult, absolute_paths, new_search, read_manifest, resume_search
 from augsearch.errors import AugsearchError
-from augsearch.export import MANIFEST_NAME
 from augsearch.service.progress import SearchProgress, config_value, search_progress
+from augsearch.tune.search import new_search, read_manifest, resume_search
+from augsearch.tune.space import PATH_KEYS, absolute_paths
+from augsearch.tune.summary import SearchResult
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_OUT = "runs/jobs"

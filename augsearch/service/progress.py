@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from augsearch.controller import FIT_DIR, read_manifest
+from augsearch.artifacts.layout import CHECKPOINT_NAME, CONFIG_NAME, FIT_DIR, METRICS_NAME, SUMMARY_JSON
 from augsearch.errors import AugsearchError
-from augsearch.export import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_JSON, best_trial
-
-RUN_CONFIG_NAME = "config.json"  # written by train.fit beside metrics.jsonl
+from augsearch.tune.export import best_trial
+from augsearch.tune.search import read_manifest
 
 
 class ProgressError(AugsearchError):
@@ -85,7 +84,7 @@ def search_progress(run_dir: Path, *, running: bool = False) -> SearchProgress:
 def _live_row(trial_dir: Path, run_dir: Path, manifest: dict[str, Any], epochs: int, running: bool) -> dict[str, Any]:
     fit_dir = trial_dir / FIT_DIR
     history = read_metrics(fit_dir)
-    config_path = fit_dir / RUN_CONFIG_NAME
+    config_path = fit_dir / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     validated = [record for record in history if manifest["metric"] in record]
     epoch = int(history[-1]["epoch"]) if history else 0

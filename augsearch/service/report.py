@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from augsearch.artifacts.layout import CONFIG_NAME, FIT_DIR, MANIFEST_NAME, METRICS_NAME, POLICY_NAME
 from augsearch.atomic import write_text
 from augsearch.errors import AugsearchError
-from augsearch.controller import FIT_DIR
-from augsearch.export import MANIFEST_NAME, METRICS_NAME, POLICY_NAME
-from augsearch.policy import Policy
-from augsearch.policy_io import load_policy
+from augsearch.policy.core import Policy
+from augsearch.policy.io import load_policy
 from augsearch.service import figures
-from augsearch.service.progress import RUN_CONFIG_NAME, config_value, read_metrics, search_progress
+from augsearch.service.progress import config_value, read_metrics, search_progress
 
 BASELINES_NAME = "results.csv"
 CURVE_PANELS = 4  # validation panels at most, the search metric first
@@ -112,7 +111,7 @@ def _training_run(run_dir: Path) -> _Subject:
         raise ReportError(f"{run_dir} is neither a search folder (no {MANIFEST_NAME}) nor a training run (no "
                           f"{METRICS_NAME}); pass the --out folder of `augsearch search`, `augsearch submit` or "
                           f"`augsearch train`")
-    config_path = run_dir / RUN_CONFIG_NAME
+    config_path = run_dir / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     metric = config_value(config, "search.metric") or "val/dice_rare"
     mode = config_value(config, "search.mode") or "max"
