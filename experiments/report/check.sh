@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The HTML report in a real browser: a small real search (the smoke config, two Ray Tune trials, 12 epochs), its
 # `augsearch report` page with the comparison table's baseline rows, and headless Chromium loading that page:
-# any console message fails the check, and the screenshot goes to experiments/report/screenshot.png.
+# any console message fails the check, and the screenshot (taken once the page has settled: images decoded and
+# painted) goes to experiments/report/screenshot.png.
 # Needs Debian's Chromium: apt-get install -y chromium. A few minutes on a CPU.
 # Usage: bash experiments/report/check.sh [WORK_DIR]   (default runs/report-check; its search folder must be new)
 set -euo pipefail
@@ -15,7 +16,7 @@ augsearch search experiments/smoke.toml --out "$work/search" \
 augsearch report "$work/search" --out "$work/report.html" --baselines experiments/comparison/results.csv
 
 "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1200,1600 \
-    --enable-logging=stderr --v=0 --screenshot=experiments/report/screenshot.png \
+    --virtual-time-budget=10000 --enable-logging=stderr --v=0 --screenshot=experiments/report/screenshot.png \
     "file://$(realpath "$work/report.html")" 2> "$work/chromium.log"
 if grep -F "CONSOLE" "$work/chromium.log"; then
     echo "the report logged to the browser console (above); full log: $work/chromium.log" >&2
