@@ -6,9 +6,9 @@ RUN_DIR` as the job's entrypoint, with `driver_cpus` CPUs reserved for that driv
 
 The submission id is derived from the config's sha256 and the name, and the run folder from the id, so submitting the
 same search again finds the same folder: `drive` resumes the search there (Tune restore: finished trials stay as they
-are, the others continue from their last checkpoints). Ray never reuses a submission id, so a resubmission after a
-stopped or failed job gets the suffix -r2, -r3, ...; while a job of the search is still pending or running, or after
-it succeeded, nothing is submitted.
+are, the others continue from their last checkpoints). Ray refuses a submission id it already holds, so a
+resubmission after a stopped or failed job gets the suffix -r2, -r3, ...; while a job of the search is still pending
+or running, or after it succeeded, nothing is submitted.
 
 The project is either installed on every node (the default) or shipped with the job (`ship_code`: the local
 `augsearch` package as runtime_env `py_modules`; its dependencies must still be installed on the nodes).
