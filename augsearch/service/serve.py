@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import signal
 import socket
@@ -47,23 +48,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from ray import serve
-from starlette.exceptions import HTTPException
+# The service starts its own local Ray; Ray keeps every server of it on 127.0.0.1 only when this is set before ray
+# is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from augsearch.artifacts.checkpoint import build_model, load_checkpoint
-from augsearch.artifacts.layout import CHECKPOINT_NAME, POLICY_NAME
-from augsearch.devices import resolve_device
-from augsearch.errors import AugsearchError, DatasetError
-from augsearch.ops.tea import tea_pool
-from augsearch.policy.io import read_policy_document
-from augsearch.policy.presets import policy_from_file_or_preset
-from augsearch.predict.files import InputCase, check_inputs, predict_case, write_case
-from augsearch.predict.tta import selected_views
-from augsearch.tune.ray_tune import ray_session
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
+from ray import serve  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
+
+from augsearch.artifacts.checkpoint import build_model, load_checkpoint  # noqa: E402
+from augsearch.artifacts.layout import CHECKPOINT_NAME, POLICY_NAME  # noqa: E402
+from augsearch.devices import resolve_device  # noqa: E402
+from augsearch.errors import AugsearchError, DatasetError  # noqa: E402
+from augsearch.ops.tea import tea_pool  # noqa: E402
+from augsearch.policy.io import read_policy_document  # noqa: E402
+from augsearch.policy.presets import policy_from_file_or_preset  # noqa: E402
+from augsearch.predict.files import InputCase, check_inputs, predict_case, write_case  # noqa: E402
+from augsearch.predict.tta import selected_views  # noqa: E402
+from augsearch.tune.ray_tune import ray_session  # noqa: E402
 
 APP_NAME = "augsearch"
 TTA_MODES = ("learned", "flips", "none")
