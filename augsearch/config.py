@@ -138,6 +138,10 @@ class TraSearchConfig(_Section):
     backend: Literal["jvp", "higher", "functional", "fd"] = "jvp"
     inner_lr: float | None = Field(None, gt=0, description="Inner SGD step; None uses the segmenter's current lr.")
     baseline: bool = Field(True, description="Centre per-sample meta-gradients within each class group.")
+    baseline_decay: float = Field(
+        0.9, ge=0, lt=1, description="Decay of each group's running mean of meta-gradients over recent steps, the "
+        "baseline of a group with fewer than 2 samples in a batch (its own mean would cancel it: no learning)."
+    )
     count_normalization: bool = Field(True, description="Divide by how many same-group samples chose each bin.")
     outer_loss: Literal["ce_dice", "ce", "dice"] = "ce_dice"
 

@@ -190,7 +190,7 @@ class _Run:
             tra_optimizer=self.tra_optimizer, tea_optimizer=self.tea_optimizer,
             per_sample_loss=train_loss, outer_loss=outer_loss, patch_size=list(patch),
             num_classes=self.num_classes, fg_classes=fg, tea_fg_classes=[1] if aug.tea.class1_only else fg,
-            meta_backend=aug.tra.backend, baseline=aug.tra.baseline,
+            meta_backend=aug.tra.backend, baseline=aug.tra.baseline, baseline_decay=aug.tra.baseline_decay,
             count_normalization=aug.tra.count_normalization, grad_clip=cfg.train.grad_clip,
             reference_signs=aug.reference_signs, bg_augment_prob=loss_cfg.bg_augment_prob,
             tea_views=aug.tea.views, couple_tea_to_outer=aug.tea.learn and aug.tea.augment_outer_batch,
@@ -265,6 +265,8 @@ class _Run:
             with torch.no_grad():
                 self.policy.tra_logits.copy_(saved.tra_logits)
                 self.policy.tea_logits.copy_(saved.tea_logits)
+        if ckpt.get("joint_state") is not None:
+            self.step.load_state_dict(ckpt["joint_state"])
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"])
         self.generator.set_state(rng["generator"])
@@ -319,6 +321,7 @@ def _write_checkpoint(run: _Run, metrics: dict[str, float]) -> Path:
         optimizers={name: opt.state_dict() for name, opt in run._optimizers().items()},
         policy=policy_to_dict(run.policy, _provenance(run, metrics)) if run.policy is not None else None,
         metrics=metrics, generators=run.generator_states(), data_fingerprint=run.data.fingerprint,
+        joint_state=run.step.state_dict(),
     )
 
 
@@ -400,6 +403,7 @@ def fit(
                 "epoch": run.epoch, "step": run.global_step, "lr": lr,
                 "train/loss": float(np.mean(losses)), "time/epoch_s": time.perf_counter() - started,
                 "meta/steps": run.step.stats.meta_steps, "meta/skipped_nonfinite": run.step.stats.meta_skipped_nonfinite,
+                "meta/empty_group_updates": run.step.stats.empty_group_updates,
                 "meta/val_loss": run.step.stats.last_val_loss, "tea/loss": run.step.stats.last_tea_loss,
                 **run.step.stats.extra, **_policy_scalars(run.policy),
             }
