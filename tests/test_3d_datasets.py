@@ -38,3 +38,42 @@ def test_class_specific_search_learns_at_batch_size_two(smoke_root, tmp_path):
         assert not torch.equal(learned.tra_logits[group], start.tra_logits[group]), learned.group_names[group]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["meta/steps"] == 4 and "meta/empty_group_updates" in lines[-1]
+
+
+@pytest.mark.parametrize("patch", [[16, 16, 24], [32, 40, 32]])
+def test_joint_search_step_runs_on_a_non_cubic_patch(patch, tmp_path, capsys):
+    from augsearch.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "meta", "--quick", "--dims", "3", "--patch", *map(str, patch), "--device", "cpu",
+                 "--repeats", "1", "--backends", "jvp", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert result["patch_size"] == patch and result["jvp"]["joint_ms"] > 0
+
+
+def test_every_construction_path_masks_turns_the_patch_cannot_make(tmp_path):
+    from augsearch.ops.geometry import is_turn
+    from augsearch.policy.init import make_policy
+    from augsearch.policy.io import save_policy
+
+    patch = [32, 40, 32]  # x == z: the xz plane is square, the xy and yz planes are not
+    cubic = make_policy(3, LABELS)
+    save_policy(cubic, tmp_path / "cubic.json")
+    built = {
+        "make_policy": make_policy(3, LABELS, patch_size=patch),
+        "preset": policy_from_file_or_preset("nnunet", 3, LABELS, patch_size=patch),
+        "file": policy_from_file_or_preset(tmp_path / "cubic.json", 3, LABELS, patch_size=patch),
+        "with_patch_size": cubic.with_patch_size(patch),
+    }
+    turns = {e.name: e.id for e in cubic.tea_entries if is_turn(e)}
+    assert len(turns) == 9 and bool(cubic.tea_available[list(turns.values())].all())
+    for how, policy in built.items():
+        blocked = {name for name, i in turns.items() if not bool(policy.tea_available[i])}
+        assert blocked == {n for n in turns if "_xz" not in n}, how
+        for op, square in (("rotate_xy", False), ("rotate_yz", False), ("rotate_xz", True)):
+            k = policy.op_names.index(op)
+            rot90 = [b for b, spec in enumerate(policy.op_bins[k]) if "rot90" in spec.label]
+            assert bool(policy.available[k, rot90].all()) == square, (how, op)
+        assert not any(policy.tea_entries[i].name in blocked for i, _ in policy.tea_selected(8)), how
+        ids = policy.sample_tea(500, torch.Generator().manual_seed(0))
+        assert not any(policy.tea_entries[int(i)].name in blocked for i in ids), how
