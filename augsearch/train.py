@@ -26,7 +26,7 @@ from augsearch.augment import required_margin
 from augsearch.config import ExperimentConfig
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import Case, dataset_fingerprint, read_dataset_info
-from augsearch.data.preprocess import complete_preprocess
+from augsearch.data.preprocess import complete_preprocess, describe_normalisation
 from augsearch.data.sampler import Batch, PatchSampler
 from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import ensure_dataset
@@ -68,6 +68,8 @@ class _Data:
     val: list[Case]
     fingerprint: str
     preprocess: dict[str, Any]
+    split: str  # where the split came from and its sizes
+    normalisation: str  # per channel
 
 
 def _load_data(cfg: ExperimentConfig) -> _Data:
@@ -86,8 +88,9 @@ def _load_data(cfg: ExperimentConfig) -> _Data:
     if not val:
         raise AugsearchError(f"no validation cases in {root}; name them with data.split.val or raise val_fraction")
     # Saved with the model, so prediction normalises with the numbers measured here.
-    preprocess = preprocess.model_dump(mode="json")
-    return _Data(dict(info.labels), len(info.channel_names), train, val, dataset_fingerprint(info), preprocess)
+    return _Data(dict(info.labels), len(info.channel_names), train, val, dataset_fingerprint(info),
+                 preprocess.model_dump(mode="json"), splits.describe(),
+                 describe_normalisation(preprocess, info.channel_names))
 
 
 def _rare_labels(cfg: ExperimentConfig, label_names: dict[str, int]) -> list[str]:
@@ -360,6 +363,8 @@ def fit(
     if resume is not None:
         run.restore(load_checkpoint(resume, map_location=run.device))
     write_json(run_dir / "config.json", cfg.to_dict())
+    if progress:
+        print(f"[{cfg.name}] split: {run.data.split}\n[{cfg.name}] normalisation: {run.data.normalisation}", flush=True)
     writer = SummaryWriter(str(run_dir / "tb"))
     t = cfg.train
     aug = cfg.augment

@@ -77,3 +77,105 @@ def test_every_construction_path_masks_turns_the_patch_cannot_make(tmp_path):
         assert not any(policy.tea_entries[i].name in blocked for i, _ in policy.tea_selected(8)), how
         ids = policy.sample_tea(500, torch.Generator().manual_seed(0))
         assert not any(policy.tea_entries[int(i)].name in blocked for i in ids), how
+
+
+# an nnU-Net raw dataset: CT, imagesTs/labelsTs, splits_final.json
+
+
+def _nifti(path, array, spacing=(0.9, 0.9, 2.5)):
+    import nibabel
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(nibabel.Nifti1Image(np.asarray(array), np.diag([*spacing, 1.0])), str(path))
+
+
+@pytest.fixture(scope="module")
+def nnunet_root(tmp_path_factory):
+    """6 training cases (splits_final.json: 2 folds), 2 labelled test cases; one CT channel in HU."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("nnunet") / "Dataset001_Tiny"
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": 6, "file_ending": ".nii.gz"}))
+    for split, cases in (("Tr", [f"tr_{i}" for i in range(6)]), ("Ts", ["ts_0", "ts_1"])):
+        for case in cases:
+            label = np.zeros((20, 18, 12), np.uint8)
+            label[5:14, 4:13, 3:9] = 1
+            label[8:11, 7:10, 5:7] = 2
+            image = rng.normal(-800, 50, label.shape) + 850 * (label > 0) + 60 * (label == 2)
+            _nifti(root / f"images{split}" / f"{case}_0000.nii.gz", image.astype(np.float32))
+            _nifti(root / f"labels{split}" / f"{case}.nii.gz", label)
+    folds = [{"train": ["tr_0", "tr_1", "tr_2", "tr_3"], "val": ["tr_4", "tr_5"]},
+             {"train": ["tr_2", "tr_3", "tr_4", "tr_5"], "val": ["tr_0", "tr_1"]}]
+    (root / "splits_final.json").write_text(json.dumps(folds))
+    return root
+
+
+def test_splits_final_and_labelled_test_folder_are_used_by_default(nnunet_root):
+    from augsearch.config import PreprocessConfig, SplitConfig
+    from augsearch.data.cases import load_cases
+    from augsearch.data.dataset import read_dataset_info
+    from augsearch.data.splits import resolve_splits
+
+    info = read_dataset_info(nnunet_root)
+    splits = resolve_splits(info, SplitConfig())
+    assert (splits.train, splits.val) == (["tr_0", "tr_1", "tr_2", "tr_3"], ["tr_4", "tr_5"])
+    assert (splits.test, splits.test_split) == (["ts_0", "ts_1"], "Ts")
+    assert "splits_final.json fold 0" in splits.describe() and "imagesTs/labelsTs" in splits.describe()
+    assert resolve_splits(info, SplitConfig(fold=1)).val == ["tr_0", "tr_1"]
+    test = load_cases(info, splits.test, PreprocessConfig(), split="Ts")
+    assert [c.case_id for c in test] == ["ts_0", "ts_1"] and all(c.label is not None and c.label.max() == 2
+                                                                   for c in test)
+
+
+def test_ct_channel_gets_ct_normalisation(nnunet_root):
+    from augsearch.config import PreprocessConfig
+    from augsearch.data.dataset import read_dataset_info
+    from augsearch.data.preprocess import complete_preprocess, describe_normalisation
+
+    cfg = complete_preprocess(read_dataset_info(nnunet_root), PreprocessConfig())
+    assert cfg.normalization == "ct" and cfg.ct_clip[0] > -200 and 0 < cfg.ct_mean < 200
+    assert describe_normalisation(cfg, ["CT"]).startswith("channel 0 (CT): CT: clip to")
+
+
+def test_data_check_verifies_labels_ts_and_names_the_split(nnunet_root, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+
+    from augsearch.cli import main
+
+    assert main(["data", "check", str(nnunet_root)]) == 0
+    out = capsys.readouterr().out
+    assert "2 test cases (2 labelled)" in out and "splits_final.json fold 0" in out and "imagesTs/labelsTs" in out
+    broken = tmp_path / "broken"
+    shutil.copytree(nnunet_root, broken)
+    _nifti(broken / "labelsTs" / "ts_1.nii.gz", np.full((20, 18, 12), 7, np.uint8))  # a value not in dataset.json
+    _nifti(broken / "labelsTs" / "ts_9.nii.gz", np.zeros((20, 18, 12), np.uint8))  # a label without its image
+    assert main(["data", "check", str(broken)]) == 1
+    out = capsys.readouterr().out
+    assert "labelsTs/ts_1.nii.gz" in out and "labelsTs/ts_9.nii.gz" in out
+
+
+@pytest.mark.slow
+def test_tta_compare_runs_on_a_dataset_with_images_ts(nnunet_root, tmp_path, capsys):
+    import os
+    import subprocess
+
+    cfg = load_config(SMOKE, [f"{k}={json.dumps(v)}" for k, v in {
+        "data.root": str(nnunet_root), "data.cache_dir": str(tmp_path / "cache"), "train.epochs": 1,
+        "train.iterations": 1, "train.batch_size": 2, "train.val_batch_size": 2, "train.patch_size": [16, 16, 8],
+        "model.depth": 2, "model.base_features": 4, "augment.tea.learn": False, "augment.tea.top_k": 2}.items()])
+    fit(cfg, tmp_path / "run", progress=True)
+    log = capsys.readouterr().out
+    assert "split: " in log and "splits_final.json fold 0" in log and "channel 0 (CT): CT: clip" in log
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run(["bash", str(repo / "experiments" / "tta_compare.sh"), str(tmp_path / "run"),
+                           str(tmp_path / "cmp"), "--device", "cpu"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = (tmp_path / "cmp" / "evaluation.csv").read_text().splitlines()
+    assert {row.split(",")[1] for row in rows[1:]} == {"ts_0", "ts_1"}

@@ -29,7 +29,7 @@ LABELS = {"background": 0, "organ": 1, "lesion": 2}
 def _checkpoint(path, dims, *, in_channels=1, target_spacing=None, patch=None, seed=0):
     torch.manual_seed(seed)
     model = UNet(dims, in_channels, len(LABELS), base_features=4, depth=2)
-    preprocess = PreprocessConfig(target_spacing=target_spacing).model_dump(mode="json")
+    preprocess = PreprocessConfig(normalization="zscore", target_spacing=target_spacing).model_dump(mode="json")
     return save_checkpoint(
         path, model=model, model_config=model_config(model), config={}, label_names=LABELS, preprocess=preprocess,
         patch_size=list(patch or (16,) * dims), epoch=1, step=1, optimizers={}, policy=None, metrics={},
