@@ -179,3 +179,21 @@ def test_tta_compare_runs_on_a_dataset_with_images_ts(nnunet_root, tmp_path, cap
     assert done.returncode == 0, done.stderr
     rows = (tmp_path / "cmp" / "evaluation.csv").read_text().splitlines()
     assert {row.split(",")[1] for row in rows[1:]} == {"ts_0", "ts_1"}
+
+
+def test_evaluate_reads_a_prediction_folder_written_with_uncertainty(nnunet_root, tmp_path, caplog):
+    import shutil
+
+    import numpy as np
+
+    from augsearch.cli import main
+
+    pred = tmp_path / "pred"
+    shutil.copytree(nnunet_root / "labelsTs", pred)  # perfect segmentations
+    _nifti(pred / "ts_0_entropy.nii.gz", np.zeros((20, 18, 12), np.float32))  # a map beside them
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(nnunet_root / "labelsTs"), "--out",
+                 str(tmp_path / "eval.csv")]) == 0
+    assert "ts_0_entropy.nii.gz" in caplog.text and "not segmentations" in caplog.text
+    rows = (tmp_path / "eval.csv").read_text().splitlines()[1:]
+    assert {row.split(",")[1] for row in rows} == {"ts_0", "ts_1"}
+    assert all(float(row.split(",")[3]) == 1.0 for row in rows)

@@ -212,7 +212,7 @@ def predict_tta(
     if win is not None and not pad_to_window and any(s < w for s, w in zip(spatial, win, strict=True)):
         raise TTAError(
             f"the volume {spatial} is smaller than the sliding window {win} on some axis; resample it, predict "
-            "with a smaller window, or allow zero padding (pad_to_window=True, CLI --pad-small)"
+            "with a smaller window, or allow zero padding (pad_to_window=True, as `augsearch predict` does)"
         )
     device = _model_device(model, device)
     ids, weights = selected_views(policy, dims, top_k)
