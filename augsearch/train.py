@@ -7,7 +7,6 @@ No Ray in here: a Ray trial calls `fit` with a callback that reports each valida
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 
 from augsearch.artifacts.checkpoint import load_checkpoint, package_versions, save_checkpoint
 from augsearch.artifacts.layout import CHECKPOINT_NAME, METRICS_NAME, POLICY_NAME
-from augsearch.atomic import write_json
+from augsearch.atomic import dumps_json, write_json
 from augsearch.augment import required_margin
 from augsearch.config import ExperimentConfig
 from augsearch.data.cases import load_cases
@@ -424,7 +423,7 @@ def fit(
                     writer.add_scalar(key, value, run.epoch)
             writer.flush()
             with open(run_dir / METRICS_NAME, "a") as handle:
-                handle.write(json.dumps(metrics) + "\n")
+                handle.write(dumps_json(metrics) + "\n")
             if progress:
                 summary = f" | {run.policy.summary()}" if run.policy is not None and (aug.tra.learn or aug.tea.learn) else ""
                 print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics['train/loss']:.4f} "
