@@ -198,7 +198,7 @@ class JointStep:
         names = self.policy.group_names
         moved = torch.zeros(len(names), device=group.device)
         moved.index_add_(0, group, (grad_weights != 0).any(1).to(moved.dtype))
-        empty = [names[g] for g in range(len(names)) if float(moved[g]) == 0]
+        empty = [name for name, count in zip(names, moved.tolist(), strict=True) if count == 0]
         if not empty:
             return
         before = self.stats.empty_group_updates
