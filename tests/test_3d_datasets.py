@@ -40,6 +40,20 @@ def test_class_specific_search_learns_at_batch_size_two(smoke_root, tmp_path):
     assert lines[-1]["meta/steps"] == 4 and "meta/empty_group_updates" in lines[-1]
 
 
+def test_single_sample_group_is_centred_on_its_running_baseline():
+    from augsearch.learn.meta import centre_and_normalise
+
+    c, groups, bins = torch.tensor([0.3, -0.2]), torch.tensor([0, 1]), torch.zeros(2, 1, dtype=torch.long)
+    # The batch mean of a one-sample group is the sample itself: nothing is left to learn from.
+    assert torch.equal(centre_and_normalise(c, groups, bins), torch.zeros(2, 1))
+    centred = centre_and_normalise(c, groups, bins, running_baseline=torch.tensor([0.1, 0.0]))
+    torch.testing.assert_close(centred, torch.tensor([[0.2], [-0.2]]))
+    # Groups with two or more samples keep their batch mean.
+    two = centre_and_normalise(torch.tensor([0.3, 0.1, 5.0]), torch.tensor([0, 0, 1]), torch.zeros(3, 1).long(),
+                               running_baseline=torch.tensor([9.0, 4.0]), count_normalization=False)
+    torch.testing.assert_close(two, torch.tensor([[0.1], [-0.1], [1.0]]))
+
+
 @pytest.mark.parametrize("patch", [[16, 16, 24], [32, 40, 32]])
 def test_joint_search_step_runs_on_a_non_cubic_patch(patch, tmp_path, capsys):
     from augsearch.cli import main
