@@ -140,6 +140,9 @@ class TraSearchConfig(_Section):
     baseline: bool = Field(True, description="Centre per-sample meta-gradients within each class group.")
     count_normalization: bool = Field(True, description="Divide by how many same-group samples chose each bin.")
     outer_loss: Literal["ce_dice", "ce", "dice"] = "ce_dice"
+    outer_rare_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of the outer-loss batch centred on a rare class (loss.rare_labels); 0 is off."
+    )
     precondition: bool = Field(
         False, description="Inner step and JVP tangent in the segmenter's Adam geometry (P * grad, P * v) instead of SGD's."
     )

@@ -27,7 +27,7 @@ from augsearch.config import ExperimentConfig
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import Case, dataset_fingerprint, read_dataset_info
 from augsearch.data.preprocess import complete_preprocess
-from augsearch.data.sampler import Batch, PatchSampler
+from augsearch.data.sampler import Batch, PatchSampler, concat_batches
 from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.devices import resolve_device
@@ -200,6 +200,18 @@ class _Run:
         self.step = JointStep(runtime, aug, cfg.train, loss_cfg, policy_sync=self.policy_sync)
         self.epoch = 0
         self.global_step = 0
+
+    def outer_batch(self, size: int) -> Batch:
+        """Validation patches of a TRA meta-step; augment.tra.outer_rare_fraction of them centred on a rare class."""
+        share = self.cfg.augment.tra.outer_rare_fraction
+        if share == 0:
+            return self.val_sampler.sample(size, generator=self.val_rng)
+        rare_values = [v for v in range(self.num_classes) if v != 0 and bool(self.rare[v])]
+        n_rare = round(share * size)
+        rare = self.val_sampler.sample(n_rare, fg_fraction=1.0, anchor_classes=rare_values, generator=self.val_rng)
+        if n_rare == size:
+            return rare
+        return concat_batches(rare, self.val_sampler.sample(size - n_rare, generator=self.val_rng))
 
     def _segmenter_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -394,7 +406,7 @@ def fit(
                 batch = run.train_sampler.sample(t.batch_size, generator=run.train_rng)
                 val_batch = tea_batch = None
                 if meta_now and run.tra_optimizer is not None:
-                    val_batch = run.val_sampler.sample(t.val_batch_size, generator=run.val_rng)
+                    val_batch = run.outer_batch(t.val_batch_size)
                 if meta_now and run.tea_optimizer is not None:
                     tea_batch = run.val_sampler.sample(aug.tea.groups_per_step, fg_fraction=1.0, generator=run.val_rng)
                 batch, val_batch, tea_batch = (

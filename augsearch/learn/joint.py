@@ -138,13 +138,7 @@ class JointStep:
         does not matter); with `augment.accumulate` = k they are averaged over k such iterations first.
         """
         image, mask, group, bins, learnable = self.augment(batch, generator)
-        self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            p.grad = None
-        losses = self.runtime.per_sample_loss(self.model(image), mask)
-        loss = losses.mean()
-        loss.backward()
+        params, loss = self._train_backward(image, mask)
         tra_grad = tea_grad = None
         if val_batch is not None:
             tra_grad = self.tra_gradient(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
@@ -160,6 +154,26 @@ class JointStep:
             if self.runtime.regularizers is not None:
                 self.stats.extra.update(self.runtime.regularizers(image, mask, batch.anchor_class))
         return float(loss.detach())
+
+    def _train_backward(self, image: Tensor, mask: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Forward and backward of the training loss in train mode: `.grad` holds the inner gradient."""
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None
+        loss = self.runtime.per_sample_loss(self.model(image), mask).mean()
+        loss.backward()
+        return params, loss
+
+    def meta_gradient_draw(self, batch: Batch, val_batch: Batch, *, inner_lr: float,
+                           generator: torch.Generator) -> Tensor | None:
+        """One TRA meta-gradient (G, n_ops, max_bins) at the current segmenter and policy; nothing is stepped.
+
+        For measurements of the signal (augsearch bench signal): the same draw as step A of `run`.
+        """
+        image, mask, group, bins, learnable = self.augment(batch, generator)
+        self._train_backward(image, mask)
+        return self.tra_gradient(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
 
     def tra_gradient(self, image, mask, group, bins, learnable, val_batch, inner_lr, generator) -> Tensor | None:
         """d L_val / d tra_logits (G, n_ops, max_bins) of one meta-step on the augmented batch (image, mask, group,
