@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_controller import local_ray  # noqa: F401  (the loopback-only local Ray fixture)
+
 from augsearch.artifacts.checkpoint import load_checkpoint
+from augsearch.cli import main
 from augsearch.config import AugmentConfig, TrainConfig, load_config
 from augsearch.learn.server import (
     STATE_NAME,
@@ -22,6 +25,7 @@ from augsearch.learn.server import (
 )
 from augsearch.policy.io import load_policy
 from augsearch.train import _build_policy, fit
+from augsearch.tune.trial import CRASH_ENV
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
 
@@ -118,3 +122,75 @@ def test_workers_train_on_disjoint_shards(data_root, tmp_path):
     result = fit(cfg, tmp_path / "w1", progress=False)
     trained = json.loads((result.run_dir / "policy.json").read_text())["provenance"]["train_cases"]
     assert len(trained) == 2  # the smoke benchmark's 4 training cases, every second from position 1
+
+
+# ------------------------------------------------------------------------------------------- shared searches
+
+
+def shared_args(data_root: Path, *extra: str) -> list[str]:
+    sets = ["train.epochs=2", "train.iterations=2", f"data.root={json.dumps(str(data_root))}", "search.space={}",
+            "search.policy_sharing=shared", "search.sync_timeout_s=60", *extra]
+    return [arg for item in sets for arg in ("--set", item)]
+
+
+def rows(run_dir: Path) -> dict[str, dict]:
+    return {row["trial"]: row for row in json.loads((run_dir / "summary.json").read_text())["trials"]}
+
+
+def test_interrupted_shared_search_resumes_to_the_uninterrupted_policy(data_root, tmp_path, monkeypatch, capsys):
+    whole = tmp_path / "whole"
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(whole), *shared_args(data_root)]) == 0
+    monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed"))
+    cut = tmp_path / "cut"
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(cut), *shared_args(data_root, "search.max_failures=0")]) == 1
+    assert torch.load(cut / STATE_NAME, weights_only=False)["round"] == 2  # saved with the epoch-1 validation
+    monkeypatch.delenv(CRASH_ENV)
+    assert main(["search", "--resume", str(cut)]) == 0
+    (row,) = rows(cut).values()
+    assert row["status"] == "TERMINATED" and row["metrics"]["resumed_epoch"] == 1
+    fit_dirs = [run / "trial_00000" / "fit" for run in (whole, cut)]
+    (tra_w, tea_w), (tra_c, tea_c) = (policy_logits(d) for d in fit_dirs)
+    assert torch.equal(tra_w, tra_c) and torch.equal(tea_w, tea_c)
+    assert torch.load(cut / STATE_NAME, weights_only=False)["round"] == 4
+
+
+def test_shared_search_refuses_a_space_and_several_workers_without_ray(data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = shared_args(data_root, "search.num_workers=2")
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(out), *args]) == 2
+    assert "side by side on Ray" in capsys.readouterr().err
+    args = shared_args(data_root)
+    del args[args.index("search.space={}") - 1: args.index("search.space={}") + 1]  # the smoke space: seed = [0, 1]
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(out), *args]) == 2
+    assert "takes no search.space" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_two_workers_share_one_policy_on_ray(local_ray, data_root, tmp_path):
+    out = tmp_path / "search"
+    assert main(["search", str(SMOKE), "--out", str(out), *shared_args(data_root, "search.num_workers=2")]) == 0
+    found = rows(out)
+    assert sorted(r["params"]["search.worker"] for r in found.values()) == [0, 1]
+    assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 2 for r in found.values())
+    fits = [out / trial / "fit" for trial in sorted(found)]
+    seeds = sorted(json.loads((d / "config.json").read_text())["seed"] for d in fits)
+    assert seeds == [0, 1]
+    shards = [set(json.loads((d / "policy.json").read_text())["provenance"]["train_cases"]) for d in fits]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 4
+    (tra_a, tea_a), (tra_b, tea_b) = (policy_logits(d) for d in fits)
+    assert torch.equal(tra_a, tra_b) and torch.equal(tea_a, tea_b)  # the last round's snapshot, the same for both
+    state = torch.load(out / STATE_NAME, weights_only=False)
+    assert state["contributions"] == 8 and state["round"] == 4 and torch.equal(state["tra_logits"], tra_a)
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_rejoins_and_the_shared_policy_loses_nothing(local_ray, data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed"))
+    out = tmp_path / "search"
+    args = shared_args(data_root, "search.num_workers=2", "train.epochs=3")
+    assert main(["search", str(SMOKE), "--out", str(out), *args]) == 0
+    found = rows(out)
+    assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 3 for r in found.values())
+    assert sorted(r["metrics"]["resumed_epoch"] for r in found.values()) == [0, 1]
+    # every meta-iteration of both workers reached the server exactly once: 2 workers x 3 epochs x 2 iterations
+    assert torch.load(out / STATE_NAME, weights_only=False)["contributions"] == 12
