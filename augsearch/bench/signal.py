@@ -41,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def signal_statistics(draws: "torch.Tensor", noise_seed: int = 0) -> dict[str, float]:  # noqa: F821
-    """draws (R, D): R gradient draws over D coordinates -> snr, noise_snr, halves_cosine, noise_halves_cosine.
+def signal_statistics(draws: "torch.Tensor", noise_seed: int = 0, noise_replicates: int = 200) -> dict[str, Any]:  # noqa: F821
+    """draws (R, D): R gradient draws over D coordinates -> snr, noise_snr, halves_cosine, noise_halves_cosine, and
+    the central 95% of both statistics over `noise_replicates` noise draws (noise_snr_band, noise_cosine_band).
 
     Coordinates that never vary (std 0: a group absent from every batch) are left out and counted.
     """
@@ -62,7 +63,14 @@ def signal_statistics(draws: "torch.Tensor", noise_seed: int = 0) -> dict[str, f
         a, b = t[: r // 2].mean(0), t[r // 2:].mean(0)
         return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
-    return {"snr": snr(x), "noise_snr": snr(noise), "halves_cosine": halves(x), "noise_halves_cosine": halves(noise),
+    generator = torch.Generator().manual_seed(noise_seed + 1)
+    replicates = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for _ in range(noise_replicates)]
+    snrs = torch.tensor([snr(t) for t in replicates], dtype=torch.float64)
+    cosines = torch.tensor([halves(t) for t in replicates], dtype=torch.float64)
+    band = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    return {"snr": snr(x), "noise_snr": snr(noise), "noise_snr_band": snrs.quantile(band).tolist(),
+            "halves_cosine": halves(x), "noise_halves_cosine": halves(noise),
+            "noise_cosine_band": cosines.quantile(band).tolist(),
             "coordinates": int(live.sum()), "constant_coordinates": int((~live).sum())}
 
 
