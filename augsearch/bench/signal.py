@@ -84,7 +84,7 @@ class _Point:
         from augsearch.artifacts.checkpoint import load_checkpoint
         from augsearch.train import _Run
 
-        self.run = _Run(cfg, run_dir)
+        self.run = _Run(cfg, run_dir, log=lambda message: None)
         self.run.restore(load_checkpoint(checkpoint, map_location=self.run.device))
         self.model_state = copy.deepcopy(self.run.model.state_dict())
         self.optimizer_state = copy.deepcopy(self.run.optimizer.state_dict())
