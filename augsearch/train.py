@@ -70,6 +70,7 @@ class _Data:
     preprocess: dict[str, Any]
     split: str  # where the split came from and its sizes
     normalisation: str  # per channel
+    spacing: tuple[float, ...]  # mm per axis of the training grid: rotations turn the patient on it
 
 
 def _load_data(cfg: ExperimentConfig) -> _Data:
@@ -90,9 +91,11 @@ def _load_data(cfg: ExperimentConfig) -> _Data:
     if not val:
         raise AugsearchError(f"no validation cases in {root}; name them with data.split.val or raise val_fraction")
     # Saved with the model, so prediction normalises with the numbers measured here.
+    # Cases share the target spacing when one is set; otherwise the median grid stands for them all.
+    spacing = tuple(float(v) for v in np.median([case.spacing for case in train or val], axis=0))
     return _Data(dict(info.labels), len(info.channel_names), train, val, dataset_fingerprint(info),
                  preprocess.model_dump(mode="json"), splits.describe(),
-                 describe_normalisation(preprocess, info.channel_names))
+                 describe_normalisation(preprocess, info.channel_names), spacing)
 
 
 def _rare_labels(cfg: ExperimentConfig, label_names: dict[str, int]) -> list[str]:
@@ -101,8 +104,10 @@ def _rare_labels(cfg: ExperimentConfig, label_names: dict[str, int]) -> list[str
     return list(cfg.loss.rare_labels)
 
 
-def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int], log: Callable[[str], None]) -> Policy | None:
-    """The run's policy from `augment.policy`; `augment.tea.top_k`, when given, replaces the policy's own top-k."""
+def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int], spacing: tuple[float, ...],
+                  log: Callable[[str], None]) -> Policy | None:
+    """The run's policy from `augment.policy` for the training patch on a grid of `spacing` mm;
+    `augment.tea.top_k`, when given, replaces the policy's own top-k."""
     if cfg.augment.mode == "none":
         return None
     tra = cfg.augment.tra
@@ -113,6 +118,7 @@ def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int], log: Calla
         class_specific=tra.class_specific,
         groups=tra.groups,
         patch_size=cfg.train.patch_size,
+        spacing=spacing,
         randaugment_n=cfg.augment.randaugment_n,
         randaugment_m=cfg.augment.randaugment_m,
     )
@@ -162,14 +168,14 @@ class _Run:
             self.model.load_state_dict(load_checkpoint(cfg.train.init_checkpoint)["model"])
         self.model_config = model_config(self.model)
 
-        self.policy = _build_policy(cfg, labels, log)
+        self.policy = _build_policy(cfg, labels, self.data.spacing, log)
         if self.policy is not None:
             self.policy.to(self.device)
         aug = cfg.augment
         patch = cfg.train.patch_size
-        margin = required_margin(patch, self.policy.op_names) if self.policy is not None else 0
+        margin = required_margin(patch, self.policy.op_names, self.data.spacing) if self.policy is not None else 0
         pool_ids = torch.arange(len(tea_pool(cfg.dims)))
-        val_margin = tea_margin(cfg.dims, pool_ids, patch)
+        val_margin = tea_margin(cfg.dims, pool_ids, patch, self.data.spacing)
         self.train_sampler = PatchSampler(
             self.data.train, patch, fg_fraction=cfg.train.fg_fraction, margin=margin, seed=cfg.seed
         )
@@ -199,6 +205,7 @@ class _Run:
             model=self.model, policy=self.policy, optimizer=self.optimizer,
             tra_optimizer=self.tra_optimizer, tea_optimizer=self.tea_optimizer,
             per_sample_loss=train_loss, outer_loss=outer_loss, num_classes=self.num_classes, fg_classes=fg,
+            spacing=self.data.spacing,
             regularizers=self._regularizer_steps() if self.optimizer is not None else None,
         )
         # A shared policy is stepped by the server; the local TRA/TEA optimisers then only decide which steps run.

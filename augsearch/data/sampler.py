@@ -15,7 +15,6 @@ mask 0 = background) where they leave the volume. The number of foreground patch
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 

@@ -67,6 +67,7 @@ class JointRuntime:
     num_classes: int
     fg_classes: list[int]
     regularizers: Callable[[Tensor, Tensor, Tensor], dict[str, float]] | None = None
+    spacing: tuple[float, ...] | None = None  # mm per axis of the patches' grid; None: rotations of the voxel grid
 
 
 class JointStep:
@@ -117,7 +118,7 @@ class JointStep:
             bins = bins * learnable.unsqueeze(1)
         image, mask = augment_batch(
             batch.image, batch.mask, bins, self.policy.op_names, self.patch_size,
-            generator=generator, reference_signs=self.augment_cfg.reference_signs,
+            generator=generator, reference_signs=self.augment_cfg.reference_signs, spacing=self.runtime.spacing,
         )
         return image, mask, group, bins, learnable
 
@@ -126,9 +127,9 @@ class JointStep:
         if self.policy is None or not self.couple_tea_to_outer:
             return centre_crop(batch.image, self.patch_size), centre_crop(batch.mask, self.patch_size)
         ids = self.policy.sample_tea(batch.image.shape[0], generator)
-        image = tea_apply(batch.image, ids, len(self.patch_size))
+        image = tea_apply(batch.image, ids, len(self.patch_size), spacing=self.runtime.spacing)
         spatial = torch.tensor([entry.spatial for entry in self.policy.tea_entries], device=ids.device)
-        mask = tea_apply_mask(batch.mask, ids, self.runtime.num_classes, spatial)
+        mask = tea_apply_mask(batch.mask, ids, self.runtime.num_classes, spatial, self.runtime.spacing)
         return centre_crop(image, self.patch_size), centre_crop(mask, self.patch_size)
 
     def state_dict(self) -> dict[str, Tensor | None]:
@@ -270,7 +271,7 @@ class JointStep:
             ids = self.policy.sample_tea(self.augment_cfg.tea.views, generator)
             losses = tea_view_losses(
                 self.model, tea_batch.image[index : index + 1], tea_batch.mask[index : index + 1], ids,
-                self.patch_size, self.tea_fg_classes,
+                self.patch_size, self.tea_fg_classes, spacing=self.runtime.spacing,
             )
             coefficients = tea_coefficients(
                 losses, ids, baseline=self.augment_cfg.tra.baseline,
