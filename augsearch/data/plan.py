@@ -214,28 +214,32 @@ def _planes(dims: int) -> list[str]:
     return ["xy"] if dims == 2 else ["yz", "xz", "xy"]
 
 
-def plan_ops(dims: int, patch: list[int], spacing: list[float]) -> tuple[list[str], list[str], str]:
-    """(ops, TEA entries to exclude, why): METHOD 2.3 for anisotropic data and what the patch allows."""
+def plan_ops(dims: int, patch: list[int], spacing: list[float]) -> tuple[list[str], str, list[str], str]:
+    """(ops, why, TEA entries to exclude, why): METHOD 2.3 for anisotropic data and what the patch allows."""
     ops = list_ops(dims)
     axes = "xyz"
-    why = []
+    ops_why = "every op: no axis is more than {:g}x coarser than the finest".format(ANISOTROPY_RATIO)
     if dims == 3 and max(spacing) > ANISOTROPY_RATIO * min(spacing):
         coarse = axes[int(np.argmax(spacing))]
         dropped = [f"rotate_{p}" for p in _planes(dims) if coarse in p]
         ops = [op for op in ops if op not in dropped]
-        why.append(f"{', '.join(dropped)} off: axis {coarse} is more than {ANISOTROPY_RATIO:g}x coarser, rotations "
+        ops_why = (f"{', '.join(dropped)} off: axis {coarse} is more than {ANISOTROPY_RATIO:g}x coarser, and rotations "
                    "out of the fine plane would interpolate across thick slices (METHOD 2.3)")
     names = {e.name for e in tea_pool(dims)}
-    exclude = []
+    exclude, reasons = [], []
     for plane in _planes(dims):
         i, j = axes.index(plane[0]), axes.index(plane[1])
         if f"rotate_{plane}" not in ops:
             continue
         if patch[i] != patch[j] or not math.isclose(spacing[i], spacing[j], rel_tol=1e-3):
             exclude += [n for n in (f"rot90_{plane}+", f"rot90_{plane}-") if n in names]
-            why.append(f"TEA rot90 in {plane} off: the patch ({patch[i]} x {patch[j]}) or the spacing "
-                       f"({spacing[i]:g} x {spacing[j]:g} mm) is not square there")
-    return ops, exclude, "; ".join(why) or "every op: the data are close to isotropic and the patch is cubic"
+            reasons.append(f"{plane} ({patch[i]} x {patch[j]} voxels of {spacing[i]:g} x {spacing[j]:g} mm)")
+    if reasons:
+        exclude_why = ("quarter turns leave the TEA pool where the patch or the voxel is not square: "
+                       + ", ".join(reasons) + "; TRA masks its quarter-turn bins itself where the patch is not square")
+    else:
+        exclude_why = "the patch and the voxels are square in every rotation plane: the whole TEA pool"
+    return ops, ops_why, exclude, exclude_why
 
 
 def normalization(channel_names: list[str]) -> tuple[str, str]:
@@ -270,14 +274,15 @@ def make_plan(fp: Fingerprint, device: Device = "cuda", memory_gb: float | None 
                          "class group, so the per-group baseline of the class-specific meta-gradient leaves a signal")
     norm, why["normalization"] = normalization(fp.channel_names)
     rare, why["rare_labels"] = rare_labels(fp.class_fractions, fp.labels)
-    ops, exclude, why["ops"] = plan_ops(fp.dims, patch, spacing)
+    ops, why["ops"], exclude, why["tea_exclude"] = plan_ops(fp.dims, patch, spacing)
     epochs, iterations = BUDGET[device]
     ms, gb = _iteration_cost(patch, batch, base, device)
     if mode in ("none", "tea"):
         ms /= 4.0  # no meta-step: about a quarter of a joint iteration (bench meta: jvp 4.4-7.2x a plain step)
-    why["budget"] = (f"{epochs} x {iterations} iterations; about {ms / 1000:.2f} s each on {device} (measured cost per "
-                     f"voxel and feature, see augsearch/data/plan.py COST_MS), {epochs * iterations * ms / 60000:.0f} "
-                     f"minutes in all; peak memory about {gb:.2f} GB")
+    measured_on = "an H200" if device == "cuda" else "2 CPU threads"
+    why["budget"] = (f"{epochs} x {iterations} iterations; about {ms / 1000:.2f} s each, {epochs * iterations * ms / 60000:.0f} "
+                     f"minutes in all, peak memory about {gb:.2f} GB (scaled from a joint iteration measured on "
+                     f"{measured_on}, augsearch/data/plan.py COST_MS)")
     return Plan(fp=fp, device=device, memory_gb=memory_gb, mode=mode, target_spacing=spacing, patch_size=patch,
                 pool_kernels=kernels, base_features=base, max_features=max_features, batch_size=batch,
                 normalization=norm, rare_labels=rare, ops=ops, tea_exclude=exclude, epochs=epochs,
@@ -336,7 +341,7 @@ _COMMENTS = {  # dotted key -> plan.why key, or a fixed reason
     "augment.policy": "TRA starts from nnU-Net's heuristic probabilities (METHOD 3.3)",
     "augment.ops": "ops",
     "augment.tea.init": "TEA starts at identity, flips and half turns, 0.1 each (METHOD 3.4)",
-    "augment.tea.exclude": "TEA entries the patch or spacing cannot take (see augment.ops)",
+    "augment.tea.exclude": "tea_exclude",
     "search.metric": "the search keeps the trial with the best validation Dice of the rare classes",
 }
 
