@@ -150,6 +150,14 @@ def test_planned_hippocampus_config_runs(tmp_path):
     assert {"rot90_xy+", "rot90_yz-"} <= set(gpu.tea_exclude) and "rot90_xz+" not in gpu.tea_exclude
 
 
+def test_planned_2d_benchmark_config_runs(tmp_path):
+    data = write_benchmark(tmp_path / "data", dims=2, cases=5, train_cases=3, size=48)
+    cfg = load_config(_plan_file(data, tmp_path / "plan.toml"))
+    assert cfg.train.patch_size == [48, 48] and cfg.train.batch_size == 16 and cfg.augment.tea.exclude == []
+    assert cfg.augment.ops == list_ops(2)
+    assert np.isfinite(_fit_twice(tmp_path / "plan.toml", tmp_path / "run").metrics["train/loss"])
+
+
 def test_plan_refuses_to_overwrite(tmp_path, bench3d, capsys):
     out = tmp_path / "plan.toml"
     out.write_text("# mine\n")

@@ -11,7 +11,7 @@ no image voxels are read. `make_plan(fp, device, memory_gb, mode)` derives, with
   joint iteration fits the device budget (memory on a GPU, memory and time on a CPU); every edge a multiple of its
   axis's total pooling;
 - batch size 4 with half the patches foreground-centred: two patches per class group, the least that gives the
-  class-specific meta-gradient a per-group baseline with something left over;
+  class-specific meta-gradient a per-group baseline with something left over (2D: doubled while the budget allows);
 - network width by device, depth = poolings + 1, normalisation from the channel kinds (CT: clip and foreground
   statistics; otherwise per-case z-score), rare classes = the foreground classes of smallest voxel fraction;
 - the op set: out-of-plane rotations dropped for strongly anisotropic data (METHOD 2.3), rot90 TEA entries dropped in
@@ -45,6 +45,7 @@ MIN_EDGE = 4  # smallest feature-map edge after pooling (nnU-Net stops at 4 voxe
 MAX_POOLS = 5
 BATCH_SIZE = 4  # with fg_fraction 0.5: exactly 2 patches per class group (1 per group makes the TRA update zero)
 FG_FRACTION = 0.5
+MAX_BATCH_2D = 16
 TEA_VIEWS = 8
 
 # Measured costs of one joint iteration (TRA meta-step with jvp, TEA step with 8 views, segmenter step) per training
@@ -174,16 +175,16 @@ def _iteration_cost(patch: list[int], batch: int, base: int, device: Device) -> 
     return COST_MS[device] * work, BYTES_PER_VOXEL_FEATURE * work / 1e9
 
 
+def _fits(patch: list[int], batch: int, base: int, device: Device, memory_gb: float) -> bool:
+    ms, gb = _iteration_cost(patch, batch, base, device)
+    return gb <= MEMORY_SHARE * memory_gb and (device == "cuda" or ms <= 1000 * CPU_SECONDS_PER_ITERATION)
+
+
 def plan_patch(shape: list[float], spacing: list[float], batch: int, base: int, device: Device, memory_gb: float
                ) -> tuple[list[int], list[list[int]], str]:
     """Largest patch within the median shape whose joint iteration fits the memory (and, on a CPU, time) budget."""
     patch, kernels = _fit_to_pooling([max(MIN_EDGE, int(n)) for n in shape], spacing)
-
-    def fits(p: list[int]) -> bool:
-        ms, gb = _iteration_cost(p, batch, base, device)
-        return gb <= MEMORY_SHARE * memory_gb and (device == "cuda" or ms <= 1000 * CPU_SECONDS_PER_ITERATION)
-
-    while not fits(patch):
+    while not _fits(patch, batch, base, device, memory_gb):
         div = divisors(kernels, len(patch))
         shrinkable = [a for a in range(len(patch)) if patch[a] - div[a] >= MIN_EDGE]
         if not shrinkable:
@@ -267,11 +268,16 @@ def make_plan(fp: Fingerprint, device: Device = "cuda", memory_gb: float | None 
     base, max_features = WIDTH[device]
     batch = BATCH_SIZE
     patch, kernels, why["patch_size"] = plan_patch(median_shape, spacing, batch, base, device, memory_gb)
+    if fp.dims == 2:  # 2D patches are small: larger batches, as nnU-Net's 2D configuration, while the budget allows
+        while batch < MAX_BATCH_2D and _fits(patch, 2 * batch, base, device, memory_gb):
+            batch *= 2
     why["pool_kernels"] = (f"halve an axis while it keeps >= {MIN_EDGE} voxels and is at most 2x the finest current "
                            "spacing (nnU-Net's rule); depth = poolings + 1")
     why["model"] = f"{device}: base {base} features (doubling per level, at most {max_features})"
     why["batch_size"] = (f"{batch} with fg_fraction {FG_FRACTION:g}: exactly {int(batch * FG_FRACTION)} patches per "
-                         "class group, so the per-group baseline of the class-specific meta-gradient leaves a signal")
+                         "class group (at least 2, so that the per-group baseline of the class-specific meta-gradient "
+                         "leaves a signal)" + (f"; doubled from {BATCH_SIZE} while the budget allows, up to "
+                                               f"{MAX_BATCH_2D}" if fp.dims == 2 else ""))
     norm, why["normalization"] = normalization(fp.channel_names)
     rare, why["rare_labels"] = rare_labels(fp.class_fractions, fp.labels)
     ops, why["ops"], exclude, why["tea_exclude"] = plan_ops(fp.dims, patch, spacing)
