@@ -152,7 +152,11 @@ class TeaSearchConfig(_Section):
     lr: float = Field(5e-2, gt=0)
     views: int = Field(8, ge=2, description="Z transformed views per TEA step.")
     groups_per_step: int = Field(1, ge=1, description="Foreground-centred validation patches per TEA step.")
-    top_k: int = Field(4, ge=1, description="Entries exported for inference.")
+    top_k: int | None = Field(
+        None, ge=1,
+        description="TTA entries selected for inference; None keeps the policy's own (a preset's or a file's, 4 for a "
+        "learned TEA). A value that differs from the policy's replaces it and is logged.",
+    )
     init: Literal["flips", "single-flips", "identity", "uniform"] | None = Field(
         None,
         description="TEA start (METHOD 3.4): 'flips' (identity, flips, half turns at 0.1 each), 'single-flips' "
