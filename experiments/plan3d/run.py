@@ -39,8 +39,9 @@ MIRRORS_X = ("flip_x", "rot180_xy", "rot180_xz", "flip_all")
 
 
 def run_one(name: str, out: Path, *, size: int, cases: int, train_cases: int, epochs: int, iterations: int,
-            validate_every: int, seed: int, threads: int) -> dict:
-    """Synthesise, plan, search; the measurements of one run (run folder: <out>/<name>)."""
+            validate_every: int, seed: int, threads: int, policy: str | None = None) -> dict:
+    """Synthesise, plan, search; the measurements of one run (run folder: <out>/<name>, or <name>-<policy> when the
+    TRA start `policy` replaces the planned one)."""
     data = out / "data" / name
     if not (data / "dataset.json").is_file():
         write_benchmark(data, dims=3, cases=cases, train_cases=train_cases, size=size, seed=0, shift=SHIFTS[name])
@@ -49,15 +50,18 @@ def run_one(name: str, out: Path, *, size: int, cases: int, train_cases: int, ep
     write_text(planned, plan_toml(plan, str(data)))
     overrides = {"train.epochs": epochs, "train.iterations": iterations, "train.validate_every": validate_every,
                  "train.num_threads": threads, "seed": seed}
+    if policy is not None:
+        overrides["augment.policy"] = policy
+    run = name if policy is None else f"{name}-{policy}"
     start = time.process_time()
-    result = fit(load_config(planned, overrides), out / name, progress=False)
+    fit(load_config(planned, overrides), out / run, progress=False)
     cpu_s = time.process_time() - start
-    return {"run": name, "shift": SHIFTS[name], "seed": seed, "cpu_minutes": round(cpu_s / 60, 2),
+    return {"run": run, "shift": SHIFTS[name], "seed": seed, "cpu_minutes": round(cpu_s / 60, 2),
             "planned": {"patch_size": plan.patch_size, "batch_size": plan.batch_size,
                         "target_spacing": plan.target_spacing, "base_features": plan.base_features,
                         "depth": len(plan.pool_kernels) + 1, "rare_labels": plan.rare_labels,
                         "tea_exclude": plan.tea_exclude},
-            "overrides": overrides, **measure(out / name)}
+            "overrides": overrides, **measure(out / run)}
 
 
 def measure(run_dir: Path) -> dict:
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--validate-every", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy", default=None,
+                        help="TRA start replacing the planned one (e.g. uniform-0.1: every op at 0.1, flips included)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
     parser.add_argument("--results", type=Path, default=None, help="also write results.json here")
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     kwargs = dict(size=args.size, cases=args.cases, train_cases=args.train_cases, epochs=args.epochs,
-                  iterations=args.iterations, validate_every=args.validate_every, seed=args.seed, threads=args.threads)
+                  iterations=args.iterations, validate_every=args.validate_every, seed=args.seed, threads=args.threads,
+                  policy=args.policy)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, name, args.out, **kwargs) for name in args.runs]
         results = [future.result() for future in futures]
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s) per run, {args.jobs} run(s) at once",
                 "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                 "runs": results}
-    write_json(args.out / "results.json", document)
+    results_path = args.out / ("results.json" if args.policy is None else f"results-{args.policy}.json")
+    write_json(results_path, document)
     if args.results is not None:
         write_json(args.results, document)
     print(table(results))
