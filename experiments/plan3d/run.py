@@ -84,12 +84,12 @@ def measure(run_dir: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| run | lesion Dice (val) | organ Dice (val) | fg P(flip_x) | bg P(flip_x) | fg rank of flip_x | "
-             "TEA x-mirror mass | TEA top | CPU min |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | iterations | lesion Dice (val) | organ Dice (val) | fg P(flip_x) | bg P(flip_x) | fg rank of flip_x | "
+             "TEA x-mirror mass | TEA top | CPU min |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['run']} (seed {r['seed']}) | {r['val_dice_lesion']:.3f} | {r['val_dice_organ']:.3f} | "
+        lines.append(f"| {r['run']} (seed {r['seed']}) | {r['curve'][-1]['step']} | {r['val_dice_lesion']:.3f} | {r['val_dice_organ']:.3f} | "
                      f"{r['p_flip_x']['foreground']:.3f} | {r['p_flip_x']['background']:.3f} | {r['fg_rank_flip_x']} | "
-                     f"{r['tea_x_mirror_mass']:.3f} | {r['tea_top'][0]} {r['tea_top'][1]:.2f} | {r['cpu_minutes']} |")
+                     f"{r['tea_x_mirror_mass']:.3f} | {r['tea_top'][0]} {r['tea_top'][1]:.2f} | {r['cpu_minutes'] or '-'} |")
     return "\n".join(lines)
 
 
@@ -110,9 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
     parser.add_argument("--results", type=Path, default=None, help="also write results.json here")
     parser.add_argument("--aggregate", action="store_true", help="print the table of <out>/results.json only")
+    parser.add_argument("--measure", nargs="+", default=None, metavar="RUN",
+                        help="measure these run folders under --out as they stand (runs cut short included) into "
+                             "<out>/results-measured.json, without training")
     args = parser.parse_args(argv)
     if args.aggregate:
         print(table(json.loads((args.out / "results.json").read_text())["runs"]))
+        return 0
+    if args.measure:
+        rows = []
+        for run in args.measure:
+            config = json.loads((args.out / run / "config.json").read_text())
+            steps = config["train"]["epochs"] * config["train"]["iterations"]
+            rows.append({"run": run, "shift": SHIFTS[run.split("-")[0]], "seed": config["seed"], "cpu_minutes": None,
+                         "planned_iterations": steps, **measure(args.out / run)})
+        write_json(args.out / "results-measured.json", {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                                                        "runs": rows})
+        print(table(rows))
         return 0
     torch.set_num_threads(args.threads)
     kwargs = dict(size=args.size, cases=args.cases, train_cases=args.train_cases, epochs=args.epochs,
