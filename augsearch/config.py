@@ -49,7 +49,9 @@ class PreprocessConfig(_Section):
     """Resampling and intensity normalisation, applied identically at training and prediction time."""
 
     target_spacing: list[float] | None = Field(None, description="mm per voxel axis; None keeps each case's own.")
-    normalization: Literal["zscore", "ct", "none"] = "zscore"
+    normalization: Literal["auto", "zscore", "ct", "none"] = Field(
+        "auto", description="'auto': 'ct' when dataset.json names every channel CT (as nnU-Net), else 'zscore'."
+    )
     ct_clip: list[float] | None = Field(None, description="[low, high] HU window for normalization='ct'.")
     ct_mean: float | None = None
     ct_std: float | None = None
@@ -58,15 +60,16 @@ class PreprocessConfig(_Section):
 class SplitConfig(_Section):
     """Which cases train, validate (the search learns from these) and test.
 
-    Precedence: explicit lists, then `splits_file` (nnU-Net `splits_final.json`, fold `fold`), then the benchmark's
-    own `splits.json` when present, then seeded fractions of `imagesTr`.
+    Precedence: explicit lists, then `splits_file` (nnU-Net `splits_final.json`, fold `fold`; when unset, the
+    dataset's own `splits_final.json`, as nnU-Net does), then the benchmark's own `splits.json` when present, then
+    seeded fractions of `imagesTr`. Test cases come from imagesTs/labelsTs when the dataset has them.
     """
 
     train: list[str] | None = None
     val: list[str] | None = None
     test: list[str] | None = None
-    splits_file: str | None = None
-    fold: int = 0
+    splits_file: str | None = Field(None, description="nnU-Net splits file; None uses <root>/splits_final.json if any.")
+    fold: int = Field(0, ge=0, description="Fold of the splits file.")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     train_fraction: float = Field(1.0, gt=0, le=1, description="Use this share of the training cases (5-50% regimes).")
     seed: int = 0
@@ -141,8 +144,18 @@ class TraSearchConfig(_Section):
     backend: Literal["jvp", "higher", "functional", "fd"] = "jvp"
     inner_lr: float | None = Field(None, gt=0, description="Inner SGD step; None uses the segmenter's current lr.")
     baseline: bool = Field(True, description="Centre per-sample meta-gradients within each class group.")
+    baseline_decay: float = Field(
+        0.9, ge=0, lt=1, description="Decay of each group's running mean of meta-gradients over recent steps, the "
+        "baseline of a group with fewer than 2 samples in a batch (its own mean would cancel it: no learning)."
+    )
     count_normalization: bool = Field(True, description="Divide by how many same-group samples chose each bin.")
     outer_loss: Literal["ce_dice", "ce", "dice"] = "ce_dice"
+    outer_rare_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of the outer-loss batch centred on a rare class (loss.rare_labels); 0 is off."
+    )
+    precondition: bool = Field(
+        False, description="Inner step and JVP tangent in the segmenter's Adam geometry (P * grad, P * v) instead of SGD's."
+    )
 
 
 class TeaSearchConfig(_Section):
@@ -183,6 +196,9 @@ class AugmentConfig(_Section):
     randaugment_m: int = Field(2, ge=1)
     reference_signs: bool = Field(False, description="Random sign inside each bin, as the reference code does.")
     meta_every: int = Field(1, ge=1, description="Run the TRA meta-step and the TEA step every k iterations.")
+    accumulate: int = Field(
+        1, ge=1, description="Step the policy once per k meta-iterations, on the mean of their gradients."
+    )
     warmup_iterations: int = Field(
         0, ge=0, description="Segmenter iterations under the initial policy before the first meta-step and TEA step."
     )
@@ -206,6 +222,16 @@ class SearchConfig(_Section):
     gpus_per_trial: float = Field(0.0, ge=0)
     cpus_per_trial: float = Field(1.0, gt=0)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    policy_sharing: Literal["independent", "shared"] = Field(
+        "independent",
+        description="'independent': each trial learns its own policy; 'shared': num_workers trials (workers) push "
+        "their policy gradients to one policy server that averages them and steps one policy.",
+    )
+    num_workers: int = Field(1, ge=1, description="Workers of a shared search; worker i has seed seed+i and shard i.")
+    worker: int = Field(0, ge=0, description="This worker's index (set per trial by a shared search).")
+    sync_timeout_s: float = Field(
+        120.0, gt=0, description="Shared search: how long a policy round waits for the slowest live worker."
+    )
 
 
 class ExperimentConfig(_Section):
@@ -231,6 +257,9 @@ class ExperimentConfig(_Section):
             raise ValueError("augment.mode='none' cannot learn a policy; set augment.mode='policy' or learn=false")
         if not self.train.update_model and self.augment.tra.learn:
             raise ValueError("augment.tra.learn needs a segmenter that trains; set train.update_model=true")
+        if self.search.worker >= self.search.num_workers:
+            raise ValueError(f"search.worker {self.search.worker} must be below search.num_workers "
+                             f"{self.search.num_workers}")
         return self
 
     @property
