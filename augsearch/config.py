@@ -89,6 +89,9 @@ class ModelConfig(_Section):
     base_features: int = Field(16, ge=1)
     max_features: int = Field(320, ge=1)
     depth: int = Field(4, ge=1, description="Number of resolution levels (poolings + 1).")
+    pool_kernels: list[list[int]] | None = Field(
+        None, description="Per downsampling, one stride per axis (e.g. [[2, 2, 1], [2, 2, 2]]); None is 2 everywhere."
+    )
     deep_supervision: bool = False
 
 
@@ -167,6 +170,14 @@ class TeaSearchConfig(_Section):
         description="TTA entries selected for inference; None keeps the policy's own (a preset's or a file's, 4 for a "
         "learned TEA). A value that differs from the policy's replaces it and is logged.",
     )
+    init: Literal["flips", "single-flips", "identity", "uniform"] | None = Field(
+        None,
+        description="TEA start (METHOD 3.4): 'flips' (identity, flips, half turns at 0.1 each), 'single-flips' "
+        "(identity and single flips share 0.8), 'identity' (0.99), 'uniform'; None keeps the policy's own start.",
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="TEA pool entries never drawn nor exported, by name (e.g. 'rot90_xz+')."
+    )
     class1_only: bool = Field(False, description="Reproduce the reference: TEA loss on label 1 only.")
     augment_outer_batch: bool = Field(
         True, description="When TEA is learned, apply its views to the TRA outer-loss batch (the joint coupling)."
@@ -178,6 +189,9 @@ class AugmentConfig(_Section):
 
     mode: Literal["none", "policy"] = "policy"
     policy: str = "uniform-0.1"
+    ops: list[str] | None = Field(
+        None, description="Registry ops that TRA draws and the TEA pool holds (with the identity); None is all."
+    )
     randaugment_n: int = Field(2, ge=1)
     randaugment_m: int = Field(2, ge=1)
     reference_signs: bool = Field(False, description="Random sign inside each bin, as the reference code does.")

@@ -121,6 +121,9 @@ def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int], spacing: t
         spacing=spacing,
         randaugment_n=cfg.augment.randaugment_n,
         randaugment_m=cfg.augment.randaugment_m,
+        ops=cfg.augment.ops,
+        tea_init=cfg.augment.tea.init,
+        tea_exclude=cfg.augment.tea.exclude,
     )
     top_k = cfg.augment.tea.top_k
     if top_k is None and cfg.augment.tea.learn and policy.tea_top_k == 1:
@@ -161,6 +164,7 @@ class _Run:
             "dims": cfg.dims, "in_channels": self.data.in_channels, "num_classes": self.num_classes,
             "base_features": cfg.model.base_features, "max_features": cfg.model.max_features,
             "depth": cfg.model.depth, "deep_supervision": cfg.model.deep_supervision,
+            "pool_kernels": cfg.model.pool_kernels,
         }
         self.model = UNet(**self.model_config).to(self.device)
         self.model.check_input(torch.zeros(1, self.data.in_channels, *cfg.train.patch_size))
