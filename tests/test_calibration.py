@@ -14,6 +14,8 @@ from augsearch.config import PreprocessConfig
 from augsearch.data.dataset import dataset_fingerprint, read_dataset_info
 from augsearch.data.synthetic import write_benchmark
 from augsearch.model import UNet, model_config
+from augsearch.policy.init import make_policy
+from augsearch.policy.io import save_policy
 from augsearch.predict.estimate import ESTIMATORS
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
@@ -64,6 +66,25 @@ def test_calibrate_predict_evaluate(model_dir, capsys):
     rows = list(csv.DictReader(open(table)))
     for row in rows:
         assert float(row["abs_error"]) == pytest.approx(abs(float(row["estimated_dice"]) - float(row["dice"])))
+
+
+def test_served_summary_reports_the_estimate_predict_writes(model_dir):
+    serve = pytest.importorskip("augsearch.service.serve")
+    run, data = model_dir / "run", model_dir / "data"
+    if not (run / "estimator.json").exists():
+        assert main(["calibrate", str(run), "--device", "cpu"]) == 0
+    save_policy(make_policy(2, LABELS, tea_init="flips", tea_top_k=2), run / "policy.json")
+    info = serve.load_model_info(f"m={run}")
+    upload = serve.inspect_upload((data / "imagesTs" / "case_004_0000.nii.gz").read_bytes(), info,
+                                  serve.Limits.from_options(None, None))
+    options = serve.parse_options([("tta", "none"), ("summary", "true")], info)
+    summary = serve.LoadedModel(info, torch.device("cpu")).predict(upload, options, 4).summary
+    out = model_dir / "pred_default"
+    assert main(["predict", "--model", str(run), "--input", str(data / "imagesTs"), "--output", str(out),
+                 "--device", "cpu", "--cases", "case_004"]) == 0
+    quality = list(csv.DictReader(open(out / "quality.csv")))
+    assert summary["estimator"] == "CS-ATC" == quality[0]["estimator"]
+    assert summary["estimated_dice"] == pytest.approx({r["class"]: float(r["estimated_dice"]) for r in quality})
 
 
 def test_unknown_estimator_and_missing_file_are_refused(model_dir, tmp_path, capsys):
