@@ -63,30 +63,12 @@ def fit_from_checkpoint(
     if out.exists() and not overwrite:
         raise EstimatorError(f"{out} exists; pass --overwrite to refit it")
     ckpt = load_checkpoint(ckpt_path)
-    root = Path(dataset) if dataset is not None else Path(config_from_dict(ckpt["config"]).data.root)
-    info = read_dataset_info(root)
-    if dataset_fingerprint(info) != ckpt.get("data_fingerprint"):
-        raise EstimatorError(f"dataset {root} is not the one {ckpt_path} was trained on (fingerprints differ); "
-                             "pass --dataset with the training dataset")
-    ids = validation_case_ids(ckpt, info)
-    fields = PreprocessConfig.model_fields
-    preprocess = PreprocessConfig.model_validate({k: v for k, v in ckpt["preprocess"].items() if k in fields})
-    cases = load_cases(info, ids, preprocess, cache_dir=None)
-    label_names = dict(ckpt["label_names"])
-    loaded = None if policy is None else policy_from_file_or_preset(policy, int(ckpt["model_config"]["dims"]),
-                                                                    label_names)
-    torch_device = resolve_device(device)
-    model = build_model(ckpt).to(torch_device)
-    probs = [
-        predict_tta(model, case.image, loaded, top_k=top_k, window=ckpt["patch_size"], batch_size=batch_size,
-                    device=torch_device, aggregate=aggregate).probabilities.cpu().numpy().astype(np.float64)
-        for case in cases
-    ]
-    labels = [np.asarray(case.label).astype(np.int64) for case in cases]
+    ids, probs, labels = validation_probabilities(ckpt, dataset=dataset, policy=policy, top_k=top_k,
+                                                  aggregate=aggregate, batch_size=batch_size, device=device)
     document = {
         "format": ESTIMATOR_FORMAT,
         "version": ESTIMATOR_VERSION,
-        "label_names": label_names,
+        "label_names": dict(ckpt["label_names"]),
         "default": default,
         "tta": {"policy": None if policy is None else str(policy), "top_k": top_k, "aggregate": aggregate},
         "val_cases": ids,
@@ -95,6 +77,38 @@ def fit_from_checkpoint(
     }
     write_json(out, document)
     return out
+
+
+def validation_probabilities(
+    ckpt: dict[str, Any],
+    *,
+    dataset: str | Path | None = None,
+    policy: str | Path | None = None,
+    top_k: int | None = None,
+    aggregate: Literal["probabilities", "logits"] = "probabilities",
+    batch_size: int = 8,
+    device: str | None = "auto",
+) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """The run's validation case ids, their predicted probabilities (K, *S) and labels (*S), preprocessed grid."""
+    root = Path(dataset) if dataset is not None else Path(config_from_dict(ckpt["config"]).data.root)
+    info = read_dataset_info(root)
+    if dataset_fingerprint(info) != ckpt.get("data_fingerprint"):
+        raise EstimatorError(f"dataset {root} is not the one the checkpoint was trained on (fingerprints differ); "
+                             "pass --dataset with the training dataset")
+    ids = validation_case_ids(ckpt, info)
+    fields = PreprocessConfig.model_fields
+    preprocess = PreprocessConfig.model_validate({k: v for k, v in ckpt["preprocess"].items() if k in fields})
+    cases = load_cases(info, ids, preprocess, cache_dir=None)
+    loaded = None if policy is None else policy_from_file_or_preset(policy, int(ckpt["model_config"]["dims"]),
+                                                                    dict(ckpt["label_names"]))
+    torch_device = resolve_device(device)
+    model = build_model(ckpt).to(torch_device)
+    probs = [
+        predict_tta(model, case.image, loaded, top_k=top_k, window=ckpt["patch_size"], batch_size=batch_size,
+                    device=torch_device, aggregate=aggregate).probabilities.cpu().numpy().astype(np.float64)
+        for case in cases
+    ]
+    return ids, probs, [np.asarray(case.label).astype(np.int64) for case in cases]
 
 
 def _mean_dice(probs: list[np.ndarray], labels: list[np.ndarray]) -> list[float | None]:
