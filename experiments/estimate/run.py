@@ -174,7 +174,7 @@ def main() -> None:
     results = {mode: [run_seed(seed, mode, args.work.resolve(), data) for seed in args.seeds] for mode in MODES}
     names = list(ESTIMATORS)
     summaries = {mode: {"mode": mode, **summarise(results[mode], names)} for mode in MODES}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, torch "
                        f"{torch.__version__}, 1 thread", "seeds": args.seeds,
