@@ -50,7 +50,7 @@ def test_calibrate_predict_evaluate(model_dir, capsys):
     out = model_dir / "pred"
     assert main(["predict", "--model", str(run), "--input", str(data / "imagesTs"), "--output", str(out),
                  "--device", "cpu", "--estimate", "CS-TS"]) == 0
-    quality = list(csv.DictReader(open(out / "quality.csv")))
+    quality = list(csv.DictReader((out / "quality.csv").read_text().splitlines()))
     assert [(r["case"], r["class"], r["estimator"]) for r in quality] == [
         (c, name, "CS-TS") for c in ("case_004", "case_005") for name in ("organ", "lesion")]
     assert all(0.0 <= float(r["estimated_dice"]) <= 1.0 for r in quality)
@@ -63,7 +63,7 @@ def test_calibrate_predict_evaluate(model_dir, capsys):
     assert main(["evaluate", "--pred", str(out), "--gt", str(gt), "--labels", str(data / "dataset.json"),
                  "--out", str(table)]) == 0
     assert "mean absolute error" in capsys.readouterr().out
-    rows = list(csv.DictReader(open(table)))
+    rows = list(csv.DictReader(table.read_text().splitlines()))
     for row in rows:
         assert float(row["abs_error"]) == pytest.approx(abs(float(row["estimated_dice"]) - float(row["dice"])))
 
@@ -82,7 +82,7 @@ def test_served_summary_reports_the_estimate_predict_writes(model_dir):
     out = model_dir / "pred_default"
     assert main(["predict", "--model", str(run), "--input", str(data / "imagesTs"), "--output", str(out),
                  "--device", "cpu", "--cases", "case_004"]) == 0
-    quality = list(csv.DictReader(open(out / "quality.csv")))
+    quality = list(csv.DictReader((out / "quality.csv").read_text().splitlines()))
     assert summary["estimator"] == "CS-ATC" == quality[0]["estimator"]
     assert summary["estimated_dice"] == pytest.approx({r["class"]: float(r["estimated_dice"]) for r in quality})
 

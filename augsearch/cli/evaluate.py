@@ -68,10 +68,9 @@ def summary_table(summaries: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from augsearch.artifacts.layout import QUALITY_CSV
     from augsearch.atomic import write_text
     from augsearch.metrics import METRICS, evaluate_folders, read_label_names
-
-    from augsearch.artifacts.layout import QUALITY_CSV
     from augsearch.predict.calibration import attach_estimates
 
     label_names = read_label_names(args.labels) if args.labels else None

@@ -163,7 +163,7 @@ def _per_class(fit: Any, pred: np.ndarray, k: int, specific: bool) -> list[float
 
 def _matching_threshold(s: np.ndarray, accuracy: float) -> float:
     """Threshold t with mean(s > t) = accuracy (to the nearest voxel): the value below which 1 - accuracy lie."""
-    below = int(round((1.0 - accuracy) * len(s)))
+    below = round((1.0 - accuracy) * len(s))
     # A confidence is at least 1/K > 0, so threshold 0 counts every voxel as correct (and stays valid JSON).
     return float(np.sort(s)[below - 1]) if below > 0 else 0.0
 

@@ -55,7 +55,7 @@ def synthetic_shift(image: np.ndarray, label: np.ndarray, shift: str, rng: np.ra
     if shift == "blur":
         return np.stack([ndimage.gaussian_filter(c, 1.5) for c in image]), label
     if shift == "rotation":
-        rotate = dict(angle=30, axes=(0, 1), reshape=False, mode="nearest")
+        rotate = {"angle": 30, "axes": (0, 1), "reshape": False, "mode": "nearest"}
         return np.stack([ndimage.rotate(c, order=1, **rotate) for c in image]), ndimage.rotate(label, order=0, **rotate)
     raise ValueError(shift)
 
@@ -174,7 +174,8 @@ def main() -> None:
     results = {mode: [run_seed(seed, mode, args.work.resolve(), data) for seed in args.seeds] for mode in MODES}
     names = list(ESTIMATORS)
     summaries = {mode: {"mode": mode, **summarise(results[mode], names)} for mode in MODES}
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                            check=False).stdout.strip()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, torch "
                        f"{torch.__version__}, 1 thread", "seeds": args.seeds,
