@@ -31,8 +31,8 @@ def model_dir(tmp_path_factory):
     config = {"data": {"root": str(data)}}
     save_checkpoint(
         root / "run" / "checkpoint.pt", model=model, model_config=model_config(model), config=config,
-        label_names=LABELS, preprocess=PreprocessConfig().model_dump(mode="json"), patch_size=[16, 16], epoch=1,
-        step=1, optimizers={}, policy=None, metrics={}, generators={},
+        label_names=LABELS, preprocess=PreprocessConfig(normalization="zscore").model_dump(mode="json"),
+        patch_size=[16, 16], epoch=1, step=1, optimizers={}, policy=None, metrics={}, generators={},
         data_fingerprint=dataset_fingerprint(read_dataset_info(data)),
     )
     return root
