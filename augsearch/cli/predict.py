@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="remove predicted connected components smaller than this volume (default 0: keep all)")
     parser.add_argument("--keep-largest", nargs="+", default=(), metavar="CLASS",
                         help="keep only the largest connected component of these classes (names or values)")
+    parser.add_argument("--estimate", default=None, metavar="ESTIMATOR",
+                        help="estimator for quality.csv (estimated Dice per class and case), e.g. CS-ATC; default: "
+                        "the one chosen by `augsearch calibrate` when the model folder has estimator.json")
     parser.set_defaults(func=run)
 
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.input, args.output, policy=args.policy, cases=args.cases, top_k=args.top_k,
         batch_size=args.batch_size, device=args.device, overlap=args.overlap, aggregate=args.aggregate,
         uncertainty=args.uncertainty, min_component_mm3=args.min_component_mm3,
-        keep_largest=args.keep_largest,
+        keep_largest=args.keep_largest, estimate=args.estimate,
     )
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from augsearch.artifacts.checkpoint import build_model, load_checkpoint
-from augsearch.artifacts.layout import UNCERTAINTY_CSV, UNCERTAINTY_DIR
+from augsearch.artifacts.layout import QUALITY_CSV, UNCERTAINTY_CSV, UNCERTAINTY_DIR
 from augsearch.atomic import atomic_open, write_text
 from augsearch.config import PreprocessConfig
 from augsearch.data.dataset import Case
@@ -35,6 +35,8 @@ from augsearch.data.preprocess import preprocess_image, restore_to_original
 from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError
 from augsearch.policy.presets import policy_from_file_or_preset
+from augsearch.predict.calibration import estimator_for_model, quality_rows
+from augsearch.predict.estimate import Estimator
 from augsearch.predict.postprocess import apply_postprocess, postprocess_from_options
 from augsearch.predict.tta import predict_tta
 
@@ -56,6 +58,7 @@ class CasePrediction:
     """A predicted case on the file's grid, ready to write.
 
     labels: (*file spatial shape) uint8. entropy, variance: same shape float32, or None. summary: the CSV row.
+    quality: quality.csv rows (estimated Dice per foreground class), or None.
     """
 
     case_id: str
@@ -65,6 +68,7 @@ class CasePrediction:
     header: Any
     affine: np.ndarray
     summary: dict[str, Any] | None
+    quality: list[dict[str, Any]] | None = None
 
 
 def find_inputs(path: str | Path, cases: list[str] | None = None) -> list[InputCase]:
@@ -186,6 +190,7 @@ def predict_case(
     overlap: float = 0.5,
     aggregate: Literal["probabilities", "logits"] = "probabilities",
     uncertainty: bool = False,
+    estimator: Estimator | None = None,
 ) -> CasePrediction:
     """Read, preprocess, predict with TTA and restore one case to its file's grid (nothing is written).
 
@@ -217,7 +222,8 @@ def predict_case(
         entropy, variance = entropy_map.reshape(file_shape), variance_map.reshape(file_shape)
         summary = _summary_row(case.case_id, probs.argmax(0), entropy_map, spacing, ckpt["label_names"],
                                result.view_volumes.cpu().numpy())
-    return CasePrediction(case.case_id, labels, entropy, variance, header, affine, summary)
+    quality = None if estimator is None else quality_rows(case.case_id, probs, estimator, ckpt["label_names"])
+    return CasePrediction(case.case_id, labels, entropy, variance, header, affine, summary, quality)
 
 
 def _summary_row(case_id: str, labels: np.ndarray, entropy: np.ndarray, spacing: tuple[float, ...],
@@ -305,6 +311,7 @@ def predict_files(
     min_component_mm3: float = 0.0,
     keep_largest: Sequence[str] = (),
     progress: bool | None = None,
+    estimate: str | None = None,
 ) -> list[Path]:
     """Predict every case under `input_path` into `output_dir`; returns the written files.
 
@@ -312,7 +319,8 @@ def predict_files(
     plain sliding-window prediction. top_k: TEA views (default: the policy's K). Everything is checked (checkpoint,
     policy, input files' headers) before the first case is predicted. progress: tqdm bar over the cases (None: only
     on a terminal). min_component_mm3 / keep_largest (class names): connected-component clean-up of each label map on
-    its file's grid (`augsearch.predict.postprocess`).
+    its file's grid (`augsearch.predict.postprocess`). estimate: estimator name for quality.csv (estimated Dice per
+    class and case, `augsearch.predict.calibration`); None: the default of the model's estimator.json, if it has one.
     """
     from tqdm import tqdm
 
@@ -330,6 +338,7 @@ def predict_files(
                 f"{checkpoint} outputs {config['num_classes']} classes; use the policy learned with this model"
             )
         loaded.tea_selected(top_k)  # a bad --top-k fails here, before any output
+    estimator = estimator_for_model(checkpoint, estimate, ckpt["label_names"])
     postprocess = postprocess_from_options(min_component_mm3, keep_largest, ckpt["label_names"])
     inputs = find_inputs(input_path, cases)
     check_inputs(inputs, int(config["dims"]), int(config["in_channels"]))
@@ -337,12 +346,13 @@ def predict_files(
     output_dir = Path(output_dir)
     written: list[Path] = []
     rows: list[dict[str, Any]] = []
+    quality: list[dict[str, Any]] = []
     bar = tqdm(inputs, desc="predict", unit="case", disable=None if progress is None else not progress)
     for case in bar:
         bar.set_postfix_str(case.case_id)
         prediction = predict_case(
             model, ckpt, case, loaded, top_k=top_k, batch_size=batch_size, device=torch_device, overlap=overlap,
-            aggregate=aggregate, uncertainty=uncertainty,
+            aggregate=aggregate, uncertainty=uncertainty, estimator=estimator,
         )
         if postprocess.active:
             spacing = prediction.header.get_zooms()[: prediction.labels.ndim]
@@ -351,6 +361,11 @@ def predict_files(
         if prediction.summary is not None:
             rows.append(prediction.summary)
             write_summary(rows, output_dir / UNCERTAINTY_DIR / UNCERTAINTY_CSV)
+        if prediction.quality is not None:
+            quality += prediction.quality
+            write_summary(quality, output_dir / QUALITY_CSV)
     if rows:
         written.append(output_dir / UNCERTAINTY_DIR / UNCERTAINTY_CSV)
+    if quality:
+        written.append(output_dir / QUALITY_CSV)
     return written

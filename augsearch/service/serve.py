@@ -19,7 +19,8 @@ Routes:
                                    -> application/gzip: the segmentation (.nii.gz, uint8 labels, the input's affine
                                    and header); with uncertainty or summary -> application/zip holding
                                    segmentation.nii.gz, entropy.nii.gz and variance.nii.gz (uncertainty) and
-                                   summary.json (views and weights, volume per class in mm^3, mean entropy).
+                                   summary.json (views and weights, volume per class in mm^3, mean entropy,
+                                   and estimated Dice per class when the export has an estimator.json).
     GET  /v1/models                -> {"models": [{id, labels, dims, spacing_mm, policy, provenance, ...}]}
     GET  /healthz                  -> 200 while the ingress answers
     GET  /readyz                   -> 200 once every model is loaded on a replica, else 503
@@ -66,6 +67,7 @@ from augsearch.errors import AugsearchError, DatasetError  # noqa: E402
 from augsearch.ops.tea import tea_pool  # noqa: E402
 from augsearch.policy.io import read_policy_document  # noqa: E402
 from augsearch.policy.presets import policy_from_file_or_preset  # noqa: E402
+from augsearch.predict.calibration import estimator_for_model  # noqa: E402
 from augsearch.predict.files import InputCase, check_inputs, predict_case, write_case  # noqa: E402
 from augsearch.predict.tta import selected_views  # noqa: E402
 from augsearch.tune.ray_tune import ray_session  # noqa: E402
@@ -367,6 +369,7 @@ class LoadedModel:
         self.ckpt = load_checkpoint(path / CHECKPOINT_NAME)
         self.model = build_model(self.ckpt).to(device)
         self.policies = tta_policies(path, info.dims, info.labels)
+        self.estimator = estimator_for_model(path / CHECKPOINT_NAME, None, self.ckpt["label_names"])
 
     def predict(self, upload: Upload, options: PredictOptions, batch_size: int) -> Prediction:
         """`augsearch predict --batch-size BATCH_SIZE` of the upload with this model, its files read back."""
@@ -379,7 +382,7 @@ class LoadedModel:
                 check_inputs([case], self.info.dims, self.info.in_channels)
                 prediction = predict_case(self.model, self.ckpt, case, policy, top_k=options.top_k,
                                           batch_size=batch_size, device=self.device,
-                                          uncertainty=options.uncertainty)
+                                          uncertainty=options.uncertainty, estimator=self.estimator)
             except DatasetError as err:
                 raise RequestError(422, f"the volume cannot be predicted: {err.fix}", err.expected,
                                    err.found) from None
@@ -400,6 +403,9 @@ class LoadedModel:
         if prediction.summary is not None:
             summary["mean_entropy"] = prediction.summary["mean_entropy"]
             summary["volume_cv"] = prediction.summary["volume_cv"]
+        if prediction.quality is not None:
+            summary["estimator"] = self.estimator.name
+            summary["estimated_dice"] = {row["class"]: row["estimated_dice"] for row in prediction.quality}
         return Prediction(files, summary)
 
 
