@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,6 +23,7 @@ from pydantic import (
 )
 
 from augsearch.errors import AugsearchError
+from augsearch.textfiles import MalformedText, parse_toml, read_text
 
 
 class ConfigError(AugsearchError):
@@ -231,8 +231,8 @@ class ExperimentConfig(_Section):
 def parse_override_value(text: str) -> Any:
     """Parse the right-hand side of `key=value` as a TOML value; a bare word stays a string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        return parse_toml(f"v = {text}")["v"]
+    except MalformedText:
         return text
 
 
@@ -290,7 +290,7 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a TOML file such as experiments/smoke.toml")
     try:
-        tree = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        tree = parse_toml(read_text(path))
+    except MalformedText as err:
+        raise ConfigError(f"{path}: {err}") from None
     return config_from_dict(apply_overrides(tree, overrides), source=str(path))

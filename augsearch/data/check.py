@@ -8,7 +8,6 @@ imagesTs cases have all channels and are readable; splits.json (when present) na
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from augsearch.data.nifti import (
     scan_images,
 )
 from augsearch.errors import DatasetError
+from augsearch.textfiles import MalformedText, read_json
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,9 @@ def _check_splits(root: Path, known: set[str]) -> list[Problem]:
     if not path.is_file():
         return []
     try:
-        split = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        return [Problem(str(path), "valid JSON", f"a parse error ({err})", "repair or delete splits.json")]
+        split = read_json(path)
+    except MalformedText as err:
+        return [Problem(str(path), "valid UTF-8 JSON", str(err), "repair or delete splits.json")]
     if not isinstance(split, dict):
         return [Problem(str(path), 'an object {"train": [...], "val": [...], "test": [...]}', type(split).__name__,
                         "repair or delete splits.json")]

@@ -18,7 +18,6 @@ In memory an image is `(C, *S)` float32 channel-first with S in NIfTI voxel orde
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 
 from augsearch.data.nifti import load_nifti, missing_channel_files, scan_images
 from augsearch.errors import DatasetError
+from augsearch.textfiles import MalformedText, read_json
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,9 @@ def read_dataset_json(root: str | Path) -> dict[str, Any]:
         raise DatasetError(path, "a dataset.json file", "no such file",
                            "add dataset.json (nnU-Net v2 or MSD format) or generate one with `augsearch data synth`")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(path, "valid JSON", f"a parse error ({err})", "repair the file") from None
+        meta = read_json(path)
+    except MalformedText as err:
+        raise DatasetError(path, "valid UTF-8 JSON", str(err), "repair the file") from None
     if not isinstance(meta, dict):
         raise DatasetError(path, "a JSON object", type(meta).__name__, "write dataset.json as an object")
     return meta
@@ -177,9 +177,9 @@ def read_json_file(path: Path) -> Any:
     if not path.is_file():
         raise DatasetError(path, "a JSON split file", "no such file", "fix data.split.splits_file")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatasetError(path, "valid JSON", f"a parse error ({err})", "repair the file") from None
+        return read_json(path)
+    except MalformedText as err:
+        raise DatasetError(path, "valid UTF-8 JSON", str(err), "repair the file") from None
 
 
 def dataset_fingerprint(info: DatasetInfo) -> str:

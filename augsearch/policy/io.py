@@ -9,7 +9,6 @@ meaning: known ops with the registry's bins, probabilities that sum to one, the 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from augsearch.errors import AugsearchError, PolicyFileError
 from augsearch.ops.registry import FLIPS, INTENSITY_ORDER, ROTATIONS, get_op, list_ops
 from augsearch.ops.tea import tea_pool
 from augsearch.policy.core import Policy, PolicyError
+from augsearch.textfiles import MalformedText, parse_json, read_text
 
 FORMAT = "augsearch-policy"
 
@@ -494,17 +494,17 @@ def read_policy_document(path: str | Path) -> dict:
     """The parsed JSON of a policy file, with clear errors for a missing file or malformed JSON."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except FileNotFoundError:
         raise PolicyFileError(f"no policy file at {path}; give an existing .json file or a preset name.") from None
     except IsADirectoryError:
         raise PolicyFileError(f"{path} is a directory; give a policy .json file.") from None
+    except MalformedText as err:
+        raise PolicyFileError(f"{path}: {err}.") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PolicyFileError(
-            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the syntax there."
-        ) from None
+        return parse_json(text)
+    except MalformedText as err:
+        raise PolicyFileError(f"{path}: {err}; fix the syntax there.") from None
 
 
 def load_policy(path: str | Path) -> Policy:
