@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from augsearch.errors import AugsearchError
+from augsearch.errors import AugsearchError, brief
 from augsearch.textfiles import MalformedText, parse_toml, read_text
 
 
@@ -31,7 +31,8 @@ class ConfigError(AugsearchError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is no number and `1` no boolean (an int still fills a float field)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class SynthConfig(_Section):
@@ -280,7 +281,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> Experiment
             if e["type"] == "extra_forbidden":
                 lines.append(f"  {key}: unknown key; check its spelling against `augsearch config show`")
             else:
-                lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+                lines.append(f"  {key}: {e['msg']} (got {brief(e.get('input'))})")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
 
 

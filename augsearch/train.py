@@ -31,7 +31,7 @@ from augsearch.data.sampler import Batch, PatchSampler
 from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.devices import resolve_device
-from augsearch.errors import AugsearchError
+from augsearch.errors import AugsearchError, DatasetError
 from augsearch.learn.joint import JointStep
 from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
 from augsearch.model import UNet, model_config
@@ -82,6 +82,10 @@ def _load_data(cfg: ExperimentConfig) -> _Data:
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else root / ".augsearch_cache"
     preprocess = complete_preprocess(info, cfg.data.preprocess, cache)
     train = load_cases(info, splits.train, preprocess, cache)
+    if not any(case.label.any() for case in train):
+        raise DatasetError(root / "labelsTr", "foreground voxels in the training labels",
+                           f"only background in all {len(train)} training label maps",
+                           "check the label files with `augsearch data check`")
     val = load_cases(info, splits.val, preprocess, cache)
     if not val:
         raise AugsearchError(f"no validation cases in {root}; name them with data.split.val or raise val_fraction")
@@ -352,10 +356,10 @@ def fit(
     from tqdm import tqdm
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(cfg, run_dir)
     if resume is not None:
         run.restore(load_checkpoint(resume, map_location=run.device))
+    run_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves no empty folder
     write_json(run_dir / "config.json", cfg.to_dict())
     writer = SummaryWriter(str(run_dir / "tb"))
     t = cfg.train

@@ -168,6 +168,7 @@ def test_sigterm_of_a_search_stops_it_like_ctrl_c(tmp_path, data_root):
     assert not survivors(noted)
 
 
+@pytest.mark.slow
 def test_sigterm_of_train_ends_with_a_resume_hint(tmp_path, data_root):
     out = tmp_path / "run"
     proc = start_cli("train", str(SMOKE), "--out", str(out), "--quiet", *tiny(data_root, "train.epochs=5000"))

@@ -9,6 +9,7 @@ optimizers, policy (policy file dict or None), metrics, rng, data_fingerprint, v
 from __future__ import annotations
 
 import platform
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from augsearch.artifacts.layout import CHECKPOINT_NAME
 from augsearch.atomic import torch_save
-from augsearch.errors import AugsearchError
+from augsearch.errors import AugsearchError, brief
 from augsearch.model import UNet
 
 CHECKPOINT_FORMAT = "augsearch-checkpoint"
@@ -97,13 +98,26 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+def _truncated(path: Path) -> bool:
+    """Empty, or a torch zip archive (it starts with the zip magic) cut before its end record."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return not head or (head == b"PK\x03\x04" and not zipfile.is_zipfile(path))
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint (file or run directory)."""
     path = resolve_checkpoint_path(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises many types for corrupt or foreign files
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+        if _truncated(path):
+            raise CheckpointError(
+                f"{path} is truncated ({path.stat().st_size} bytes, its zip archive has no end record): the write "
+                "was cut short; use an earlier checkpoint or write it again"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {brief(str(err))})"
+                              ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(

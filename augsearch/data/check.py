@@ -80,25 +80,31 @@ def check_dataset(root: str | Path) -> list[Problem]:
         problems.append(Problem(str(path), f"numTraining = number of training cases ({len(images)})",
                                 str(meta["numTraining"]), "correct numTraining"))
     try:
-        dims = infer_dims(meta, next(iter(images.values()))[0])
+        dims = infer_dims(meta, next(iter(images.values()))[0], path)
     except DatasetError as err:
         problems.append(_problem(err))
         dims = 3
     for case_id in sorted(set(label_files) - set(images)):
         problems.append(Problem(str(label_files[case_id]), f"a training image {case_id}_0000{file_ending} or "
                                 f"{case_id}{file_ending}", "none", "add the image or remove the label"))
+    foreground = []
     for case_id, files in images.items():
         problems += _check_case(root, "Tr", case_id, files, channels, file_ending, dims, labels,
-                                label_files.get(case_id))
+                                label_files.get(case_id), foreground)
+    if len(foreground) == len(images) and not any(foreground):
+        problems.append(Problem(str(root / "labelsTr"), "foreground voxels (a label value other than 0) in the "
+                                "training labels", f"only background in all {len(images)} label maps",
+                                "check the label files: empty masks, or labels exported without their values"))
     if (root / "imagesTs").is_dir():
         for case_id, files in scan_images(root / "imagesTs", file_ending).items():
-            problems += _check_case(root, "Ts", case_id, files, channels, file_ending, dims, labels, None)
+            problems += _check_case(root, "Ts", case_id, files, channels, file_ending, dims, labels, None, [])
     problems += _check_splits(root, set(images))
     return problems
 
 
 def _check_case(root: Path, split: str, case_id: str, files: list[Path], channels: list[str], file_ending: str,
-                dims: int, labels: dict[str, int], label_path: Path | None) -> list[Problem]:
+                dims: int, labels: dict[str, int], label_path: Path | None, foreground: list[bool]) -> list[Problem]:
+    """The case's problems; appends to FOREGROUND whether its label (when readable) has a foreground voxel."""
     missing = missing_channel_files(root, split, case_id, files, len(channels), file_ending)
     problems = [Problem(str(p), f"channel file {p.name} of case {case_id} ({len(channels)} channels)", "no such file",
                         "add the missing channel file") for p in missing]
@@ -118,6 +124,7 @@ def _check_case(root: Path, split: str, case_id: str, files: list[Path], channel
     if label_path is not None:
         try:
             label, label_spacing, label_affine = read_label(label_path, dims, labels)
+            foreground.append(bool(label.any()))
             if image is not None:
                 problems += [_problem(e) for e in check_pair(files[0], label_path, image.shape[1:], spacing, affine,
                                                              label.shape, label_spacing, label_affine)]
@@ -146,10 +153,31 @@ def _check_splits(root: Path, known: set[str]) -> list[Problem]:
     return problems
 
 
+GROUP_FROM = 4  # this many problems with one expectation and fix are one line naming a few of their files
+
+
+def _group_lines(problems: list[Problem]) -> list[str]:
+    """One line per problem; problems that share `expected` and `fix` (one cause, many files) share one line."""
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for problem in problems:
+        groups.setdefault((problem.expected, problem.fix), []).append(problem)
+    lines = []
+    for (expected, fix), group in groups.items():
+        if len(group) < GROUP_FROM:
+            lines += [str(p) for p in group]
+            continue
+        files = ", ".join(p.file for p in group[:3])
+        found = sorted({p.found for p in group})
+        found_text = ", ".join(found[:5]) + (f" ... ({len(found)} distinct)" if len(found) > 5 else "")
+        lines.append(f"{len(group)} files ({files}, ...): expected {expected}, found {found_text}"
+                     + (f". Fix: {fix}" if fix else ""))
+    return lines
+
+
 def format_report(root: str | Path, problems: list[Problem]) -> str:
-    """Human-readable report: one line per problem, or a short OK summary."""
+    """Human-readable report: one line per problem (or per group of problems with one cause), or an OK summary."""
     if problems:
-        return f"{root}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems)
+        return f"{root}: {len(problems)} problem(s)\n" + "\n".join(f"  - {line}" for line in _group_lines(problems))
     root = Path(root)
     meta = read_dataset_json(root)
     n_train = len(scan_images(root / "imagesTr", str(meta.get("file_ending", ".nii.gz"))))

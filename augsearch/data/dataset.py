@@ -120,9 +120,13 @@ def parse_channel_names(meta: dict[str, Any], path: Path) -> list[str]:
     return [str(raw[str(k)]) for k in keys]
 
 
-def infer_dims(meta: dict[str, Any], first_image: Path | None) -> int:
-    if meta.get("dims") in (2, 3):
-        return int(meta["dims"])
+def infer_dims(meta: dict[str, Any], first_image: Path | None, path: Path | None = None) -> int:
+    if "dims" in meta:
+        dims = meta["dims"]
+        if type(dims) is not int or dims not in (2, 3):
+            raise DatasetError(path or "dataset.json", '"dims" 2 or 3 (a number)', repr(dims),
+                               'write "dims": 2 or "dims": 3, or leave it out to infer it from the images')
+        return dims
     size = str(meta.get("tensorImageSize", "")).upper()
     if size == "2D":
         return 2
@@ -169,7 +173,7 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
                                    f"{len(files)}", "add the missing channel file")
     first = next(iter(images.values()))[0]
     return DatasetInfo(root=root, name=str(meta.get("name", root.name)), labels=labels, channel_names=channels,
-                       file_ending=file_ending, dims=infer_dims(meta, first), training=sorted(images),
+                       file_ending=file_ending, dims=infer_dims(meta, first, path), training=sorted(images),
                        test=sorted(test))
 
 
