@@ -13,10 +13,11 @@ from test_predict import _checkpoint
 from augsearch.cli import main
 from augsearch.data.check import check_dataset, format_report
 from augsearch.data.dataset import read_dataset_info
+from augsearch.policy.presets import POLICIES_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.toml"
-PRESET = ROOT / "policies" / "presets" / "flips-tta-2d.json"
+PRESET = POLICIES_DIR / "presets" / "flips-tta-2d.json"
 NOT_UTF8 = b'{"format": "\xff\xfe"}'
 DEEP_JSON = "[" * 100_000 + "]" * 100_000
 

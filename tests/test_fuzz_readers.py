@@ -26,6 +26,7 @@ from augsearch.artifacts.checkpoint import build_model, load_checkpoint
 from augsearch.config import apply_overrides, config_from_dict, load_config
 from augsearch.data.check import check_dataset
 from augsearch.data.dataset import read_dataset_info
+from augsearch.policy.presets import POLICIES_DIR
 from augsearch.data.nifti import read_image, read_label
 from augsearch.errors import AugsearchError
 from augsearch.policy.io import load_policy
@@ -33,7 +34,7 @@ from augsearch.tune.space import config_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.toml"
-PRESETS = sorted((ROOT / "policies" / "presets").glob("*.json"))
+PRESETS = sorted((POLICIES_DIR / "presets").glob("*.json"))
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.function_scoped_fixture])
 
