@@ -26,10 +26,10 @@ from augsearch.artifacts.checkpoint import build_model, load_checkpoint
 from augsearch.config import apply_overrides, config_from_dict, load_config
 from augsearch.data.check import check_dataset
 from augsearch.data.dataset import read_dataset_info
-from augsearch.policy.presets import POLICIES_DIR
 from augsearch.data.nifti import read_image, read_label
 from augsearch.errors import AugsearchError
 from augsearch.policy.io import load_policy
+from augsearch.policy.presets import POLICIES_DIR
 from augsearch.tune.space import config_keys
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -140,7 +140,7 @@ def _check_splits(root: Path, known: set[str]) -> list[Problem]:
     try:
         split = read_json(path)
     except MalformedText as err:
-        return [Problem(str(path), "valid UTF-8 JSON", str(err), "repair or delete splits.json")]
+        return [Problem(str(path), "valid JSON", str(err), "repair or delete splits.json")]
     if not isinstance(split, dict):
         return [Problem(str(path), 'an object {"train": [...], "val": [...], "test": [...]}', type(split).__name__,
                         "repair or delete splits.json")]

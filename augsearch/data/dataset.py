@@ -79,7 +79,7 @@ def read_dataset_json(root: str | Path) -> dict[str, Any]:
     try:
         meta = read_json(path)
     except MalformedText as err:
-        raise DatasetError(path, "valid UTF-8 JSON", str(err), "repair the file") from None
+        raise DatasetError(path, "valid JSON", str(err), "repair the file") from None
     if not isinstance(meta, dict):
         raise DatasetError(path, "a JSON object", type(meta).__name__, "write dataset.json as an object")
     return meta
@@ -183,7 +183,7 @@ def read_json_file(path: Path) -> Any:
     try:
         return read_json(path)
     except MalformedText as err:
-        raise DatasetError(path, "valid UTF-8 JSON", str(err), "repair the file") from None
+        raise DatasetError(path, "valid JSON", str(err), "repair the file") from None
 
 
 def dataset_fingerprint(info: DatasetInfo) -> str:
