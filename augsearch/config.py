@@ -17,6 +17,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveFloat,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,8 +33,8 @@ class ConfigError(AugsearchError):
 
 
 class _Section(BaseModel):
-    # strict: `true` is no number and `1` no boolean (an int still fills a float field)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # strict: `true` is no number and `1` no boolean (an int still fills a float field); numbers are finite
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class SynthConfig(_Section):
@@ -49,7 +51,9 @@ class SynthConfig(_Section):
 class PreprocessConfig(_Section):
     """Resampling and intensity normalisation, applied identically at training and prediction time."""
 
-    target_spacing: list[float] | None = Field(None, description="mm per voxel axis; None keeps each case's own.")
+    target_spacing: list[PositiveFloat] | None = Field(
+        None, min_length=2, max_length=3, description="mm per voxel axis; None keeps each case's own."
+    )
     normalization: Literal["zscore", "ct", "none"] = "zscore"
     ct_clip: list[float] | None = Field(None, description="[low, high] HU window for normalization='ct'.")
     ct_mean: float | None = None
@@ -95,7 +99,7 @@ class TrainConfig(_Section):
     iterations: int = Field(50, ge=1, description="Iterations per epoch.")
     batch_size: int = Field(8, ge=1)
     val_batch_size: int = Field(8, ge=1, description="Validation patches per TRA meta-step.")
-    patch_size: list[int] = Field(default_factory=lambda: [64, 64])
+    patch_size: list[PositiveInt] = Field(default_factory=lambda: [64, 64], min_length=2, max_length=3)
     fg_fraction: float = Field(0.5, ge=0, le=1, description="Share of patches centred on a foreground voxel.")
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(1e-2, gt=0)

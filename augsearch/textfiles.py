@@ -17,9 +17,18 @@ class MalformedText(ValueError):
     """The reason a file's text cannot be parsed: where and what, without the file name (callers add it)."""
 
 
+MAX_BYTES = 64 * 2**20  # configs, policy files and dataset.json are kilobytes; this refuses a device or a blob
+
+
 def read_text(path: str | Path) -> str:
-    """The file's text as strict UTF-8."""
-    data = Path(path).read_bytes()
+    """The file's text as strict UTF-8 (FileNotFoundError and IsADirectoryError pass through for callers)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise MalformedText("not a regular file (a device, pipe or socket); give a text file")
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise MalformedText(f"larger than {MAX_BYTES // 2**20} MiB, far more than a text file of this kind holds")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -201,3 +201,32 @@ def test_type_error_in_a_policy_file_quotes_the_value_briefly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "INVALID" in out and len(out) < 2000, len(out)
 
+
+
+def test_a_device_given_as_a_policy_or_config_is_refused_not_read_forever(tmp_path, capsys):
+    link = tmp_path / "zero.json"
+    link.symlink_to("/dev/zero")
+    assert main(["policy", "validate", str(link)]) == 1
+    assert "not a regular file" in capsys.readouterr().out
+    assert main(["config", "show", str(link)]) == 2
+
+
+@pytest.mark.parametrize("override, fragment", [("train.lr=inf", "finite number"), ("loss.margin=nan", "finite number"),
+                                                ("train.patch_size=[0, -1]", "greater than 0"),
+                                                ("train.patch_size=[64]", "at least 2 items"),
+                                                ("data.preprocess.target_spacing=[1, 0]", "greater than 0")])
+def test_config_numbers_are_finite_and_sizes_positive(capsys, override, fragment):
+    assert main(["config", "show", str(SMOKE), "--set", override]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_nan_voxel_spacing_is_reported(tmp_path):
+    root = _dataset(tmp_path / "d", cases=2)
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((12, 12, 8))
+    header.set_data_dtype(np.float32)
+    header["pixdim"][1] = np.nan
+    nibabel.save(nibabel.Nifti1Image(np.ones((12, 12, 8), np.float32), None, header=header),
+                 str(root / "imagesTr" / "c1_0000.nii.gz"))
+    (problem,) = check_dataset(root)
+    assert "positive, finite voxel spacing" in problem.expected and "nan" in problem.found

@@ -141,10 +141,10 @@ def test_local_ray_is_private_whatever_ray_address_says(monkeypatch):
 
 @pytest.mark.slow
 def test_sigkill_of_a_search_leaves_no_ray_process(tmp_path, data_root):
-    proc = start_cli("search", str(SMOKE), "--out", str(tmp_path / "s"), *tiny(data_root, "train.epochs=500"))
-    # the raylet's agents appear after the raylet; kill while Ray is still starting and once it is up
-    wait_for(lambda: any("agent" in process_table().get(p, (0, "", ""))[2].lower()
-                         for p in ray_descendants(proc.pid)), 300, proc)
+    out = tmp_path / "s"
+    proc = start_cli("search", str(SMOKE), "--out", str(out), *tiny(data_root, "train.epochs=500"))
+    wait_for(lambda: (out / "tuner.pkl").is_file(), 300, proc)  # Ray up, its agents running, Tune started
+    time.sleep(2)
     noted = ray_descendants(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -5,6 +5,7 @@ predict.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,9 @@ def _to_channel_first(data: np.ndarray, zooms: tuple[float, ...], dims: int, pat
             raise DatasetError(path, "a 3D image (X, Y, Z) or (X, Y, Z, C)", f"shape {data.shape}",
                                "store 3D cases with three spatial axes, channels last")
     spacing = tuple(zooms[:dims]) if len(zooms) >= dims else tuple(zooms) + (1.0,) * (dims - len(zooms))
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise DatasetError(path, "a positive, finite voxel spacing", f"spacing {spacing}",
+                           "write the voxel size (pixdim) into the header and re-save")
     return arr, spacing
 
 
@@ -126,7 +130,7 @@ def read_image(path_or_paths: str | Path | list, dims: int | None = None
             arr32 = arr.astype(np.float32, copy=False)  # what training sees: float64 beyond 3.4e38 becomes inf
         if not np.isfinite(arr32).all():
             bad = int((~np.isfinite(arr32)).sum())
-            found = (f"{bad} voxels beyond the float32 range (|value| > 3.4e38)" if np.isfinite(arr).all()
+            found = (f"{bad} voxel(s) beyond the float32 range (|value| > 3.4e38)" if np.isfinite(arr).all()
                      else f"{bad} NaN/inf voxels")
             raise DatasetError(path, "finite voxel values", found,
                                "replace or rescale those voxels (e.g. with the background value) and re-save")
