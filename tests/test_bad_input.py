@@ -203,6 +203,7 @@ def test_type_error_in_a_policy_file_quotes_the_value_briefly(tmp_path, capsys):
 
 
 
+@pytest.mark.timeout(60)
 def test_a_device_given_as_a_policy_or_config_is_refused_not_read_forever(tmp_path, capsys):
     link = tmp_path / "zero.json"
     link.symlink_to("/dev/zero")
