@@ -183,7 +183,7 @@ def nifti_files(draw):
     shape = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=5)))
     dtype = draw(st.sampled_from(DTYPES))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    array = (rng.normal(size=shape) * draw(st.sampled_from([1.0, 3.0, 1e6]))).astype(dtype)
+    array = (rng.normal(size=shape) * draw(st.sampled_from([1.0, 3.0, 1e6, 1e300]))).astype(dtype)
     affine = np.eye(4)
     affine[:3, :3] = np.diag([draw(odd_floats) for _ in range(3)])
     try:  # what nibabel itself refuses to write is no input our readers can meet
