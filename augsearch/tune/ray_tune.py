@@ -218,7 +218,7 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
             tune_config=tune.TuneConfig(
                 metric=search.metric, mode=search.mode, num_samples=search.num_samples,
                 scheduler=_scheduler(cfg), trial_dirname_creator=trial_dirname,
-                # Tune ignores TuneConfig.max_concurrent_trials when given a search_alg: the generator limits it
+                # Tune ignores TuneConfig.max_concurrent_trials when given a variant generator: the limit goes here
                 search_alg=BasicVariantGenerator(random_state=cfg.seed,
                                                  max_concurrent=search.max_concurrent_trials or 0),
             ),
