@@ -133,7 +133,8 @@ def read_image(path_or_paths: str | Path | list, dims: int | None = None
             found = (f"{bad} voxel(s) beyond the float32 range (|value| > 3.4e38)" if np.isfinite(arr).all()
                      else f"{bad} NaN/inf voxels")
             raise DatasetError(path, "finite voxel values", found,
-                               "replace or rescale those voxels (e.g. with the background value) and re-save")
+                               "replace the non-finite voxels (e.g. with the background value) or rescale the "
+                               "volume, and re-save")
         channels.append(arr32)
     return np.concatenate(channels, axis=0), spacing, affine, header
 
