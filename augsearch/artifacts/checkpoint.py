@@ -61,8 +61,10 @@ def save_checkpoint(
     metrics: dict[str, float],
     generators: dict[str, Any],
     data_fingerprint: str,
+    joint_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint atomically; returns its path."""
+    """Write the checkpoint atomically; returns its path. joint_state: the joint step's own state (its running
+    baselines), so a resumed search continues exactly."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -80,6 +82,7 @@ def save_checkpoint(
         "rng": {**rng_state(), **generators},
         "data_fingerprint": data_fingerprint,
         "versions": package_versions(),
+        "joint_state": joint_state,
     }
     path = Path(path)
     torch_save(payload, path)

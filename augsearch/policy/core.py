@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from augsearch.errors import PolicyError
-from augsearch.ops.geometry import rot90_unavailable
+from augsearch.ops.geometry import rot90_unavailable, tea_turns_unavailable
 from augsearch.policy.groups import (
     AGNOSTIC_GROUP,
     DEFAULT_GROUPS,
@@ -473,11 +473,15 @@ class Policy(torch.nn.Module):
         return self.replace(label_names=labels, group_labels=resolve_groups(labels, groups, class_specific=True))
 
     def with_patch_size(self, patch_size: Sequence[int]) -> Policy:
-        """This policy with rot90 bins made unavailable in planes where `patch_size` is not square."""
+        """This policy with rot90 bins and TEA quarter/half turns made unavailable in planes where `patch_size` is not
+        square (both run on patches of that size during the search)."""
         blocked = rot90_unavailable(self.op_specs, patch_size)
-        if not blocked:
+        turns = tea_turns_unavailable(self.tea_entries, patch_size)
+        if not blocked and not turns:
             return self
         available = self.available.cpu().clone()
         for op, index in blocked:
             available[self.op_names.index(op), index] = False
-        return self.replace(available=available)
+        tea_available = self.tea_available.cpu().clone()
+        tea_available[turns] = False
+        return self.replace(available=available, tea_available=tea_available)
