@@ -152,6 +152,12 @@ class TraSearchConfig(_Section):
     )
     count_normalization: bool = Field(True, description="Divide by how many same-group samples chose each bin.")
     outer_loss: Literal["ce_dice", "ce", "dice"] = "ce_dice"
+    outer_rare_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of the outer-loss batch centred on a rare class (loss.rare_labels); 0 is off."
+    )
+    precondition: bool = Field(
+        False, description="Inner step and JVP tangent in the segmenter's Adam geometry (P * grad, P * v) instead of SGD's."
+    )
 
 
 class TeaSearchConfig(_Section):
@@ -181,6 +187,9 @@ class AugmentConfig(_Section):
     randaugment_m: int = Field(2, ge=1)
     reference_signs: bool = Field(False, description="Random sign inside each bin, as the reference code does.")
     meta_every: int = Field(1, ge=1, description="Run the TRA meta-step and the TEA step every k iterations.")
+    accumulate: int = Field(
+        1, ge=1, description="Step the policy once per k meta-iterations, on the mean of their gradients."
+    )
     warmup_iterations: int = Field(
         0, ge=0, description="Segmenter iterations under the initial policy before the first meta-step and TEA step."
     )
@@ -204,6 +213,16 @@ class SearchConfig(_Section):
     gpus_per_trial: float = Field(0.0, ge=0)
     cpus_per_trial: float = Field(1.0, gt=0)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    policy_sharing: Literal["independent", "shared"] = Field(
+        "independent",
+        description="'independent': each trial learns its own policy; 'shared': num_workers trials (workers) push "
+        "their policy gradients to one policy server that averages them and steps one policy.",
+    )
+    num_workers: int = Field(1, ge=1, description="Workers of a shared search; worker i has seed seed+i and shard i.")
+    worker: int = Field(0, ge=0, description="This worker's index (set per trial by a shared search).")
+    sync_timeout_s: float = Field(
+        120.0, gt=0, description="Shared search: how long a policy round waits for the slowest live worker."
+    )
 
 
 class ExperimentConfig(_Section):
@@ -229,6 +248,9 @@ class ExperimentConfig(_Section):
             raise ValueError("augment.mode='none' cannot learn a policy; set augment.mode='policy' or learn=false")
         if not self.train.update_model and self.augment.tra.learn:
             raise ValueError("augment.tra.learn needs a segmenter that trains; set train.update_model=true")
+        if self.search.worker >= self.search.num_workers:
+            raise ValueError(f"search.worker {self.search.worker} must be below search.num_workers "
+                             f"{self.search.num_workers}")
         return self
 
     @property

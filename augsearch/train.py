@@ -26,12 +26,13 @@ from augsearch.config import ExperimentConfig
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import Case, dataset_fingerprint, read_dataset_info
 from augsearch.data.preprocess import complete_preprocess, describe_normalisation
-from augsearch.data.sampler import Batch, PatchSampler
+from augsearch.data.sampler import Batch, PatchSampler, concat_batches
 from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError, DatasetError
-from augsearch.learn.joint import JointStep
+from augsearch.learn.joint import JointRuntime, JointStep
+from augsearch.learn.server import PolicyServer, PolicySync, worker_shard
 from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
 from augsearch.model import UNet, model_config
 from augsearch.ops.tea import tea_margin, tea_pool
@@ -87,6 +88,8 @@ def _load_data(cfg: ExperimentConfig) -> _Data:
         raise DatasetError(root / "labelsTr", "foreground voxels in the training labels",
                            f"only background in all {len(train)} training label maps",
                            "check the label files with `augsearch data check`")
+    if cfg.search.policy_sharing == "shared":
+        train = worker_shard(train, cfg.search.worker, cfg.search.num_workers)
     val = load_cases(info, splits.val, preprocess, cache)
     if not val:
         raise AugsearchError(f"no validation cases in {root}; name them with data.split.val or raise val_fraction")
@@ -139,7 +142,8 @@ def _full_resolution(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
 class _Run:
     """Everything `fit` builds once: data, samplers, model, optimisers, policy, the joint step, logs."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, log: Callable[[str], None]):
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, log: Callable[[str], None],
+                 policy_server: PolicyServer | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.train.device, option="train.device")
@@ -195,19 +199,30 @@ class _Run:
         def outer_loss(logits, target):
             return batch_loss(_full_resolution(logits), target, outer_kind, fg)
 
-        self.step = JointStep(
+        runtime = JointRuntime(
             model=self.model, policy=self.policy, optimizer=self.optimizer,
             tra_optimizer=self.tra_optimizer, tea_optimizer=self.tea_optimizer,
-            per_sample_loss=train_loss, outer_loss=outer_loss, patch_size=list(patch),
-            num_classes=self.num_classes, fg_classes=fg, tea_fg_classes=[1] if aug.tea.class1_only else fg,
-            meta_backend=aug.tra.backend, baseline=aug.tra.baseline, baseline_decay=aug.tra.baseline_decay,
-            count_normalization=aug.tra.count_normalization, grad_clip=cfg.train.grad_clip,
-            reference_signs=aug.reference_signs, bg_augment_prob=loss_cfg.bg_augment_prob,
-            tea_views=aug.tea.views, couple_tea_to_outer=aug.tea.learn and aug.tea.augment_outer_batch,
+            per_sample_loss=train_loss, outer_loss=outer_loss, num_classes=self.num_classes, fg_classes=fg,
             regularizers=self._regularizer_steps() if self.optimizer is not None else None,
         )
+        # A shared policy is stepped by the server; the local TRA/TEA optimisers then only decide which steps run.
+        self.policy_sync = (PolicySync(policy_server, cfg.search.worker)
+                            if policy_server is not None and (learn_tra or learn_tea) else None)
+        self.step = JointStep(runtime, aug, cfg.train, loss_cfg, policy_sync=self.policy_sync)
         self.epoch = 0
         self.global_step = 0
+
+    def outer_batch(self, size: int) -> Batch:
+        """Validation patches of a TRA meta-step; augment.tra.outer_rare_fraction of them centred on a rare class."""
+        share = self.cfg.augment.tra.outer_rare_fraction
+        if share == 0:
+            return self.val_sampler.sample(size, generator=self.val_rng)
+        rare_values = [v for v in range(self.num_classes) if v != 0 and bool(self.rare[v])]
+        n_rare = round(share * size)
+        rare = self.val_sampler.sample(n_rare, fg_fraction=1.0, anchor_classes=rare_values, generator=self.val_rng)
+        if n_rare == size:
+            return rare
+        return concat_batches(rare, self.val_sampler.sample(size - n_rare, generator=self.val_rng))
 
     def _segmenter_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -356,10 +371,13 @@ def fit(
     callbacks: Sequence[Callable[[EpochReport], None]] = (),
     resume: str | Path | None = None,
     progress: bool = True,
+    policy_server: PolicyServer | None = None,
 ) -> FitResult:
     """Train (and search) as `cfg` says; write checkpoints, policy files and metrics into `run_dir`.
 
-    `progress` prints one line per epoch, and a progress bar when stderr is a terminal.
+    `progress` prints one line per epoch, and a progress bar when stderr is a terminal. `policy_server` (a shared
+    search's worker, augsearch.learn.server) makes the learned policy the server's: the run adopts its logits when it
+    starts or resumes, pushes its policy gradients, and has the server checkpoint with every own checkpoint.
 
     Process state is left as found: the run draws from torch's global RNG inside `torch.random.fork_rng`, seeded
     with `cfg.seed` (model initialisation and anything else that uses it), and `train.num_threads` applies for the
@@ -371,20 +389,24 @@ def fit(
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         with torch.random.fork_rng(devices=devices):
-            return _fit(cfg, Path(run_dir), callbacks=callbacks, resume=resume, progress=progress)
+            return _fit(cfg, Path(run_dir), callbacks=callbacks, resume=resume, progress=progress,
+                        policy_server=policy_server)
     finally:
         torch.set_num_threads(threads)
 
 
 def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[EpochReport], None]],
-         resume: str | Path | None, progress: bool) -> FitResult:
+         resume: str | Path | None, progress: bool, policy_server: PolicyServer | None) -> FitResult:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    run = _Run(cfg, run_dir, log=lambda message: print(f"[{cfg.name}] {message}", flush=True) if progress else None)
+    run = _Run(cfg, run_dir, log=lambda message: print(f"[{cfg.name}] {message}", flush=True) if progress else None,
+               policy_server=policy_server)
     if resume is not None:
         run.restore(load_checkpoint(resume, map_location=run.device))
     run_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves no empty folder
+    if run.policy_sync is not None:
+        run.policy_sync.join(run.policy)
     write_json(run_dir / "config.json", cfg.to_dict())
     if progress:
         print(f"[{cfg.name}] split: {run.data.split}\n[{cfg.name}] normalisation: {run.data.normalisation}", flush=True)
@@ -405,6 +427,8 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
             if run.tea_optimizer is not None:
                 set_lr(run.tea_optimizer, poly_lr(aug.tea.lr, epoch, t.epochs, t.poly_power))
             inner_lr = aug.tra.inner_lr or lr
+            if run.policy_sync is not None:
+                run.policy_sync.epoch = epoch
             started = time.perf_counter()
             losses = []
             bar = tqdm(range(t.iterations), desc=f"{cfg.name} epoch {epoch + 1}/{t.epochs}", leave=False,
@@ -416,7 +440,7 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
                 batch = run.train_sampler.sample(t.batch_size, generator=run.train_rng)
                 val_batch = tea_batch = None
                 if meta_now and run.tra_optimizer is not None:
-                    val_batch = run.val_sampler.sample(t.val_batch_size, generator=run.val_rng)
+                    val_batch = run.outer_batch(t.val_batch_size)
                 if meta_now and run.tea_optimizer is not None:
                     tea_batch = run.val_sampler.sample(aug.tea.groups_per_step, fg_fraction=1.0, generator=run.val_rng)
                 batch, val_batch, tea_batch = (
@@ -457,6 +481,8 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
                 checkpoint_path = _write_checkpoint(run, metrics)
                 policy_path = _write_policy(run, metrics)
                 report_ckpt, report_policy = checkpoint_path, policy_path
+                if run.policy_sync is not None:
+                    run.policy_sync.checkpoint()
             for callback in callbacks:
                 callback(EpochReport(run.epoch, metrics, report_ckpt, report_policy))
     finally:

@@ -98,6 +98,7 @@ def tra_meta_coefficients(
     inner_grads: dict[str, Tensor] | None = None,
     fd_epsilon: float = 0.01,
     seed: int = 0,
+    preconditioner: dict[str, Tensor] | None = None,
 ) -> MetaResult:
     """Per-sample meta-gradient c_i = d L_val(theta'(w)) / d w_i at w = 1 (see the module docstring).
 
@@ -109,6 +110,9 @@ def tra_meta_coefficients(
     the inner gradient is computed once; a name absent or None means a zero gradient; None computes it. Used by
     "jvp" and "fd"; "functional" and "higher" need w in the graph and recompute it.
     fd_epsilon: step of "fd" along v / ||v||. seed: dropout seed (module docstring).
+    preconditioner: name -> P (shaped like the parameter), a diagonal geometry for the inner step: theta' = theta -
+    eta P * grad and c_i = -(eta / B) <grad l_i, P * v> (the tangent of "jvp", the direction of "fd"). None is the
+    identity (plain SGD).
     Returns MetaResult with coefficients (B,) in the loss dtype, on the model's device.
     """
     if backend not in BACKENDS:
@@ -119,15 +123,21 @@ def tra_meta_coefficients(
         raise MetaGradientError("model: expected trainable parameters, got none; unfreeze the segmenter.")
     problem = _Problem(model, train_x, train_y, val_x, val_y, per_sample_loss_fn, val_loss_fn, batch, seed)
 
+    if preconditioner is not None and backend not in ("jvp", "fd"):
+        raise MetaGradientError(f"preconditioner: supported by the 'jvp' and 'fd' backends, got backend {backend!r}; "
+                                f"switch the backend or turn augment.tra.precondition off.")
+    scale = (lambda n, t: t * preconditioner[n]) if preconditioner is not None else (lambda n, t: t)
+
     if backend == "functional":
         coefficients, val_loss = _functional(problem, params, inner_lr)
     elif backend == "higher":
         coefficients, val_loss = _higher(problem, inner_lr)
     else:
         grads = problem.inner_grads(params) if inner_grads is None else _check_inner_grads(inner_grads, params)
-        val_loss, v = problem.val_grad({n: p - inner_lr * grads[n] for n, p in params.items()})
+        val_loss, v = problem.val_grad({n: p - inner_lr * scale(n, grads[n]) for n, p in params.items()})
         if not math.isfinite(val_loss):
             return _skipped(batch, params, val_loss)
+        v = {n: scale(n, t) for n, t in v.items()}
         directional = problem.jvp(params, v) if backend == "jvp" else problem.finite_difference(params, v, fd_epsilon)
         coefficients = -(inner_lr / batch) * directional
 

@@ -39,6 +39,15 @@ def rotation_matrix(angle_deg: torch.Tensor, plane: tuple[int, int], dims: int) 
     return matrix[:, :dims, :dims].to(angle_deg.dtype)
 
 
+def voxel_matrices(forward: torch.Tensor, spacing: tuple[float, ...] | list[float] | None) -> torch.Tensor:
+    """Physical forward matrices (N, d, d) -> the voxel-space maps D^-1 F D on a grid of `spacing` (None: as is)."""
+    if spacing is None:
+        return forward
+    d = forward.shape[-1]
+    s = torch.tensor([float(v) for v in spacing[:d]], dtype=forward.dtype, device=forward.device)
+    return forward * s.view(1, 1, d) / s.view(1, d, 1)
+
+
 def centred_grid(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Centred voxel coordinates (prod(shape), d), axis order x, y, z."""
     axes = [torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2 for n in shape]

@@ -142,13 +142,14 @@ def _window(window: int | Sequence[int] | None, spatial: tuple[int, ...]) -> tup
     return window
 
 
-def view_padding(spatial: Sequence[int], ids: Sequence[int], dims: int) -> tuple[list[int], list[int]]:
+def view_padding(spatial: Sequence[int], ids: Sequence[int], dims: int,
+                 spacing: Sequence[float] | None = None) -> tuple[list[int], list[int]]:
     """Zero padding (before, after) per spatial axis of the grid that all views of `ids` share.
 
     Affine entries need `tea_margin` on every side. Quarter and half turns need equal extents in their plane, so
     those axes grow to the plane's largest extent (split as evenly as possible); the turn is exact on that grid.
     """
-    margin = tea_margin(dims, ids, spatial)
+    margin = tea_margin(dims, ids, spatial, spacing)
     size = [n + 2 * margin for n in spatial]
     pool = tea_pool(dims)
     planes = {plane_axes(pool[i].op) for i in ids if is_turn(pool[i])}
@@ -186,7 +187,7 @@ def predict_tta(
     image: (C, *S) preprocessed volume, tensor or numpy array, 2D or 3D.
     policy: a Policy (load files and presets with `policy_from_file_or_preset`), or None for no TTA (identity
         alone; gives sliding_window_predict exactly).
-    spacing: mm per spatial axis, for `view_volumes`.
+    spacing: mm per spatial axis: rotations turn the patient on this grid (as in training), and `view_volumes`.
     top_k: number of TEA entries (the policy's own K when None).
     window: sliding-window size (int or per axis); None predicts each view in one window.
     batch_size: windows per model call; the windows of all views are batched together.
@@ -221,11 +222,11 @@ def predict_tta(
     id_tensor = torch.tensor(ids, dtype=torch.long, device=device)
 
     # Enlarged grid: content that affine entries move outward stays on it; cropped again after inversion.
-    before, after = view_padding(spatial, ids, dims)
+    before, after = view_padding(spatial, ids, dims, spacing)
     x = x.to(device)
     if any(before) or any(after):
         x = torch.nn.functional.pad(x, [p for axis in reversed(range(dims)) for p in (before[axis], after[axis])])
-    batch = tea_apply(x.unsqueeze(0).expand(views, *x.shape).contiguous(), id_tensor, dims)
+    batch = tea_apply(x.unsqueeze(0).expand(views, *x.shape).contiguous(), id_tensor, dims, spacing=spacing)
     net = model if policy is None else _OutputCheck(model, len(policy.label_names), dict(policy.label_names))
     output = "logits" if aggregate == "logits" else "probabilities"
     with _eval_mode(model):
@@ -233,7 +234,7 @@ def predict_tta(
             net, batch, win or tuple(batch.shape[2:]), overlap=overlap, batch_size=batch_size, output=output
         )
     del batch
-    maps, valid = tea_invert(maps, id_tensor, dims)
+    maps, valid = tea_invert(maps, id_tensor, dims, spacing=spacing)
     inner = (slice(None), slice(None)) + tuple(slice(b, b + n) for b, n in zip(before, spatial, strict=True))
     maps, valid = maps[inner], valid[inner]
 

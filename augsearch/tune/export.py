@@ -20,7 +20,6 @@ from augsearch.atomic import atomic_open
 from augsearch.errors import AugsearchError
 from augsearch.policy.io import load_policy, read_policy_document, save_policy
 
-
 # Second key when trials tie on the search metric: the mean Dice over the foreground labels on validation.
 TIE_BREAK_METRIC = "val/dice_mean"
 

@@ -11,6 +11,7 @@ from typing import Any
 from augsearch.artifacts.layout import CHECKPOINT_NAME, FIT_DIR, MANIFEST_NAME
 from augsearch.config import config_from_dict
 from augsearch.errors import AugsearchError
+from augsearch.learn.server import STATE_NAME, InProcessPolicyServer
 from augsearch.tune.summary import (
     SearchResult,
     finish_search,
@@ -25,6 +26,9 @@ def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, di
     """Trials one after another in this process, retried from their last checkpoint up to search.max_failures."""
     cfg = config_from_dict(manifest["config"], source=str(run_dir / MANIFEST_NAME))
     crash_marker = os.environ.get(CRASH_ENV)
+    # one worker of a shared search: the in-process server, resumed from its state file when there is one
+    server = (InProcessPolicyServer(cfg.augment, cfg.train, run_dir / STATE_NAME)
+              if cfg.search.policy_sharing == "shared" else None)
     rows = {trial["trial"]: trial_row(trial["trial"], "PENDING", trial["params"], {}, None, None, {})
             for trial in manifest["trials"]}
     rows.update(finished)
@@ -43,7 +47,8 @@ def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, di
             resume = fit_dir / CHECKPOINT_NAME if (fit_dir / CHECKPOINT_NAME).is_file() else None
             try:
                 run_trial(trial_id=trial_id, run_dir=run_dir, base=manifest["config"], params=params,
-                            cpus=cfg.search.cpus_per_trial, resume=resume, crash_marker=crash_marker, report=report)
+                            cpus=cfg.search.cpus_per_trial, resume=resume, crash_marker=crash_marker, report=report,
+                          policy_server=server)
                 error = None
                 break
             except AugsearchError:

@@ -29,6 +29,7 @@ from augsearch.artifacts.layout import (
 )
 from augsearch.config import ExperimentConfig, config_from_dict
 from augsearch.errors import SearchError
+from augsearch.learn.server import RayPolicyServer, actor_name, start_ray_server
 from augsearch.tune.reaper import Reaper
 from augsearch.tune.summary import (
     SearchResult,
@@ -79,8 +80,9 @@ def ray_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
                 shutil.copy2(policy_path, Path(tmp) / POLICY_NAME)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
+    server = RayPolicyServer(setup["policy_server"]) if setup.get("policy_server") else None
     run_trial(trial_id=trial_id, run_dir=run_dir, base=setup["base"], params=params, cpus=setup["cpus"],
-                resume=resume, crash_marker=setup.get("crash_marker"), report=report)
+                resume=resume, crash_marker=setup.get("crash_marker"), report=report, policy_server=server)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -207,6 +209,13 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
     search = cfg.search
     setup = {"run_dir": str(run_dir), "base": manifest["config"], "cpus": search.cpus_per_trial,
              "crash_marker": os.environ.get(CRASH_ENV)}
+    space, concurrent, server = _tune_space(search.space), search.max_concurrent_trials, None
+    if search.policy_sharing == "shared":
+        # the workers are the trials; the driver owns the server actor, so it lives exactly as long as the search
+        server = start_ray_server(run_dir, cfg.augment, cfg.train, search.num_workers, search.sync_timeout_s)
+        setup["policy_server"] = actor_name(run_dir)
+        space = {"search.worker": tune.grid_search(list(range(search.num_workers)))}
+        concurrent = search.num_workers  # every worker at once: the rounds wait for each of them
     resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(ray_trial, setup=setup), resources)
     if restore:
@@ -214,13 +223,12 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=_tune_space(search.space),
+            param_space=space,
             tune_config=tune.TuneConfig(
                 metric=search.metric, mode=search.mode, num_samples=search.num_samples,
                 scheduler=_scheduler(cfg), trial_dirname_creator=trial_dirname,
                 # Tune ignores TuneConfig.max_concurrent_trials when given a variant generator: the limit goes here
-                search_alg=BasicVariantGenerator(random_state=cfg.seed,
-                                                 max_concurrent=search.max_concurrent_trials or 0),
+                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent or 0),
             ),
             run_config=tune.RunConfig(
                 name=run_dir.name, storage_path=str(run_dir.parent),
@@ -230,6 +238,7 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
             ),
         )
     grid = tuner.fit()
+    del server  # the actor ends with the search (its state file stays for --resume)
     rows = [_ray_row(result, run_dir, cfg) for result in grid]
     rows.sort(key=lambda row: row["trial"])
     return finish_search(run_dir, rows, cfg)
@@ -263,5 +272,6 @@ def _ray_row(result: Any, run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any
                   "first_epoch_s": float(history["time/epoch_s"].iloc[0]) if "time/epoch_s" in history else None,
                   "reports": len(history)}
     status = "ERROR" if result.error is not None else finished_status(metrics, cfg)
-    return trial_row(trial, status, {k: (result.config or {}).get(k) for k in cfg.search.space}, metrics, checkpoint,
+    varied = ["search.worker"] if cfg.search.policy_sharing == "shared" else cfg.search.space
+    return trial_row(trial, status, {k: (result.config or {}).get(k) for k in varied}, metrics, checkpoint,
                 str(result.error) if result.error is not None else None, timing)
