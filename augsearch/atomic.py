@@ -12,10 +12,27 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def check_writable(path: str | Path, *, folder: bool = False) -> None:
+    """OSError with a plain message (the CLI prints it) unless PATH (a file, or a folder with `folder=True`) can be
+    created or replaced: no ancestor is a regular file and PATH itself is not the wrong kind. Commands call it
+    before any work."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        error = IsADirectoryError if path.is_dir() else NotADirectoryError
+        raise error(f"cannot write {path}: it is {'a folder' if path.is_dir() else 'a file'}; "
+                    f"give a {'folder' if folder else 'file'} path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder; choose another path")
+            return
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file next to `path`; on clean exit it replaces `path`, on error it is removed."""
     path = Path(path)
+    check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

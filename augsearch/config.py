@@ -13,17 +13,19 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveFloat,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from augsearch.errors import AugsearchError
+from augsearch.errors import AugsearchError, brief
+from augsearch.textfiles import MalformedText, parse_toml, read_text
 
 
 class ConfigError(AugsearchError):
@@ -31,7 +33,8 @@ class ConfigError(AugsearchError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is no number and `1` no boolean (an int still fills a float field); numbers are finite
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class SynthConfig(_Section):
@@ -48,7 +51,9 @@ class SynthConfig(_Section):
 class PreprocessConfig(_Section):
     """Resampling and intensity normalisation, applied identically at training and prediction time."""
 
-    target_spacing: list[float] | None = Field(None, description="mm per voxel axis; None keeps each case's own.")
+    target_spacing: list[PositiveFloat] | None = Field(
+        None, min_length=2, max_length=3, description="mm per voxel axis; None keeps each case's own."
+    )
     normalization: Literal["auto", "zscore", "ct", "none"] = Field(
         "auto", description="'auto': 'ct' when dataset.json names every channel CT (as nnU-Net), else 'zscore'."
     )
@@ -100,7 +105,7 @@ class TrainConfig(_Section):
     iterations: int = Field(50, ge=1, description="Iterations per epoch.")
     batch_size: int = Field(8, ge=1)
     val_batch_size: int = Field(8, ge=1, description="Validation patches per TRA meta-step.")
-    patch_size: list[int] = Field(default_factory=lambda: [64, 64])
+    patch_size: list[PositiveInt] = Field(default_factory=lambda: [64, 64], min_length=2, max_length=3)
     fg_fraction: float = Field(0.5, ge=0, le=1, description="Share of patches centred on a foreground voxel.")
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(1e-2, gt=0)
@@ -278,8 +283,8 @@ class ExperimentConfig(_Section):
 def parse_override_value(text: str) -> Any:
     """Parse the right-hand side of `key=value` as a TOML value; a bare word stays a string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        return parse_toml(f"v = {text}")["v"]
+    except MalformedText:
         return text
 
 
@@ -327,7 +332,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> Experiment
             if e["type"] == "extra_forbidden":
                 lines.append(f"  {key}: unknown key; check its spelling against `augsearch config show`")
             else:
-                lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+                lines.append(f"  {key}: {e['msg']} (got {brief(e.get('input'))})")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
 
 
@@ -337,7 +342,7 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a TOML file such as experiments/smoke.toml")
     try:
-        tree = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        tree = parse_toml(read_text(path))
+    except MalformedText as err:
+        raise ConfigError(f"{path}: {err}") from None
     return config_from_dict(apply_overrides(tree, overrides), source=str(path))

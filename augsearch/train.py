@@ -30,7 +30,7 @@ from augsearch.data.sampler import Batch, PatchSampler, concat_batches
 from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.devices import resolve_device
-from augsearch.errors import AugsearchError
+from augsearch.errors import AugsearchError, DatasetError
 from augsearch.learn.joint import JointRuntime, JointStep
 from augsearch.learn.server import PolicyServer, PolicySync, worker_shard
 from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
@@ -85,6 +85,10 @@ def _load_data(cfg: ExperimentConfig) -> _Data:
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else root / ".augsearch_cache"
     preprocess = complete_preprocess(info, cfg.data.preprocess, cache)
     train = load_cases(info, splits.train, preprocess, cache)
+    if not any(case.label.any() for case in train):
+        raise DatasetError(root / "labelsTr", "foreground voxels in the training labels",
+                           f"only background in all {len(train)} training label maps",
+                           "check the label files with `augsearch data check`")
     if cfg.search.policy_sharing == "shared":
         train = worker_shard(train, cfg.search.worker, cfg.search.num_workers)
     val = load_cases(info, splits.val, preprocess, cache)
@@ -407,11 +411,11 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(cfg, run_dir, log=lambda message: print(f"[{cfg.name}] {message}", flush=True) if progress else None,
                policy_server=policy_server)
     if resume is not None:
         run.restore(load_checkpoint(resume, map_location=run.device))
+    run_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves no empty folder
     if run.policy_sync is not None:
         run.policy_sync.join(run.policy)
     write_json(run_dir / "config.json", cfg.to_dict())

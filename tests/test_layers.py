@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "augsearch"
 # data/, policy/, ...) may import each other. DESIGN.md's floor list is written from this table
 # (tests/test_design_floors.py holds them equal).
 FLOORS = [
-    ("augsearch", "augsearch.errors", "augsearch.atomic"),
+    ("augsearch", "augsearch.errors", "augsearch.atomic", "augsearch.textfiles"),
     ("augsearch.config", "augsearch.devices", "augsearch.schedules"),
     ("augsearch.ops",),
     ("augsearch.augment", "augsearch.model", "augsearch.losses", "augsearch.data"),

@@ -9,6 +9,7 @@ optimizers, policy (policy file dict or None), metrics, rng, data_fingerprint, v
 from __future__ import annotations
 
 import platform
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from augsearch.artifacts.layout import CHECKPOINT_NAME
 from augsearch.atomic import torch_save
-from augsearch.errors import AugsearchError
+from augsearch.errors import AugsearchError, brief
 from augsearch.model import UNet
 
 CHECKPOINT_FORMAT = "augsearch-checkpoint"
@@ -100,30 +101,58 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+# What the readers of a checkpoint rely on: a file whose pickle was damaged in place fails here, not later.
+FIELD_TYPES = {"model": dict, "model_config": dict, "label_names": dict, "preprocess": dict, "patch_size": list,
+               "epoch": int, "step": int, "optimizers": dict, "rng": dict}
+
+
+def _truncated(path: Path) -> bool:
+    """Empty, or a torch zip archive (it starts with the zip magic) cut before its end record."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return not head or (head == b"PK\x03\x04" and not zipfile.is_zipfile(path))
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint (file or run directory)."""
     path = resolve_checkpoint_path(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises many types for corrupt or foreign files
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+        if _truncated(path):
+            raise CheckpointError(
+                f"{path} is truncated ({path.stat().st_size} bytes, its zip archive has no end record): the write "
+                "was cut short; use an earlier checkpoint or write it again"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {brief(str(err))})"
+                              ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
             f"{path} is not an augsearch checkpoint: expected format {CHECKPOINT_FORMAT!r}, found {found!r}. "
             "For a model from another trainer, use the Python API augsearch.predict.tta.predict_tta(model, ...)"
         )
-    if payload.get("format_version", 0) > CHECKPOINT_VERSION:
+    version = payload.get("format_version", 0)
+    if type(version) is not int or version > CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format_version {payload['format_version']}, this augsearch reads "
+            f"{path} has checkpoint format_version {brief(version)}, this augsearch reads "
             f"<= {CHECKPOINT_VERSION}; upgrade augsearch"
         )
+    damaged = [key for key, kind in FIELD_TYPES.items() if not isinstance(payload.get(key), kind)]
+    if not damaged and not all(isinstance(v, torch.Tensor) for v in payload["model"].values()):
+        damaged = ["model"]
+    if damaged:
+        raise CheckpointError(f"{path} is damaged: {', '.join(damaged)} missing or of the wrong type; use an "
+                              "earlier checkpoint or train again")
     return payload
 
 
 def build_model(ckpt: dict[str, Any]) -> torch.nn.Module:
     """The segmenter described by a loaded checkpoint, with its weights, in eval mode."""
-
-    model = UNet(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = UNet(**ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as err:  # a damaged model_config or weights that do not fit it
+        raise CheckpointError(f"the checkpoint's model_config and weights do not fit together ({brief(str(err))}); "
+                              "use an earlier checkpoint or train again") from None
     return model.eval()

@@ -44,7 +44,8 @@ def _validate(args: argparse.Namespace) -> int:
             policy = load_policy(path)
         except PolicyFileError as err:
             failed += 1
-            print(f"INVALID {path}: {err}")
+            # the error names the file itself when it comes from the file's content
+            print(f"INVALID {err}" if str(err).startswith(str(path)) else f"INVALID {path}: {err}")
         else:
             print(f"OK {path}: {policy.dims}D, {len(policy.op_names)} ops, groups {', '.join(policy.group_names)}")
     return 1 if failed else 0
@@ -55,8 +56,11 @@ def _fmt(p: float) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from augsearch.atomic import check_writable
     from augsearch.policy.io import load_policy
 
+    if args.png:
+        check_writable(args.png)
     policy = load_policy(args.file)
     probs = policy.tra_probs().detach().cpu()
     lines = [policy.summary(), f"dims {policy.dims}, sampling {policy.sampling}, temperature {policy.tau:g}"]

@@ -39,8 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from augsearch.atomic import check_writable
     from augsearch.predict.files import predict_files
 
+    check_writable(args.output, folder=True)
     written = predict_files(
         args.model, args.input, args.output, policy=args.policy, cases=args.cases, top_k=args.top_k,
         batch_size=args.batch_size, device=args.device, overlap=args.overlap, aggregate=args.aggregate,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
+
+from augsearch.artifacts.layout import CHECKPOINT_NAME
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +34,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out or Path("runs") / cfg.name)
-    result = fit(cfg, run_dir, resume=args.resume, progress=not args.quiet)
+    try:
+        result = fit(cfg, run_dir, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if not (run_dir / CHECKPOINT_NAME).is_file():
+            raise
+        sets = [arg for item in args.overrides for arg in ("--set", item)]
+        again = shlex.join(["augsearch", "train", args.config, *sets, "--out", str(run_dir), "--resume", str(run_dir)])
+        raise KeyboardInterrupt(f"continue from the last checkpoint with {again}") from None
     rare = result.metrics.get("val/dice_rare", float("nan"))
     print(f"run directory: {result.run_dir}")
     print(f"checkpoint:    {result.checkpoint_path}")

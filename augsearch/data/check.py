@@ -9,7 +9,6 @@ splits.json and splits_final.json (when present) name known cases. The report sa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from augsearch.data.nifti import (
 )
 from augsearch.data.splits import resolve_splits
 from augsearch.errors import DatasetError
+from augsearch.textfiles import MalformedText, read_json
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,19 @@ def check_dataset(root: str | Path) -> list[Problem]:
         problems.append(Problem(str(path), f"numTraining = number of training cases ({len(images)})",
                                 str(meta["numTraining"]), "correct numTraining"))
     try:
-        dims = infer_dims(meta, next(iter(images.values()))[0])
+        dims = infer_dims(meta, next(iter(images.values()))[0], path)
     except DatasetError as err:
         problems.append(_problem(err))
         dims = 3
     problems += _orphan_labels(label_files, images, "training", file_ending)
+    foreground: list[bool] = []
     for case_id, files in images.items():
         problems += _check_case(root, "Tr", case_id, files, channels, file_ending, dims, labels,
-                                label_files.get(case_id))
+                                label_files.get(case_id), foreground=foreground)
+    if len(foreground) == len(images) and not any(foreground):
+        problems.append(Problem(str(root / "labelsTr"), "foreground voxels (a label value other than 0) in the "
+                                "training labels", f"only background in all {len(images)} label maps",
+                                "check the label files: empty masks, or labels exported without their values"))
     test_images = scan_images(root / "imagesTs", file_ending) if (root / "imagesTs").is_dir() else {}
     test_labels = _label_files(root / "labelsTs", file_ending) if (root / "labelsTs").is_dir() else None
     if test_labels is not None:
@@ -121,7 +126,9 @@ def _orphan_labels(label_files: dict[str, Path], images: dict[str, list[Path]], 
 
 
 def _check_case(root: Path, split: str, case_id: str, files: list[Path], channels: list[str], file_ending: str,
-                dims: int, labels: dict[str, int], label_path: Path | None, labelled: bool = True) -> list[Problem]:
+                dims: int, labels: dict[str, int], label_path: Path | None, labelled: bool = True,
+                foreground: list[bool] | None = None) -> list[Problem]:
+    """The case's problems; appends to FOREGROUND (when given) whether its readable label has a foreground voxel."""
     missing = missing_channel_files(root, split, case_id, files, len(channels), file_ending)
     problems = [Problem(str(p), f"channel file {p.name} of case {case_id} ({len(channels)} channels)", "no such file",
                         "add the missing channel file") for p in missing]
@@ -142,6 +149,8 @@ def _check_case(root: Path, split: str, case_id: str, files: list[Path], channel
     if label_path is not None:
         try:
             label, label_spacing, label_affine = read_label(label_path, dims, labels)
+            if foreground is not None:
+                foreground.append(bool(label.any()))
             if image is not None:
                 problems += [_problem(e) for e in check_pair(files[0], label_path, image.shape[1:], spacing, affine,
                                                              label.shape, label_spacing, label_affine)]
@@ -155,9 +164,9 @@ def _check_splits(root: Path, known: set[str]) -> list[Problem]:
     if not path.is_file():
         return []
     try:
-        split = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        return [Problem(str(path), "valid JSON", f"a parse error ({err})", "repair or delete splits.json")]
+        split = read_json(path)
+    except MalformedText as err:
+        return [Problem(str(path), "valid JSON", str(err), "repair or delete splits.json")]
     if not isinstance(split, dict):
         return [Problem(str(path), 'an object {"train": [...], "val": [...], "test": [...]}', type(split).__name__,
                         "repair or delete splits.json")]
@@ -170,10 +179,31 @@ def _check_splits(root: Path, known: set[str]) -> list[Problem]:
     return problems
 
 
+GROUP_FROM = 4  # this many problems with one expectation and fix are one line naming a few of their files
+
+
+def _group_lines(problems: list[Problem]) -> list[str]:
+    """One line per problem; problems that share `expected` and `fix` (one cause, many files) share one line."""
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for problem in problems:
+        groups.setdefault((problem.expected, problem.fix), []).append(problem)
+    lines = []
+    for (expected, fix), group in groups.items():
+        if len(group) < GROUP_FROM:
+            lines += [str(p) for p in group]
+            continue
+        files = ", ".join(p.file for p in group[:3])
+        found = sorted({p.found for p in group})
+        found_text = ", ".join(found[:5]) + (f" ... ({len(found)} distinct)" if len(found) > 5 else "")
+        lines.append(f"{len(group)} files ({files}, ...): expected {expected}, found {found_text}"
+                     + (f". Fix: {fix}" if fix else ""))
+    return lines
+
+
 def format_report(root: str | Path, problems: list[Problem]) -> str:
-    """Human-readable report: one line per problem, or a short OK summary."""
+    """Human-readable report: one line per problem (or per group of problems with one cause), or an OK summary."""
     if problems:
-        return f"{root}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems)
+        return f"{root}: {len(problems)} problem(s)\n" + "\n".join(f"  - {line}" for line in _group_lines(problems))
     root = Path(root)
     meta = read_dataset_json(root)
     n_train = len(scan_images(root / "imagesTr", str(meta.get("file_ending", ".nii.gz"))))

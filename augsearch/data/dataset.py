@@ -20,7 +20,6 @@ In memory an image is `(C, *S)` float32 channel-first with S in NIfTI voxel orde
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 
 from augsearch.data.nifti import load_nifti, missing_channel_files, scan_images
 from augsearch.errors import DatasetError
+from augsearch.textfiles import MalformedText, read_json
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ def read_dataset_json(root: str | Path) -> dict[str, Any]:
         raise DatasetError(path, "a dataset.json file", "no such file",
                            "add dataset.json (nnU-Net v2 or MSD format) or generate one with `augsearch data synth`")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(path, "valid JSON", f"a parse error ({err})", "repair the file") from None
+        meta = read_json(path)
+    except MalformedText as err:
+        raise DatasetError(path, "valid JSON", str(err), "repair the file") from None
     if not isinstance(meta, dict):
         raise DatasetError(path, "a JSON object", type(meta).__name__, "write dataset.json as an object")
     return meta
@@ -126,9 +126,13 @@ def parse_channel_names(meta: dict[str, Any], path: Path) -> list[str]:
     return [str(raw[str(k)]) for k in keys]
 
 
-def infer_dims(meta: dict[str, Any], first_image: Path | None) -> int:
-    if meta.get("dims") in (2, 3):
-        return int(meta["dims"])
+def infer_dims(meta: dict[str, Any], first_image: Path | None, path: Path | None = None) -> int:
+    if "dims" in meta:
+        dims = meta["dims"]
+        if type(dims) is not int or dims not in (2, 3):
+            raise DatasetError(path or "dataset.json", '"dims" 2 or 3 (a number)', repr(dims),
+                               'write "dims": 2 or "dims": 3, or leave it out to infer it from the images')
+        return dims
     size = str(meta.get("tensorImageSize", "")).upper()
     if size == "2D":
         return 2
@@ -176,7 +180,7 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
     first = next(iter(images.values()))[0]
     labelled = sorted(c for c in test if (root / "labelsTs" / f"{c}{file_ending}").is_file())
     return DatasetInfo(root=root, name=str(meta.get("name", root.name)), labels=labels, channel_names=channels,
-                       file_ending=file_ending, dims=infer_dims(meta, first), training=sorted(images),
+                       file_ending=file_ending, dims=infer_dims(meta, first, path), training=sorted(images),
                        test=sorted(test), test_labelled=labelled)
 
 
@@ -184,9 +188,9 @@ def read_json_file(path: Path) -> Any:
     if not path.is_file():
         raise DatasetError(path, "a JSON split file", "no such file", "fix data.split.splits_file")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatasetError(path, "valid JSON", f"a parse error ({err})", "repair the file") from None
+        return read_json(path)
+    except MalformedText as err:
+        raise DatasetError(path, "valid JSON", str(err), "repair the file") from None
 
 
 def dataset_fingerprint(info: DatasetInfo) -> str:

@@ -111,6 +111,10 @@ def ct_statistics(info: DatasetInfo, case_ids: list[str], clip_percentiles=(0.5,
         label, _, _ = read_label(info.label_file(case_id), info.dims, info.labels)
         values.append(image[0][label > 0])
     fg = np.concatenate(values) if values else np.zeros(1, np.float32)
+    if fg.size == 0:
+        raise DatasetError(info.root / "labelsTr", "foreground voxels to measure CT statistics on",
+                           f"only background in all {len(case_ids)} label maps",
+                           "check the label files with `augsearch data check`")
     low, high = np.percentile(fg, clip_percentiles)
     clipped = np.clip(fg, low, high)
     return {"ct_clip": [float(low), float(high)], "ct_mean": float(clipped.mean()), "ct_std": float(clipped.std())}

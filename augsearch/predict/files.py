@@ -145,7 +145,7 @@ def check_inputs(inputs: list[InputCase], dims: int, in_channels: int) -> None:
     import nibabel as nib
 
     for case in inputs:
-        channels = 0
+        channels, shapes = 0, []
         for path in case.paths:
             if not path.is_file():
                 raise PredictError(f"{path} (case {case.case_id}) does not exist; add it or remove the case")
@@ -155,12 +155,18 @@ def check_inputs(inputs: list[InputCase], dims: int, in_channels: int) -> None:
                 raise PredictError(
                     f"{path} is not a readable NIfTI file ({type(err).__name__}: {err}); re-export it as NIfTI"
                 ) from None
+            shapes.append(shape)
             count = _channel_count(shape, dims)
             if count is None:
                 raise PredictError(
                     f"{path} has shape {shape}; the model is {dims}D, so expected {dims} spatial axes, channels last"
                 )
             channels += count
+        if channels != in_channels and dims == 2 and any(len(s) == 3 and s[2] > 1 for s in shapes):
+            raise PredictError(
+                f"case {case.case_id} has shape {shapes[0]}: a 3D volume, or a 2D image with {shapes[0][2]} channels; "
+                f"the model is 2D with {in_channels} channel(s); predict 3D volumes with a model trained in 3D"
+            )
         if channels != in_channels:
             raise PredictError(
                 f"case {case.case_id} has {channels} channel(s) in {[p.name for p in case.paths]}, the model expects "

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from augsearch.artifacts.layout import (
 from augsearch.config import ExperimentConfig, config_from_dict
 from augsearch.errors import SearchError
 from augsearch.learn.server import RayPolicyServer, actor_name, start_ray_server
+from augsearch.tune.reaper import Reaper
 from augsearch.tune.summary import (
     SearchResult,
     finish_search,
@@ -92,7 +95,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Fail fast with a SearchError when ADDR (host:port or ray://host:port) does not accept connections."""
+    """Fail fast with a SearchError when ADDR (host:port or ray://host:port) does not accept connections, or when
+    a host:port that does is not a Ray head (its GCS does not answer within `timeout`): `ray.init` would hang."""
     if address == "auto":
         return
     hostport = address.split("://", 1)[-1]
@@ -106,6 +110,28 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
             f"cannot reach a Ray cluster at {address} within {timeout:.0f} s ({err}); start the head with "
             f"workers/start_head.sh and pass the address it prints, or drop --address for a local Ray"
         ) from None
+    if "://" not in address:
+        _check_gcs(address, timeout)
+
+
+def _check_gcs(address: str, timeout: float) -> None:
+    """Ask the GCS at ADDRESS for its cluster id; anything but an answer (or a refusal for want of Ray's auth token)
+    means the port is something else."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout
+            )
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise SearchError(
+                    f"{address} accepts connections but is not the head of a Ray cluster (no answer from a Ray GCS "
+                    f"within {timeout:.0f} s: {err.code().name}); pass the address that `ray start --head` or "
+                    f"workers/start_head.sh prints (its GCS port, 6379 by default)"
+                ) from None
 
 
 @contextlib.contextmanager
@@ -127,20 +153,31 @@ def ray_session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    # Ray installs its own SIGTERM handler (a bare exit); keep ours, which stops a search like Ctrl-C
+    sigterm = signal.getsignal(signal.SIGTERM)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    reaper = None
     if address:
+        kwargs["address"] = address
         if _is_loopback(host):
             kwargs["_node_ip_address"] = "127.0.0.1"
         if (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
             # `ray start` turns token authentication on when a token exists; a joining driver must send it too
             os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
+        # address="local": always a private Ray, never RAY_ADDRESS or another cluster registered on this machine;
+        # the reaper ends it should this process be killed before it can
+        kwargs.update(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1")
+        reaper = Reaper()
     try:
+        ray.init(**kwargs)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
         yield
     finally:
         ray.shutdown()
+        if reaper is not None:
+            reaper.done()
 
 
 def check_resources(cpus: float, gpus: float) -> None:
@@ -233,7 +270,7 @@ def _ray_row(result: Any, run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any
                   "first_report": float(history["time/report"].iloc[0]),
                   "last_report": float(history["time/report"].iloc[-1]),
                   "first_epoch_s": float(history["time/epoch_s"].iloc[0]) if "time/epoch_s" in history else None,
-                  "reports": int(len(history))}
+                  "reports": len(history)}
     status = "ERROR" if result.error is not None else finished_status(metrics, cfg)
     varied = ["search.worker"] if cfg.search.policy_sharing == "shared" else cfg.search.space
     return trial_row(trial, status, {k: (result.config or {}).get(k) for k in varied}, metrics, checkpoint,

@@ -11,7 +11,6 @@ A search directory RUN_DIR holds (names in artifacts/layout.py):
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from augsearch.artifacts.layout import MANIFEST_NAME
 from augsearch.atomic import write_json
 from augsearch.config import ExperimentConfig, config_from_dict
 from augsearch.errors import SearchError
+from augsearch.textfiles import MalformedText, read_json
 from augsearch.tune.local import run_local
 from augsearch.tune.ray_tune import check_resources, ray_session, run_ray
 from augsearch.tune.space import absolute_paths, expand_trials, validate_space
@@ -112,9 +112,9 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise SearchError(f"{run_dir} is not a search directory (no {MANIFEST_NAME}); pass the --out directory of "
                           f"an `augsearch search` run")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SearchError(f"{path} is not valid JSON ({err}); it was not written by augsearch search") from None
+        manifest = read_json(path)
+    except MalformedText as err:
+        raise SearchError(f"{path}: {err}; it was not written by augsearch search") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise SearchError(f"{path} is not an augsearch search manifest (format {MANIFEST_FORMAT!r} expected)")
     return manifest
