@@ -106,7 +106,7 @@ def test_a_few_training_steps_learn(trained):
 
 
 def test_predict_with_tta_keeps_each_input_header(three, trained, tmp_path):
-    run_dir, result = trained
+    _, result = trained
     out = tmp_path / "pred"
     predict_files(result.checkpoint_path, three / "imagesTr", out, policy="flips-tta", cases=CASES[2:],
                   device="cpu", progress=False)

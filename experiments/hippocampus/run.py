@@ -231,7 +231,8 @@ def tune_one(size: int, n: int, m: int, out: Path, results: Path, extra: list[st
 
     torch.set_num_threads(1)
     run_dir = out / "tune" / size_dir(size) / f"randaugment_n{n}_m{m}" / f"seed{TUNE_SEED}"
-    overrides = [*extra, f"seed={TUNE_SEED}", f"data.split.fold={SIZES[size]}", f"augment.randaugment_n={n}", f"augment.randaugment_m={m}"]
+    overrides = [*extra, f"seed={TUNE_SEED}", f"data.split.fold={SIZES[size]}", f"augment.randaugment_n={n}",
+                 f"augment.randaugment_m={m}"]
     cfg = load_config(HERE / "randaugment.toml", overrides)
     wall = train(cfg, run_dir, None)
     totals = epoch_totals(run_dir)
@@ -369,11 +370,11 @@ def write_tables(results: Path) -> None:
                    "seeds; wins = seeds where the row is higher:", "",
                    "| row | TTA | seeds | difference | 95% interval | wins |", "|---|---|---|---|---|---|"]
             for row in ROWS:
-                if row.name in FIXED and row.name != best or not by_row[row.name]:
+                if (row.name in FIXED and row.name != best) or not by_row[row.name]:
                     continue
                 for column in TTA:
                     pairs = [(mean_dice(r, column), base[r["seed"]]) for r in by_row[row.name] if r["seed"] in base]
-                    if row.name == best and column == "none" or not pairs:
+                    if (row.name == best and column == "none") or not pairs:
                         continue
                     diffs = [100 * (a - b) for a, b in pairs]
                     low, high = bootstrap_ci(diffs)
@@ -416,7 +417,8 @@ class Job:
 def plan(args: argparse.Namespace, out: Path, results: Path) -> list[Job]:
     jobs = []
     common = ["--out", str(out), "--results", str(results), "--data", str(args.data),
-              "--curve-every", str(args.curve_every), *(f"--set={o}" for o in args.overrides[1:])] + (["--test-limit", str(args.test_limit)] if args.test_limit else [])
+              "--curve-every", str(args.curve_every), *(f"--set={o}" for o in args.overrides[1:])]
+    common += ["--test-limit", str(args.test_limit)] if args.test_limit else []
     if args.tune_randaugment:
         for size in args.sizes:
             for n, m in GRID:
@@ -456,9 +458,9 @@ def schedule(jobs: list[Job], n_jobs: int, logs: Path, stop_after: float | None)
                 if len(running) >= n_jobs:
                     break
                 pending.remove(job)
-                log = open(logs / f"{job.name}.log", "a")
-                proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *job.args], stdout=log,
-                                        stderr=subprocess.STDOUT, env=env)
+                with open(logs / f"{job.name}.log", "a") as log:  # the child keeps its own descriptor
+                    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *job.args], stdout=log,
+                                            stderr=subprocess.STDOUT, env=env)
                 running[proc] = (job, time.monotonic())
                 print(f"start {job.name} (pid {proc.pid})", flush=True)
             blocked = [j for j in pending if j.after is not None and not j.after.is_file()
