@@ -526,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         jobs = plan(args, out, results)
-        failures = schedule(jobs, args.jobs, out / "logs", args.stop_after * 60 if args.stop_after else None)
+        stop_after = None if args.stop_after is None else args.stop_after * 60
+        failures = schedule(jobs, args.jobs, out / "logs", stop_after)
         if args.tune_randaugment:
             for size in args.sizes:
                 choose_randaugment(results, size)
