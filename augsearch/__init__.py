@@ -13,15 +13,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Policy": "augsearch.policy",
-    "make_policy": "augsearch.policy",
-    "load_policy": "augsearch.policy_io",
-    "save_policy": "augsearch.policy_io",
+    "Policy": "augsearch.policy.core",
+    "make_policy": "augsearch.policy.init",
+    "load_policy": "augsearch.policy.io",
+    "save_policy": "augsearch.policy.io",
     "list_ops": "augsearch.ops.registry",
     "fit": "augsearch.train",
     "load_config": "augsearch.config",
-    "predict_tta": "augsearch.tta",
-    "TTAResult": "augsearch.tta",
+    "predict_tta": "augsearch.predict.tta",
+    "TTAResult": "augsearch.predict.tta",
 }
 
 __all__ = [*_EXPORTS, "metrics", "__version__"]

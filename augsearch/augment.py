@@ -22,7 +22,6 @@ from augsearch.ops.registry import ROTATIONS, apply_params, get_op
 from augsearch.ops.spatial import PLANES, rotation_matrix
 
 
-
 def unavailable_bins(op_name: str, patch_size: Sequence[int]) -> list[int]:
     """Bins of `op_name` that cannot run on `patch_size`: rot90 needs equal extents in its plane."""
     op = get_op(op_name)

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from augsearch.data.nifti import NIFTI_SUFFIXES
 from augsearch.errors import AugsearchError
 
 METRICS = ("dice", "sensitivity", "precision", "hd95")
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class EvaluationError(AugsearchError):
@@ -120,7 +120,7 @@ def _case_files(folder: Path) -> dict[str, Path]:
         raise EvaluationError(f"{folder} is not a directory; expected a folder of NIfTI label files")
     files = {}
     for path in sorted(folder.iterdir()):
-        for suffix in _NIFTI_SUFFIXES:
+        for suffix in NIFTI_SUFFIXES:
             if path.name.endswith(suffix):
                 files[path.name[: -len(suffix)]] = path
                 break

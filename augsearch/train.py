@@ -19,30 +19,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from augsearch.artifacts.checkpoint import load_checkpoint, package_versions, save_checkpoint
+from augsearch.artifacts.layout import CHECKPOINT_NAME, METRICS_NAME, POLICY_NAME
 from augsearch.atomic import write_json
-from augsearch.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from augsearch.augment import required_margin
 from augsearch.config import ExperimentConfig
-from augsearch.data.dataset import (
-    Case,
-    complete_preprocess,
-    dataset_fingerprint,
-    load_cases,
-    read_dataset_info,
-    resolve_splits,
-)
-from augsearch.data.synthetic import ensure_dataset
+from augsearch.data.cases import load_cases
+from augsearch.data.dataset import Case, dataset_fingerprint, read_dataset_info
+from augsearch.data.preprocess import complete_preprocess
 from augsearch.data.sampler import Batch, PatchSampler
+from augsearch.data.splits import resolve_splits
+from augsearch.data.synthetic import ensure_dataset
 from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError
-from augsearch.joint import JointStep
+from augsearch.learn.joint import JointStep
 from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
 from augsearch.model import UNet, model_config
-from augsearch.policy import Policy
+from augsearch.ops.tea import tea_margin, tea_pool
+from augsearch.policy.core import Policy
+from augsearch.policy.io import policy_from_dict, policy_to_dict, save_policy
+from augsearch.policy.presets import policy_from_file_or_preset
+from augsearch.predict.validation import validate
+from augsearch.regularizers import adversarial_perturbation, mixup, soft_target_loss
 from augsearch.schedules import poly_lr, set_lr
-from augsearch.validation import validate
-
-POLICY_NAME = "policy.json"
-METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
@@ -98,7 +97,6 @@ def _rare_labels(cfg: ExperimentConfig, label_names: dict[str, int]) -> list[str
 
 
 def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int]) -> Policy | None:
-    from augsearch.policy_io import policy_from_file_or_preset
 
     if cfg.augment.mode == "none":
         return None
@@ -129,8 +127,6 @@ class _Run:
     """Everything `fit` builds once: data, samplers, model, optimisers, policy, the joint step, logs."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path):
-        from augsearch.augment import required_margin
-        from augsearch.ops.tea import tea_margin, tea_pool
 
         self.cfg = cfg
         self.run_dir = run_dir
@@ -217,7 +213,6 @@ class _Run:
         loss_cfg = self.cfg.loss
         if loss_cfg.adversarial_eps <= 0 and loss_cfg.mixup_alpha <= 0:
             return None
-        from augsearch.regularizers import adversarial_perturbation, mixup, soft_target_loss
 
         def steps(image: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor) -> dict[str, float]:
             out = {}
@@ -265,7 +260,6 @@ class _Run:
             if name in ckpt["optimizers"]:
                 opt.load_state_dict(ckpt["optimizers"][name])
         if self.policy is not None and ckpt.get("policy") is not None:
-            from augsearch.policy_io import policy_from_dict
 
             saved = policy_from_dict(ckpt["policy"])
             with torch.no_grad():
@@ -285,7 +279,6 @@ class _Run:
 
 
 def _write_policy(run: _Run, metrics: dict[str, float]) -> Path | None:
-    from augsearch.policy_io import save_policy
 
     if run.policy is None:
         return None
@@ -295,7 +288,6 @@ def _write_policy(run: _Run, metrics: dict[str, float]) -> Path | None:
 
 
 def _provenance(run: _Run, metrics: dict[str, float]) -> dict[str, Any]:
-    from augsearch.checkpoint import package_versions
 
     return {
         "experiment": run.cfg.name,
@@ -318,7 +310,6 @@ def _provenance(run: _Run, metrics: dict[str, float]) -> dict[str, Any]:
 
 
 def _write_checkpoint(run: _Run, metrics: dict[str, float]) -> Path:
-    from augsearch.policy_io import policy_to_dict
 
     return save_checkpoint(
         run.run_dir / CHECKPOINT_NAME,

@@ -19,14 +19,14 @@ import pytest
 
 from augsearch.cli import main
 from augsearch.config import load_config
-from augsearch.controller import (
-    CRASH_ENV,
-    SearchError,
+from augsearch.tune.search import SearchError
+from augsearch.tune.space import (
     absolute_paths,
     config_keys,
     expand_trials,
     validate_space,
 )
+from augsearch.tune.trial import CRASH_ENV
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
 

@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 
 from augsearch.config import PreprocessConfig, SplitConfig
-from augsearch.data.dataset import (
-    DatasetError,
+from augsearch.data.cases import load_cases
+from augsearch.data.dataset import dataset_fingerprint, read_dataset_info
+from augsearch.data.nifti import read_image
+from augsearch.data.preprocess import (
     complete_preprocess,
-    dataset_fingerprint,
-    load_cases,
     normalize_image,
-    read_dataset_info,
-    read_image,
-    resolve_splits,
     restore_to_original,
 )
+from augsearch.data.splits import resolve_splits
+from augsearch.errors import DatasetError
 
 NONE = PreprocessConfig(normalization="none")
 

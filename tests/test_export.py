@@ -10,7 +10,7 @@ import pytest
 
 from augsearch.cli import main
 from augsearch.config import load_config
-from augsearch.policy_io import load_policy
+from augsearch.policy.io import load_policy
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
 

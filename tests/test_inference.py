@@ -3,7 +3,12 @@ import torch
 from torch import nn
 
 from augsearch.errors import AugsearchError
-from augsearch.inference import importance_map, predict_volume_labels, sliding_window_predict, window_starts
+from augsearch.predict.sliding_window import (
+    importance_map,
+    predict_volume_labels,
+    sliding_window_predict,
+    window_starts,
+)
 
 
 def _pointwise(dims, cin=2, k=3):

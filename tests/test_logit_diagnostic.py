@@ -12,7 +12,12 @@ import torch
 
 from augsearch.cli import main
 from augsearch.data.dataset import Case
-from augsearch.logit_diagnostic import logit_margins, plot_margins, shift_statistics, voxel_margins
+from augsearch.predict.logit_margins import (
+    logit_margins,
+    plot_margins,
+    shift_statistics,
+    voxel_margins,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,9 +136,11 @@ def smoke_run(tmp_path_factory):
 
 
 def test_cli_on_trained_smoke_model(smoke_run, tmp_path):
-    from augsearch.checkpoint import load_checkpoint
+    from augsearch.artifacts.checkpoint import load_checkpoint
     from augsearch.config import PreprocessConfig, SplitConfig
-    from augsearch.data.dataset import load_cases, read_dataset_info, resolve_splits
+    from augsearch.data.cases import load_cases
+    from augsearch.data.dataset import read_dataset_info
+    from augsearch.data.splits import resolve_splits
 
     data_dir, ckpt_path = smoke_run[0] / "data", smoke_run[1]
     png, out_json = tmp_path / "margins.png", tmp_path / "margins.json"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from augsearch.meta import (
+from augsearch.learn.meta import (
     BACKENDS,
     MetaGradientError,
     centre_and_normalise,

@@ -8,7 +8,14 @@ import pytest
 
 from augsearch.cli import main
 from augsearch.errors import AugsearchError
-from augsearch.metrics import dice, evaluate_case, evaluate_folders, hd95, precision, sensitivity
+from augsearch.metrics import (
+    dice,
+    evaluate_case,
+    evaluate_folders,
+    hd95,
+    precision,
+    sensitivity,
+)
 
 
 def _brute_surface(mask):

@@ -4,16 +4,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from augsearch.policy import (
-    ZERO_LOGIT,
-    Policy,
-    PolicyError,
-    conditional_gumbel,
-    gumbel_max,
-    magnitude_levels,
-    resolve_groups,
-    straight_through,
-)
+from augsearch.policy.core import ZERO_LOGIT, Policy, PolicyError, magnitude_levels
+from augsearch.policy.groups import resolve_groups
+from augsearch.policy.gumbel import conditional_gumbel, gumbel_max, straight_through
 
 EULER = 0.5772156649015329
 

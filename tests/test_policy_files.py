@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from augsearch.cli import main
-from augsearch.policy import make_policy
-from augsearch.policy_io import (
-    PRESETS,
-    load_policy,
-    policy_json_schema,
-    preset_document,
-    preset_file_name,
-    save_policy,
-)
+from augsearch.policy.init import make_policy
+from augsearch.policy.io import load_policy, policy_json_schema, save_policy
+from augsearch.policy.presets import PRESETS, preset_document, preset_file_name
 
 POLICIES = Path(__file__).resolve().parents[1] / "policies"
 

@@ -6,17 +6,18 @@ import torch
 
 from augsearch.ops.registry import get_op, list_ops
 from augsearch.ops.tea import tea_pool
-from augsearch.policy import ZERO_LOGIT, PolicyError, make_policy
-from augsearch.policy_io import (
+from augsearch.policy.core import ZERO_LOGIT, PolicyError
+from augsearch.policy.init import make_policy
+from augsearch.policy.io import (
     MIGRATIONS,
     SCHEMA_VERSION,
     PolicyFileError,
     load_policy,
     policy_from_dict,
-    policy_from_file_or_preset,
     policy_to_dict,
     save_policy,
 )
+from augsearch.policy.presets import policy_from_file_or_preset
 
 KITS = {"background": 0, "kidney": 1, "tumour": 2}
 

@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from augsearch.checkpoint import save_checkpoint
+from augsearch.artifacts.checkpoint import save_checkpoint
 from augsearch.cli import main
 from augsearch.config import PreprocessConfig
-from augsearch.data.dataset import Case, preprocess_image, read_image, restore_to_original
-from augsearch.inference import sliding_window_predict
+from augsearch.data.dataset import Case
+from augsearch.data.nifti import read_image
+from augsearch.data.preprocess import preprocess_image, restore_to_original
 from augsearch.model import UNet, model_config
-from augsearch.policy import ZERO_LOGIT, make_policy
-from augsearch.policy_io import save_policy
-from augsearch.predict import PredictError, find_inputs, predict_files
+from augsearch.policy.core import ZERO_LOGIT
+from augsearch.policy.init import make_policy
+from augsearch.policy.io import save_policy
+from augsearch.predict.files import PredictError, find_inputs, predict_files
+from augsearch.predict.sliding_window import sliding_window_predict
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 
@@ -72,7 +75,7 @@ def _flips_policy(path, dims, labels=LABELS):
 
 def _reference(ckpt_path, files, dims, window):
     """Independent pipeline: read, preprocess, one sliding window, restore, argmax."""
-    from augsearch.checkpoint import build_model, load_checkpoint
+    from augsearch.artifacts.checkpoint import build_model, load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     image, spacing, affine, _ = read_image(files, dims)
@@ -287,7 +290,7 @@ def test_volume_smaller_than_window_refused_unless_padding_asked(tmp_path, capsy
 
 
 def test_failure_while_writing_leaves_no_partial_case(tmp_path, monkeypatch):
-    import augsearch.predict as predict_module
+    import augsearch.predict.files as predict_module
 
     ckpt = _checkpoint(tmp_path / "ckpt.pt", 2)
     src = _write(tmp_path / "a.nii.gz", _volume((20, 20), 0), np.eye(4))

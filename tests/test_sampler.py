@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from augsearch.data.dataset import Case, DatasetError
+from augsearch.data.dataset import Case
 from augsearch.data.sampler import PatchSampler
+from augsearch.errors import DatasetError
 
 
 def make_case(label: np.ndarray, case_id: str = "c", channels: int = 1) -> Case:

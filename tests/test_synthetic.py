@@ -9,10 +9,19 @@ import pytest
 import torch
 
 from augsearch.config import DataConfig, PreprocessConfig, SplitConfig, SynthConfig
+from augsearch.data.cases import load_cases
 from augsearch.data.check import check_dataset
-from augsearch.data.dataset import DatasetError, load_cases, read_dataset_info, resolve_splits
+from augsearch.data.dataset import read_dataset_info
 from augsearch.data.sampler import PatchSampler
-from augsearch.data.synthetic import SHIFTS, apply_shift, ensure_dataset, generate_case, write_benchmark
+from augsearch.data.splits import resolve_splits
+from augsearch.data.synthetic import (
+    SHIFTS,
+    apply_shift,
+    ensure_dataset,
+    generate_case,
+    write_benchmark,
+)
+from augsearch.errors import DatasetError
 
 
 def test_layout_and_dataset_json(tmp_path):

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from augsearch.errors import AugsearchError
-from augsearch.ops.tea import tea_apply, tea_entry_by_name, tea_invert, tea_margin, tea_pool
+from augsearch.ops.tea import (
+    tea_apply,
+    tea_entry_by_name,
+    tea_invert,
+    tea_margin,
+    tea_pool,
+)
 
 SHAPES = {2: (24, 24), 3: (16, 16, 16)}
 EXACT_SPATIAL = ("flip", "rot90", "rot180")

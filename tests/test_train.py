@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from augsearch.checkpoint import load_checkpoint
+from augsearch.artifacts.checkpoint import load_checkpoint
 from augsearch.cli import main
 from augsearch.config import ConfigError, load_config
-from augsearch.policy_io import load_policy
+from augsearch.policy.io import load_policy
 from augsearch.train import fit
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
@@ -49,7 +49,7 @@ def test_joint_fit_writes_checkpoint_policy_metrics_and_tensorboard(data_root, t
 
 
 def load_policy_initial(data_root):
-    from augsearch.policy_io import policy_from_file_or_preset
+    from augsearch.policy.presets import policy_from_file_or_preset
 
     return policy_from_file_or_preset("uniform-0.1", dims=2, label_names={"background": 0, "organ": 1, "lesion": 2},
                                       patch_size=[32, 32])

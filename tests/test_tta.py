@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from augsearch.inference import sliding_window_predict
 from augsearch.model import UNet
-from augsearch.policy import ZERO_LOGIT, make_policy
-from augsearch.tta import TTAError, TTAResult, predict_tta, view_padding
+from augsearch.policy.core import ZERO_LOGIT
+from augsearch.policy.init import make_policy
+from augsearch.predict.sliding_window import sliding_window_predict
+from augsearch.predict.tta import TTAError, TTAResult, predict_tta, view_padding
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 SHAPES = {2: (37, 29), 3: (19, 23, 17)}  # odd sizes, not multiples of the window
@@ -205,7 +206,7 @@ def test_top_k_overrides_the_policy():
 
 
 def test_policy_file_gives_the_same_prediction(tmp_path):
-    from augsearch.policy_io import save_policy
+    from augsearch.policy.io import save_policy
 
     policy = _policy(3, ["identity", "flip_z", "rot180_xy"], [0.6, 0.3, 0.1])
     save_policy(policy, tmp_path / "policy.json")
@@ -230,7 +231,7 @@ def test_cuda_matches_cpu():
 
 
 def test_views_invalid_at_a_voxel_are_left_out_there(monkeypatch):
-    import augsearch.tta as tta_module
+    import augsearch.predict.tta as tta_module
 
     real = tta_module.tea_invert
 

@@ -16,7 +16,6 @@ def _case(dims: int, quick: bool, repeats: int, device) -> dict[str, Any]:
 
     from augsearch.augment import augment_batch, required_margin, unavailable_bins
     from augsearch.bench import peak_memory_mb, time_fn
-
     from augsearch.model import UNet
     from augsearch.ops import get_op, list_ops
 

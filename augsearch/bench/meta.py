@@ -44,13 +44,12 @@ def _case(dims: int, args: argparse.Namespace, device) -> dict[str, Any]:
 
     from augsearch.augment import required_margin
     from augsearch.bench import peak_memory_mb, time_round_robin
-
     from augsearch.config import LossConfig
-    from augsearch.joint import JointStep
+    from augsearch.learn.joint import JointStep
     from augsearch.losses import batch_loss, deep_supervision_loss
     from augsearch.model import UNet
     from augsearch.ops.tea import tea_margin, tea_pool
-    from augsearch.policy import make_policy
+    from augsearch.policy.init import make_policy
 
     patch, batch_size, width, depth = SIZES[(dims, args.quick)]
     if args.patch is not None:

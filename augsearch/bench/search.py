@@ -23,9 +23,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import os
 
     from augsearch.bench import environment
-    from augsearch.devices import resolve_device
     from augsearch.config import load_config
-    from augsearch.controller import new_search, ray_session
+    from augsearch.devices import resolve_device
+    from augsearch.tune.ray_tune import ray_session
+    from augsearch.tune.search import new_search
 
     device = resolve_device(args.device)
     trials, epochs = (2, 1) if args.quick else (args.trials, args.epochs)

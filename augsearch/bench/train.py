@@ -15,7 +15,6 @@ def _case(dims: int, quick: bool, device) -> dict[str, Any]:
     import torch
 
     from augsearch.bench import peak_memory_mb, time_fn
-
     from augsearch.config import LossConfig
     from augsearch.losses import per_sample_loss
     from augsearch.model import UNet

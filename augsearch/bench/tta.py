@@ -23,7 +23,8 @@ def _policy_with(entries: list[int], dims: int, labels: list[str]):
     """A policy whose top-K TEA entries are exactly `entries`, with equal weights."""
     import torch
 
-    from augsearch.policy import ZERO_LOGIT, make_policy
+    from augsearch.policy.core import ZERO_LOGIT
+    from augsearch.policy.init import make_policy
 
     policy = make_policy(dims, labels, tea_top_k=len(entries))
     logits = torch.full_like(policy.tea_logits, ZERO_LOGIT)
@@ -44,10 +45,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from augsearch.bench import environment, peak_memory_mb, time_fn
     from augsearch.devices import resolve_device
-    from augsearch.inference import sliding_window_predict
     from augsearch.model import UNet
     from augsearch.ops.tea import tea_apply, tea_invert, tea_pool
-    from augsearch.tta import predict_tta, view_padding
+    from augsearch.predict.sliding_window import sliding_window_predict
+    from augsearch.predict.tta import predict_tta, view_padding
 
     device = resolve_device(args.device)
     size = args.size or (40 if args.quick else 128)

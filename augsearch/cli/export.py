@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from augsearch.export import export
+    from augsearch.tune.export import export
 
     for path in export(Path(args.run_dir), Path(args.out), all_trials=args.all_trials, metric=args.metric):
         print(f"exported {path / 'checkpoint.pt'} and {path / 'policy.json'}")

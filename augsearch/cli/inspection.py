@@ -38,9 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_logits(args: argparse.Namespace) -> int:
     import torch
 
+    from augsearch.artifacts.checkpoint import load_checkpoint
     from augsearch.atomic import write_json
-    from augsearch.checkpoint import load_checkpoint
-    from augsearch.logit_diagnostic import SPLITS, checkpoint_margins, margin_report, plot_margins
+    from augsearch.predict.logit_margins import (
+        SPLITS,
+        checkpoint_margins,
+        margin_report,
+        plot_margins,
+    )
 
     for flag, value in (("--split", args.split), ("--compare-split", args.compare_split)):
         if value is not None and value not in SPLITS:

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from augsearch.policy_io import PolicyFileError, load_policy
+    from augsearch.policy.io import PolicyFileError, load_policy
 
     failed = 0
     for path in args.files:
@@ -55,7 +55,7 @@ def _fmt(p: float) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from augsearch.policy_io import load_policy
+    from augsearch.policy.io import load_policy
 
     policy = load_policy(args.file)
     probs = policy.tra_probs().detach().cpu()
@@ -111,7 +111,7 @@ def _heatmap(policy, probs, out: str) -> None:
 
 def _diff(args: argparse.Namespace) -> int:
     from augsearch.errors import AugsearchError
-    from augsearch.policy_io import load_policy
+    from augsearch.policy.io import load_policy
 
     a, b = load_policy(args.a), load_policy(args.b)
     if a.dims != b.dims:
@@ -155,7 +155,7 @@ def _indices(mask) -> list[int]:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from augsearch.policy_io import policy_json_schema
+    from augsearch.policy.io import policy_json_schema
 
     sys.stdout.write(json.dumps(policy_json_schema(), indent=2) + "\n")
     return 0
@@ -165,7 +165,7 @@ def _presets(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from augsearch.atomic import write_json
-    from augsearch.policy_io import PRESETS, preset_document, preset_file_name
+    from augsearch.policy.presets import PRESETS, preset_document, preset_file_name
 
     if args.write is None:
         print("\n".join(PRESETS))

@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from augsearch.predict import predict_files
+    from augsearch.predict.files import predict_files
 
     written = predict_files(
         args.model, args.input, args.output, policy=args.policy, cases=args.cases, top_k=args.top_k,

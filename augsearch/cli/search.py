@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from augsearch.config import load_config
-    from augsearch.controller import new_search, resume_search
+    from augsearch.tune.search import new_search, resume_search
 
     if args.resume:
         if args.config or args.overrides or args.out or args.no_ray:

@@ -13,17 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from augsearch.data.dataset import (
-    DatasetError,
-    check_pair,
     infer_dims,
-    missing_channel_files,
     parse_channel_names,
     parse_labels,
     read_dataset_json,
+)
+from augsearch.data.nifti import (
+    check_pair,
+    missing_channel_files,
     read_image,
     read_label,
     scan_images,
 )
+from augsearch.errors import DatasetError
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from augsearch.data.dataset import Case, DatasetError
+from augsearch.data.dataset import Case
+from augsearch.errors import DatasetError
 
 
 @dataclass

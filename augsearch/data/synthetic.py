@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from augsearch.data.dataset import DatasetError
+from augsearch.errors import DatasetError
 
 SHIFTS: tuple[str, ...] = ("flip_x", "rot90_xy", "gamma_up", "gamma_down")
 LABELS = {"background": 0, "organ": 1, "lesion": 2}

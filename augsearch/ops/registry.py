@@ -34,9 +34,25 @@ import functools
 import torch
 
 from augsearch.ops.base import OFF, BinSpec, Op, OpSpec, UnknownOpError
-from augsearch.ops.intensity import (BlurSharpenOp, ContrastOp, GammaOp, InverseGammaOp, LowResolutionOp, NoiseOp,
-                                     ScaleIntensityOp, ShiftOp)
-from augsearch.ops.spatial import PLANES, FlipOp, RotateOp, ScaleOp, rot90_where, warp_image, warp_mask
+from augsearch.ops.intensity import (
+    BlurSharpenOp,
+    ContrastOp,
+    GammaOp,
+    InverseGammaOp,
+    LowResolutionOp,
+    NoiseOp,
+    ScaleIntensityOp,
+    ShiftOp,
+)
+from augsearch.ops.spatial import (
+    PLANES,
+    FlipOp,
+    RotateOp,
+    ScaleOp,
+    rot90_where,
+    warp_image,
+    warp_mask,
+)
 
 ROTATIONS = ("rotate_xy", "rotate_xz", "rotate_yz")
 INTENSITY_ORDER = ("noise", "blur_sharpen", "intensity_shift", "intensity_scale", "contrast", "low_resolution",

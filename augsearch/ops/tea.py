@@ -35,7 +35,14 @@ import torch
 
 from augsearch.errors import AugsearchError
 from augsearch.ops.base import OpInputError
-from augsearch.ops.registry import FLIPS, ROTATIONS, affine_matrices, apply_params, get_op, list_ops
+from augsearch.ops.registry import (
+    FLIPS,
+    ROTATIONS,
+    affine_matrices,
+    apply_params,
+    get_op,
+    list_ops,
+)
 from augsearch.ops.spatial import PLANES, is_identity, rot90_where, warp
 
 NOISE_SEED_BASE = 104729  # noise entry seed = base * (id + 1)

@@ -76,7 +76,8 @@ def row_overrides(row: Row, seed: int, out: Path, args: argparse.Namespace) -> l
 
 
 def test_split(cfg) -> tuple[Path, dict[str, int], list[str]]:
-    from augsearch.data.dataset import read_dataset_info, resolve_splits
+    from augsearch.data.dataset import read_dataset_info
+    from augsearch.data.splits import resolve_splits
 
     info = read_dataset_info(cfg.data.root)
     return info.root, dict(info.labels), resolve_splits(info, cfg.data.split).test
@@ -96,7 +97,7 @@ def evaluate_run(checkpoint: Path, policy: str | None, root: Path, labels: dict[
     """Predict the test cases into run_dir/test_pred, score them, write run_dir/evaluation.csv; (rows, summary)."""
     from augsearch.atomic import write_text
     from augsearch.metrics import evaluate_folders
-    from augsearch.predict import predict_files
+    from augsearch.predict.files import predict_files
 
     pred_dir = run_dir / "test_pred"
     predict_files(checkpoint, root / "imagesTr", pred_dir, policy=policy, cases=cases, device="cpu", progress=False)
@@ -114,7 +115,7 @@ def policy_notes(policy_path: Path | None) -> dict:
     """What a learned policy chose: its one-line summary and the TEA entries used at prediction."""
     if policy_path is None or not policy_path.is_file():
         return {}
-    from augsearch.policy_io import load_policy
+    from augsearch.policy.io import load_policy
 
     policy = load_policy(policy_path)
     names = policy.tea_names
@@ -206,7 +207,7 @@ COLUMNS = (  # (column, how to read it from a result, scale, decimals)
 def op_table(results: list[dict]) -> list[str]:
     """Markdown lines: P(op applied) at the end of training per learned TRA row and group, mean ± std over seeds,
     beside the nnU-Net-like start they all share."""
-    from augsearch.policy_io import preset_policy
+    from augsearch.policy.presets import preset_policy
 
     columns: dict[str, list[dict[str, float]]] = {}
     for row in ROWS:

@@ -45,11 +45,13 @@ def evaluate_test(ckpt: dict, root: Path) -> tuple[list[dict], dict[str, dict[st
     """Per test case and class: Dice, sensitivity, precision, HD95 (mm); and their means over cases (NaN ignored)."""
     import torch
 
-    from augsearch.checkpoint import build_model
+    from augsearch.artifacts.checkpoint import build_model
     from augsearch.config import PreprocessConfig, SplitConfig
-    from augsearch.data.dataset import load_cases, read_dataset_info, resolve_splits
-    from augsearch.inference import sliding_window_predict
+    from augsearch.data.cases import load_cases
+    from augsearch.data.dataset import read_dataset_info
+    from augsearch.data.splits import resolve_splits
     from augsearch.metrics import dice, hd95, precision, sensitivity
+    from augsearch.predict.sliding_window import sliding_window_predict
 
     info = read_dataset_info(root)
     splits = resolve_splits(info, SplitConfig.model_validate(ckpt["config"]["data"]["split"]))
@@ -80,10 +82,15 @@ def run_one(config: str, fraction: float, seed: int, run_dir: str, overrides: li
     """Train one (config, fraction, seed), evaluate on the test cases, write the logit diagnostic; result dict."""
     import torch
 
+    from augsearch.artifacts.checkpoint import load_checkpoint
     from augsearch.atomic import write_json
-    from augsearch.checkpoint import load_checkpoint
     from augsearch.config import load_config
-    from augsearch.logit_diagnostic import checkpoint_margins, json_ready, margin_report, plot_margins
+    from augsearch.predict.logit_margins import (
+        checkpoint_margins,
+        json_ready,
+        margin_report,
+        plot_margins,
+    )
     from augsearch.train import fit
 
     torch.set_num_threads(1)

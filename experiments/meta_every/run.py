@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from augsearch.config import load_config
-from augsearch.policy_io import load_policy
+from augsearch.policy.io import load_policy
 from augsearch.train import fit
 
 PLANTED = Path(__file__).resolve().parents[1] / "planted"

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from augsearch.config import load_config
-from augsearch.policy import Policy
-from augsearch.policy_io import load_policy
+from augsearch.policy.core import Policy
+from augsearch.policy.io import load_policy
 from augsearch.train import fit
 
 PLANTED = Path(__file__).resolve().parent

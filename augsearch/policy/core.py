@@ -1,11 +1,6 @@
 """Augmentation policies: per class group, a categorical over each op's bins (TRA), and one categorical over the
-TEA pool. Sampling is vectorised over the batch; straight-through weights carry the policy gradient.
-
-A policy gradient reaches the logits through per-sample weights: a sample whose bins were drawn from the policy gets
-the weight w = 1 + (y_a - stop_grad(y_a)), with y = softmax((phi + G) / tau) and G a Gumbel draw conditioned on
-argmax(phi + G) = a (METHOD 3.1). Its value is exactly 1, its gradient is d y_a / d phi. The conditional draw is
-exact and loop-free (top-down truncated Gumbel: the maximum is Gumbel(logsumexp(phi)), the others are Gumbels
-truncated below it), instead of the reference's rejection loop (METHOD 10.3).
+TEA pool. Sampling is vectorised over the batch; straight-through weights (policy/gumbel.py) carry the policy
+gradient.
 
 Probabilities of padded bins (ops have different bin counts) and of unavailable bins (for example rot90 in a plane
 where the patch is not square) are exactly 0: their logits are replaced by -inf before every softmax and draw.
@@ -20,41 +15,32 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from augsearch.errors import AugsearchError
+from augsearch.errors import PolicyError
+from augsearch.ops.geometry import rot90_unavailable
+from augsearch.policy.groups import (
+    AGNOSTIC_GROUP,
+    DEFAULT_GROUPS,
+    normalise_labels,
+    resolve_groups,
+)
+from augsearch.policy.gumbel import (
+    conditional_gumbel,
+    gumbel_max,
+    log_mask,
+    straight_through,
+)
 
 Sampling = Literal["independent", "randaugment", "trivialaugment", "none"]
+
+
 SAMPLINGS: tuple[str, ...] = ("independent", "randaugment", "trivialaugment", "none")
-INITS: tuple[str, ...] = ("identity", "uniform-0.1", "nnunet", "deepmedic", "uniform")
-TEA_INITS: tuple[str, ...] = ("flips", "single-flips", "identity", "uniform")
+
 
 # Logit of a bin whose probability is exactly 0 but which stays available: exp(-1e4) is 0 in float32 and float64,
 # and unlike -inf it survives JSON.
 ZERO_LOGIT = -1.0e4
-# Total probability the other TEA entries share under tea_init="identity".
-TEA_IDENTITY_FLOOR = 0.01
-DEFAULT_GROUPS: tuple[str, str] = ("background", "foreground")
-AGNOSTIC_GROUP = "all"
-
-# METHOD 3.3: probability that an op is applied, split evenly over its available bins.
-# "nnunet" is the reference's --org 2 (U-Net, mimics nnU-Net's defaults), "deepmedic" its --org 3.
-INIT_TABLES: dict[str, dict[str, float]] = {
-    "nnunet": {
-        "scale": 0.2, "rotate_yz": 0.1, "rotate_xz": 0.1, "rotate_xy": 0.1,
-        "flip_x": 0.5, "flip_y": 0.5, "flip_z": 0.5,
-        "gamma": 0.3, "inverse_gamma": 0.1, "intensity_shift": 0.05, "intensity_scale": 0.15, "contrast": 0.15,
-        "blur_sharpen": 0.2, "noise": 0.1, "low_resolution": 0.1,
-    },
-    "deepmedic": {
-        "scale": 0.2, "rotate_yz": 0.2, "rotate_xz": 0.2, "rotate_xy": 0.2,
-        "flip_x": 0.5, "flip_y": 0.05, "flip_z": 0.05,
-        "gamma": 0.05, "inverse_gamma": 0.05, "intensity_shift": 0.15, "intensity_scale": 0.05, "contrast": 0.05,
-        "blur_sharpen": 0.05, "noise": 0.05, "low_resolution": 0.05,
-    },
-}
 
 
-class PolicyError(AugsearchError):
-    """A policy that cannot be built or used as asked; the message names the fix."""
 
 
 class BinLike(Protocol):
@@ -78,56 +64,6 @@ class TeaEntryLike(Protocol):
     spatial: bool
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Gumbel machinery (shape-agnostic: the last axis holds the categories)
-
-
-def _gumbel(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard Gumbel noise of `shape` on `like`'s device and dtype."""
-    u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
-    info = torch.finfo(like.dtype)
-    # Keep log(log(u)) finite at both ends of [0, 1).
-    u = u.clamp(info.tiny, 1.0 - info.eps)
-    return -torch.log(-torch.log(u))
-
-
-def gumbel_max(masked_logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One categorical draw per row: (..., K) logits with -inf where unavailable -> (...,) int64."""
-    return (masked_logits + _gumbel(tuple(masked_logits.shape), masked_logits, generator)).argmax(-1)
-
-
-def conditional_gumbel(masked_logits: Tensor, index: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Perturbed logits phi + G, drawn from the Gumbel-max joint conditioned on argmax(phi + G) = index.
-
-    masked_logits (..., K) with -inf at unavailable categories; index (...,) int64 -> (..., K), -inf stays -inf.
-    The maximum is Gumbel with location logsumexp(phi) (it is independent of which category wins); every other
-    category is a Gumbel(phi_i) truncated below that maximum: -log(exp(-top) + exp(-g_i)).
-    """
-    phi = masked_logits.detach()
-    top = torch.logsumexp(phi, -1, keepdim=True) + _gumbel(tuple(phi.shape[:-1]) + (1,), phi, generator)
-    g = phi + _gumbel(tuple(phi.shape), phi, generator)
-    others = -torch.logaddexp(-top, -g)
-    return others.scatter(-1, index.unsqueeze(-1), top)
-
-
-def straight_through(masked_logits: Tensor, perturbed: Tensor, index: Tensor, tau: float) -> Tensor:
-    """Weight with value exactly 1 and gradient d softmax((phi + G) / tau)_index / d phi, G = perturbed - phi fixed.
-
-    masked_logits (..., K) (carries the gradient), perturbed (..., K) from `conditional_gumbel`, index (...,) -> (...,).
-    """
-    available = torch.isfinite(masked_logits.detach())
-    noise = torch.where(available, perturbed - masked_logits.detach(), torch.zeros_like(perturbed))
-    y = torch.softmax((masked_logits + noise) / tau, dim=-1)
-    y_a = y.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-    # y_a - y_a is exactly 0 in floating point, so the value is exactly 1.
-    return 1.0 + (y_a - y_a.detach())
-
-
-def _log_mask(mask: Tensor, like: Tensor) -> Tensor:
-    """0 where mask, -inf elsewhere: uniform logits over the allowed categories."""
-    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(~mask, -math.inf)
-
-
 def magnitude_levels(bins: Sequence[BinLike], available: Sequence[bool]) -> list[list[int]]:
     """Bin indices per magnitude level of one op, weakest level first.
 
@@ -146,9 +82,6 @@ def _fmt_prob(p: float) -> str:
     """.31 style: two decimals without the leading zero."""
     text = f"{p:.2f}"
     return text[1:] if text.startswith("0") else text
-
-
-# ---------------------------------------------------------------------------------------------------------------
 
 
 class Policy(torch.nn.Module):
@@ -368,7 +301,7 @@ class Policy(torch.nn.Module):
             keys = torch.rand(batch, n_ops, generator=generator, device=logits.device).masked_fill(~eligible, -1.0)
             chosen = torch.zeros(batch, n_ops, dtype=torch.bool, device=logits.device)
             chosen.scatter_(1, keys.topk(n_pick, dim=1).indices, True)
-            bins = gumbel_max(_log_mask(bin_mask, logits).expand(batch, n_ops, -1), generator)
+            bins = gumbel_max(log_mask(bin_mask, logits).expand(batch, n_ops, -1), generator)
             return torch.where(chosen, bins, torch.zeros_like(bins))
 
     def _level_mask(self, m: int) -> Tensor:
@@ -548,221 +481,3 @@ class Policy(torch.nn.Module):
         for op, index in blocked:
             available[self.op_names.index(op), index] = False
         return self.replace(available=available)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Construction from the op registry
-
-
-def normalise_labels(label_names: Mapping[str, int] | Sequence[str]) -> dict[str, int]:
-    """dataset.json-style name -> value mapping; a list of names means values 0, 1, 2, ..."""
-    if isinstance(label_names, Mapping):
-        return {str(name): int(value) for name, value in label_names.items()}
-    return {str(name): index for index, name in enumerate(label_names)}
-
-
-def resolve_groups(
-    label_names: Mapping[str, int], groups: Mapping[str, Sequence[str]] | None, *, class_specific: bool
-) -> dict[str, tuple[int, ...]]:
-    """Group name -> label values.
-
-    class_specific=False: one group `all`. groups=None: `background` (label 0) and `foreground` (all other labels).
-    Otherwise groups by label names; every label must belong to exactly one group.
-    """
-    labels = dict(label_names)
-    if not class_specific:
-        if groups is not None:
-            raise PolicyError("groups were given with class_specific=False; drop the groups or set class_specific.")
-        return {AGNOSTIC_GROUP: tuple(sorted(labels.values()))}
-    if groups is None:
-        if 0 not in labels.values():
-            raise PolicyError(f"the default groups need a background label with value 0; labels are {labels}.")
-        foreground = tuple(sorted(v for v in labels.values() if v != 0))
-        if not foreground:
-            raise PolicyError(f"the default groups need at least one foreground label; labels are {labels}.")
-        return {"background": (0,), "foreground": foreground}
-    out: dict[str, tuple[int, ...]] = {}
-    owner: dict[str, str] = {}
-    for group, names in groups.items():
-        values = []
-        for name in names:
-            if name not in labels:
-                raise PolicyError(
-                    f"group {group!r} names label {name!r}, which is not a label of the dataset "
-                    f"(labels: {sorted(labels)})."
-                )
-            if name in owner:
-                raise PolicyError(
-                    f"label {name!r} is in both groups {owner[name]!r} and {group!r}; every label must belong to "
-                    "exactly one group."
-                )
-            owner[name] = group
-            values.append(labels[name])
-        out[group] = tuple(sorted(values))
-    missing = [name for name in labels if name not in owner]
-    if missing:
-        raise PolicyError(
-            f"labels {missing} belong to no group (groups: {dict(groups)}); every label must belong to exactly one "
-            "group: add them to a group."
-        )
-    return out
-
-
-def _is_rot90(bin_spec: BinLike) -> bool:
-    return "rot90" in bin_spec.label
-
-
-def rot90_unavailable(op_specs: Sequence[OpSpecLike], patch_size: Sequence[int] | None) -> list[tuple[str, int]]:
-    """(op name, bin index) of rot90 bins in planes where the patch is not square (the patch would change shape)."""
-    if patch_size is None:
-        return []
-    axes = "xyz"
-    out = []
-    for spec in op_specs:
-        if not spec.name.startswith("rotate_"):
-            continue
-        plane = spec.name.removeprefix("rotate_")
-        i, j = axes.index(plane[0]), axes.index(plane[1])
-        if j < len(patch_size) and int(patch_size[i]) != int(patch_size[j]):
-            out.extend((spec.name, b) for b, bin_spec in enumerate(spec.bins) if _is_rot90(bin_spec))
-    return out
-
-
-def _split_on(p_on: float, bins_available: Sequence[bool]) -> list[float]:
-    """Bin probabilities: P(off) = 1 - p_on and p_on split evenly over the available non-off bins."""
-    n = sum(bins_available[1:])
-    if n == 0:
-        return [1.0] + [0.0] * (len(bins_available) - 1)
-    return [1.0 - p_on] + [p_on / n if ok else 0.0 for ok in bins_available[1:]]
-
-
-def _init_probs(init: str, name: str, bins_available: Sequence[bool]) -> list[float]:
-    if init == "identity":
-        return _split_on(0.0, bins_available)
-    if init == "uniform-0.1":
-        return _split_on(0.1, bins_available)
-    if init == "uniform":
-        n = sum(bins_available)
-        return [1.0 / n if ok else 0.0 for ok in bins_available]
-    table = INIT_TABLES[init]
-    if name not in table:
-        raise PolicyError(f"init {init!r} has no probability for op {name!r} (its table covers {sorted(table)}).")
-    return _split_on(table[name], bins_available)
-
-
-def logits_from_probs(probs: Sequence[float]) -> list[float]:
-    """log(p), with ZERO_LOGIT for p = 0, so that softmax returns the probabilities."""
-    return [math.log(p) if p > 0 else ZERO_LOGIT for p in probs]
-
-
-def tea_init_probs(entries: Sequence[TeaEntryLike], dims: int, tea_init: str) -> list[float]:
-    """TEA probabilities per METHOD 3.4.
-
-    "flips": identity, single flips, 180-degree rotations and flip-all at 0.1 each (those present), the others
-    share the rest. "single-flips": identity and single flips share 0.8, the others share 0.2 (the reference's
-    --orgts 4 in 3D). "identity": identity 1 - TEA_IDENTITY_FLOOR, the others share the floor. "uniform": equal.
-    """
-    n = len(entries)
-    if tea_init == "uniform":
-        return [1.0 / n] * n
-    if tea_init == "identity":
-        chosen, mass = [0], 1.0 - TEA_IDENTITY_FLOOR
-    elif tea_init == "single-flips":
-        chosen = [0] + [e.id for e in entries if e.op.startswith("flip_") and len(e.op) == len("flip_x")]
-        mass = 0.8
-    elif tea_init == "flips":
-        chosen = [0] + [e.id for e in entries if _is_flip_or_half_turn(e)]
-        mass = 0.1 * len(chosen)
-    else:
-        raise PolicyError(f"tea_init must be one of {', '.join(TEA_INITS)}; got {tea_init!r}.")
-    rest = n - len(chosen)
-    if rest == 0:
-        return [1.0 / n] * n
-    each, other = mass / len(chosen), (1.0 - mass) / rest
-    chosen_set = set(chosen)
-    return [each if i in chosen_set else other for i in range(n)]
-
-
-def _is_flip_or_half_turn(entry: TeaEntryLike) -> bool:
-    if entry.op.startswith("flip_"):
-        return True
-    return entry.op.startswith("rotate_") and entry.value is not None and abs(abs(float(entry.value)) - 180.0) < 1e-9
-
-
-def make_policy(
-    dims: int,
-    label_names: Mapping[str, int] | Sequence[str],
-    *,
-    init: str = "uniform-0.1",
-    groups: Mapping[str, Sequence[str]] | None = None,
-    class_specific: bool = True,
-    patch_size: Sequence[int] | None = None,
-    tea_init: str = "flips",
-    sampling: Sampling = "independent",
-    randaugment_n: int = 2,
-    randaugment_m: int = 2,
-    tea_top_k: int = 4,
-    tau: float = 1.0,
-    ops: Sequence[str] | None = None,
-) -> Policy:
-    """A policy over the registry's ops for `dims`, every group starting from the same probabilities.
-
-    init (METHOD 3.3): "identity" (bin 0 with probability 1), "uniform-0.1" (P(on) = 0.1 per op), "nnunet" (--org 2),
-    "deepmedic" (--org 3), "uniform" (equal logits); P(on) is split evenly over an op's available bins and logits are
-    log(p), so softmax reproduces the probabilities. With a baseline `sampling` ("randaugment", "trivialaugment",
-    "none") the logits are set to that sampler's per-op marginals instead (they describe it; sampling ignores them).
-    patch_size makes rot90 bins unavailable in non-square planes. ops restricts the op set (registry order kept).
-    """
-    from augsearch.ops.registry import get_op, list_ops
-    from augsearch.ops.tea import tea_pool
-
-    if dims not in (2, 3):
-        raise PolicyError(f"dims must be 2 or 3, got {dims!r}.")
-    if init not in INITS:
-        raise PolicyError(f"init must be one of {', '.join(INITS)}; got {init!r}.")
-    if tea_init not in TEA_INITS:
-        raise PolicyError(f"tea_init must be one of {', '.join(TEA_INITS)}; got {tea_init!r}.")
-    if patch_size is not None and len(patch_size) != dims:
-        raise PolicyError(f"patch_size must have {dims} entries for dims={dims}, got {list(patch_size)}.")
-    names = list_ops(dims)
-    if ops is not None:
-        unknown = [name for name in ops if name not in names]
-        if unknown:
-            raise PolicyError(f"ops {unknown} are not available in {dims}D; valid ops: {', '.join(names)}.")
-        names = [name for name in names if name in set(ops)]
-    specs = [get_op(name).spec for name in names]
-    labels = normalise_labels(label_names)
-    group_labels = resolve_groups(labels, groups, class_specific=class_specific)
-
-    max_bins = max(len(spec.bins) for spec in specs)
-    available = torch.arange(max_bins).unsqueeze(0) < torch.tensor([len(s.bins) for s in specs]).unsqueeze(1)
-    for op, index in rot90_unavailable(specs, patch_size):
-        available[names.index(op), index] = False
-
-    entries = tea_pool(dims)
-    tea_logits = torch.tensor(logits_from_probs(tea_init_probs(entries, dims, tea_init)), dtype=torch.float32)
-    policy = Policy(
-        dims=dims,
-        op_specs=specs,
-        group_labels=group_labels,
-        label_names=labels,
-        tea_entries=entries,
-        tea_logits=tea_logits,
-        available=available,
-        sampling=sampling,
-        randaugment_n=randaugment_n,
-        randaugment_m=randaugment_m,
-        tea_top_k=tea_top_k,
-        tau=tau,
-    )
-    if sampling == "independent":
-        rows = [_init_probs(init, spec.name, available[k, : len(spec.bins)].tolist()) for k, spec in enumerate(specs)]
-    else:
-        marginals = policy.baseline_marginals()
-        rows = [marginals[k, : len(spec.bins)].tolist() for k, spec in enumerate(specs)]
-    logits = torch.zeros(len(group_labels), len(specs), max_bins)
-    for k, row in enumerate(rows):
-        logits[:, k, : len(row)] = torch.tensor(logits_from_probs(row))
-    with torch.no_grad():
-        policy.tra_logits.copy_(logits)
-    return policy

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
+from augsearch.artifacts.layout import CHECKPOINT_NAME
 from augsearch.atomic import torch_save
 from augsearch.errors import AugsearchError
+from augsearch.model import UNet
 
 CHECKPOINT_FORMAT = "augsearch-checkpoint"
 CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class CheckpointError(AugsearchError):
@@ -107,7 +108,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
             f"{path} is not an augsearch checkpoint: expected format {CHECKPOINT_FORMAT!r}, found {found!r}. "
-            "For a model from another trainer, use the Python API augsearch.tta.predict_tta(model, ...)"
+            "For a model from another trainer, use the Python API augsearch.predict.tta.predict_tta(model, ...)"
         )
     if payload.get("format_version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(
@@ -119,7 +120,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def build_model(ckpt: dict[str, Any]) -> torch.nn.Module:
     """The segmenter described by a loaded checkpoint, with its weights, in eval mode."""
-    from augsearch.model import UNet
 
     model = UNet(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])

@@ -12,14 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from augsearch.augment import augment_batch
 from augsearch.data.sampler import Batch
-from augsearch.meta import centre_and_normalise, tea_coefficients, tra_meta_coefficients
-from augsearch.ops.tea import tea_apply, tea_invert
-from augsearch.policy import Policy
+from augsearch.learn.meta import (
+    centre_and_normalise,
+    tea_coefficients,
+    tra_meta_coefficients,
+)
+from augsearch.learn.tea_update import tea_apply_mask, tea_view_losses
+from augsearch.ops.spatial import centre_crop
+from augsearch.ops.tea import tea_apply
+from augsearch.policy.core import Policy
+from augsearch.regularizers import asymmetric_augment_mask
 
 
 @dataclass
@@ -32,64 +38,6 @@ class StepStats:
     last_val_loss: float = float("nan")
     last_tea_loss: float = float("nan")
     extra: dict[str, float] = field(default_factory=dict)
-
-
-def centre_crop(x: Tensor, size: list[int] | tuple[int, ...]) -> Tensor:
-    """Cut the central `size` from the trailing spatial dims of `x` (..., *S)."""
-    dims = len(size)
-    slices = [slice(None)] * (x.ndim - dims)
-    for axis, target in enumerate(size):
-        extent = x.shape[x.ndim - dims + axis]
-        start = (extent - target) // 2
-        slices.append(slice(start, start + target))
-    return x[tuple(slices)]
-
-
-def tea_apply_mask(mask: Tensor, ids: Tensor, num_classes: int, spatial: Tensor) -> Tensor:
-    """Move label maps (B, *S) along with TEA views: spatial entries warp the one-hot map (linear, then argmax);
-    intensity entries leave the label untouched. `spatial` is a (A,) bool table over pool ids."""
-    dims = mask.ndim - 1
-    onehot = F.one_hot(mask, num_classes).movedim(-1, 1).float()
-    warped = tea_apply(onehot, ids, dims).argmax(dim=1)
-    return torch.where(spatial[ids].view(-1, *([1] * dims)), warped, mask)
-
-
-def tea_view_losses(
-    model: torch.nn.Module,
-    image: Tensor,
-    label: Tensor,
-    ids: Tensor,
-    patch_size: list[int],
-    fg_classes: list[int],
-) -> Tensor:
-    """Soft-Dice loss of each TEA view of one validation crop, mapped back onto the original grid (METHOD 4.2 B).
-
-    image: (1, C, *E) enlarged crop; label: (1, *E); ids: (Z,) pool ids. The network sees the central patch of each
-    transformed crop; its probabilities are padded back to the crop, inverted, and compared with the untransformed
-    label on the central patch, only where the inverted view has support. Returns (Z,) losses, no autograd graph.
-    """
-    dims = len(patch_size)
-    z = ids.numel()
-    with torch.no_grad():
-        views = tea_apply(image.expand(z, *image.shape[1:]), ids, dims)
-        probs = torch.softmax(model(centre_crop(views, patch_size)), dim=1)
-        support = torch.ones_like(probs[:, :1])
-        pad = []
-        for axis in reversed(range(dims)):
-            total = image.shape[2 + axis] - patch_size[axis]
-            pad += [total // 2, total - total // 2]
-        padded = F.pad(torch.cat([probs, support], dim=1), pad)
-        inverted, valid = tea_invert(padded, ids, dims)
-        inverted = centre_crop(inverted, patch_size)
-        mask = centre_crop(valid, patch_size) & (inverted[:, -1:] > 0.999)
-        probs_back = inverted[:, :-1] * mask
-        target = F.one_hot(centre_crop(label, patch_size), probs.shape[1]).movedim(-1, 1).float()
-        target = target.expand(z, *target.shape[1:]) * mask
-        reduce = tuple(range(2, 2 + dims))
-        intersection = (probs_back * target).sum(reduce)
-        denominator = probs_back.sum(reduce) + target.sum(reduce)
-        dice = (2 * intersection + 1e-5) / (denominator + 1e-5)
-        return 1.0 - dice[:, fg_classes].mean(dim=1)
 
 
 @dataclass
@@ -134,7 +82,6 @@ class JointStep:
         bins = self.policy.sample_tra(group, generator)
         learnable = torch.ones_like(group, dtype=torch.bool)
         if self.bg_augment_prob < 1.0:
-            from augsearch.regularizers import asymmetric_augment_mask
 
             learnable = asymmetric_augment_mask(batch.anchor_class, self.bg_augment_prob, generator)
             bins = bins * learnable.unsqueeze(1)

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from augsearch.errors import AugsearchError
-from augsearch.inference import sliding_window_predict
 from augsearch.ops.tea import tea_apply, tea_invert, tea_margin, tea_pool
-from augsearch.policy import Policy
+from augsearch.policy.core import Policy
+from augsearch.policy.io import load_policy
+from augsearch.predict.sliding_window import sliding_window_predict
 
 # Spatial axes (0 = x) of each rotation op's plane.
 _PLANE_AXES = {"rotate_yz": (1, 2), "rotate_xz": (0, 2), "rotate_xy": (0, 1)}
@@ -64,7 +65,6 @@ def resolve_policy(policy: Policy | str | Path | None) -> Policy | None:
     if policy is None or isinstance(policy, Policy):
         return policy
     if isinstance(policy, (str, Path)):
-        from augsearch.policy_io import load_policy
 
         return load_policy(policy)
     raise TTAError(f"policy must be a Policy, a path to a policy file or None, got {type(policy).__name__}")

@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from augsearch.artifacts.checkpoint import load_checkpoint
+from augsearch.artifacts.layout import CHECKPOINT_NAME, MANIFEST_NAME, POLICY_NAME, SUMMARY_JSON
 from augsearch.atomic import atomic_open
 from augsearch.errors import AugsearchError
-
-CHECKPOINT_NAME = "checkpoint.pt"
-POLICY_NAME = "policy.json"
-MANIFEST_NAME = "search.json"
-SUMMARY_JSON = "summary.json"
+from augsearch.policy.io import load_policy, read_policy_document, save_policy
 
 
 class ExportError(AugsearchError):
@@ -99,8 +97,6 @@ def _export_row(run_dir: Path, row: dict[str, Any], out: Path, base: dict[str, A
 
 def export_checkpoint_dir(src: Path, out: Path, provenance: dict[str, Any]) -> None:
     """Copy SRC/checkpoint.pt to OUT and re-save SRC/policy.json there with provenance (both atomic)."""
-    from augsearch.checkpoint import load_checkpoint
-    from augsearch.policy_io import load_policy, read_policy_document, save_policy
 
     ckpt = load_checkpoint(src / CHECKPOINT_NAME)
     export = {**provenance, "epoch": int(ckpt["epoch"]), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

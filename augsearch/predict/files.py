@@ -16,7 +16,6 @@ import gzip
 import io
 import math
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+from augsearch.artifacts.layout import UNCERTAINTY_CSV
 from augsearch.atomic import atomic_open, write_text
+from augsearch.config import PreprocessConfig
+from augsearch.data.dataset import Case
+from augsearch.data.nifti import CHANNEL_SUFFIX, nifti_stem, read_image
+from augsearch.data.preprocess import preprocess_image, restore_to_original
+from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-UNCERTAINTY_CSV = "uncertainty.csv"
+from augsearch.policy.presets import policy_from_file_or_preset
+from augsearch.predict.tta import predict_tta
 
 
 class PredictError(AugsearchError):
@@ -60,14 +64,6 @@ class CasePrediction:
     summary: dict[str, Any] | None
 
 
-def nifti_stem(path: Path) -> str | None:
-    """File name without its NIfTI suffix, or None when the name is not a NIfTI file."""
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix) and len(path.name) > len(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
 def find_inputs(path: str | Path, cases: list[str] | None = None) -> list[InputCase]:
     """Cases under `path`: a NIfTI file, or a folder of them (channel files `<case>_NNNN` grouped by case).
 
@@ -87,7 +83,7 @@ def find_inputs(path: str | Path, cases: list[str] | None = None) -> list[InputC
         if not files:
             raise PredictError(f"--input folder {path} holds no NIfTI files (*.nii, *.nii.gz); point it at imagesTs/")
         stems = {p: nifti_stem(p) for p in files}
-        matches = {p: _CHANNEL_SUFFIX.match(s) for p, s in stems.items()}
+        matches = {p: CHANNEL_SUFFIX.match(s) for p, s in stems.items()}
         if all(matches.values()):
             groups: dict[str, dict[int, Path]] = defaultdict(dict)
             for p, match in matches.items():
@@ -190,9 +186,6 @@ def predict_case(
     pad_to_window: bool = False,
 ) -> CasePrediction:
     """Read, preprocess, predict with TTA and restore one case to its file's grid (nothing is written)."""
-    from augsearch.config import PreprocessConfig
-    from augsearch.data.dataset import Case, preprocess_image, read_image, restore_to_original
-    from augsearch.tta import predict_tta
 
     dims = int(ckpt["model_config"]["dims"])
     image, spacing, affine, header = read_image(list(case.paths), dims)
@@ -317,10 +310,6 @@ def predict_files(
     """
     from tqdm import tqdm
 
-    from augsearch.checkpoint import build_model, load_checkpoint
-    from augsearch.policy_io import policy_from_file_or_preset
-
-    from augsearch.devices import resolve_device
 
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)

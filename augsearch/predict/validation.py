@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from augsearch.data.dataset import Case
-from augsearch.inference import sliding_window_predict
 from augsearch.metrics import dice, precision, sensitivity
+from augsearch.predict.sliding_window import sliding_window_predict
 
 
 def _nanmean(values: list[float]) -> float:

@@ -21,10 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from augsearch.artifacts.checkpoint import build_model
 from augsearch.atomic import atomic_open
-from augsearch.data.dataset import Case
+from augsearch.config import PreprocessConfig, SplitConfig
+from augsearch.data.cases import load_cases
+from augsearch.data.dataset import Case, read_dataset_info
+from augsearch.data.splits import resolve_splits
 from augsearch.errors import AugsearchError
-from augsearch.inference import sliding_window_predict
+from augsearch.predict.sliding_window import sliding_window_predict
 
 
 class InspectError(AugsearchError):
@@ -220,9 +224,6 @@ def checkpoint_margins(
     Returns {"split", "compare_split", "cases": {side: ids}, "class_names": {value: name}, "voxels": {side: {value:
     total voxel count}}, "train": {value: margins}, "unseen": {value: margins}} ("train" is the reference side).
     """
-    from augsearch.checkpoint import build_model
-    from augsearch.config import PreprocessConfig, SplitConfig
-    from augsearch.data.dataset import load_cases, read_dataset_info, resolve_splits
 
     for name, value in (("split", split), ("compare_split", compare_split)):
         if value is not None and value not in SPLITS:

@@ -1,0 +1,20 @@
+"""Every file and folder name of run, search and export directories: the one place that knows them.
+
+A training run (`augsearch train`, or a trial's `fit/`):
+    checkpoint.pt  policy.json  metrics.jsonl  config.json  tb/
+A search (`augsearch search`):
+    search.json  summary.csv  summary.json  <trial>/fit/ (a training run)  <trial>/checkpoint_NNNNNN/ (Ray's copies)
+An export (`augsearch export`): checkpoint.pt and policy.json side by side (one folder per trial with --all).
+Predictions (`augsearch predict`): one NIfTI per case, and uncertainty.csv with --uncertainty.
+"""
+
+CHECKPOINT_NAME = "checkpoint.pt"
+POLICY_NAME = "policy.json"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"
+TENSORBOARD_DIR = "tb"
+MANIFEST_NAME = "search.json"
+SUMMARY_JSON = "summary.json"
+SUMMARY_CSV = "summary.csv"
+FIT_DIR = "fit"
+UNCERTAINTY_CSV = "uncertainty.csv"

@@ -1,0 +1,228 @@
+"""Searches on Ray Tune: the Ray session (local loopback or a cluster by address), the trainable, the scheduler.
+
+The only module that imports ray.tune, and only inside the functions that need it, so `--no-ray` searches run where
+Ray is missing. Trials resume from their last checkpoint after a worker failure (Ray restarts the trial,
+`tune.get_checkpoint()` hands back the last reported checkpoint, `fit(resume=...)` continues from its epoch); PBT's
+exploit step is the same mechanism with the donor's checkpoint, and the trial re-reads its (perturbed) parameters
+each time it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from augsearch.artifacts.layout import (
+    CHECKPOINT_NAME,
+    FIT_DIR,
+    MANIFEST_NAME,
+    POLICY_NAME,
+)
+from augsearch.config import ExperimentConfig, config_from_dict
+from augsearch.errors import SearchError
+from augsearch.tune.summary import (
+    SearchResult,
+    finish_search,
+    finished_status,
+    trial_row,
+)
+from augsearch.tune.trial import CRASH_ENV, run_trial
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _tune_space(space: dict[str, Any]) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for key, spec in space.items():
+        if isinstance(spec, list):
+            out[key] = tune.grid_search(spec)
+            continue
+        (kind, args), = spec.items()
+        out[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return out
+
+
+def ray_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one fit, a report with checkpoint at every validation."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = Path(setup["run_dir"])
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        # A private copy: Ray may delete old checkpoint dirs (num_to_keep) while fit still reads this one.
+        restore_dir = run_dir / trial_id / FIT_DIR / "restore"
+        shutil.rmtree(restore_dir, ignore_errors=True)
+        checkpoint.to_directory(str(restore_dir))
+        resume = restore_dir / CHECKPOINT_NAME
+
+    def report(metrics: dict[str, Any], checkpoint_path: Path | None, policy_path: Path | None) -> None:
+        if checkpoint_path is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="augsearch-ckpt-") as tmp:
+            shutil.copy2(checkpoint_path, Path(tmp) / CHECKPOINT_NAME)
+            if policy_path is not None and Path(policy_path).is_file():
+                shutil.copy2(policy_path, Path(tmp) / POLICY_NAME)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    run_trial(trial_id=trial_id, run_dir=run_dir, base=setup["base"], params=params, cpus=setup["cpus"],
+                resume=resume, crash_marker=setup.get("crash_marker"), report=report)
+
+
+def trial_dirname(trial: Any) -> str:
+    """Ray trial directories are named by trial id, like the in-process runner's."""
+    return str(trial.trial_id)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast with a SearchError when ADDR (host:port or ray://host:port) does not accept connections."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SearchError(f"--address {address!r} is not host:port; pass the head's address, e.g. 10.0.0.5:6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise SearchError(
+            f"cannot reach a Ray cluster at {address} within {timeout:.0f} s ({err}); start the head with "
+            f"workers/start_head.sh and pass the address it prints, or drop --address for a local Ray"
+        ) from None
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Join ADDRESS, or start a local loopback-only Ray with this machine's resources and stop it afterwards.
+
+    An already initialised Ray (a test fixture, a notebook) is used as it is and left running. For a local start or
+    a loopback address, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before ray is imported: it keeps every Ray server
+    and connection on 127.0.0.1 (Ray reads it once, at import).
+    """
+    host = address.split("://", 1)[-1].rpartition(":")[0] if address else "127.0.0.1"
+    if _is_loopback(host) and "ray" not in sys.modules:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every trial's epoch lines
+    if address:
+        check_reachable(address)
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address:
+        if _is_loopback(host):
+            kwargs["_node_ip_address"] = "127.0.0.1"
+        if (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
+            # `ray start` turns token authentication on when a token exists; a joining driver must send it too
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_resources(cpus: float, gpus: float) -> None:
+    """SearchError when no alive node can hold one trial (before anything is launched or written)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    most_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    most_cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    total = ray.cluster_resources()
+    if gpus > most_gpus:
+        raise SearchError(
+            f"each trial asks for {gpus:g} GPUs (search.gpus_per_trial / --gpus-per-trial), but the largest node "
+            f"has {most_gpus:g} (cluster total {total.get('GPU', 0.0):g}); lower --gpus-per-trial (fractions like "
+            f"0.5 share a GPU) or add GPU workers"
+        )
+    if cpus > most_cpus:
+        raise SearchError(
+            f"each trial asks for {cpus:g} CPUs (search.cpus_per_trial / --cpus-per-trial), but the largest node "
+            f"has {most_cpus:g}; lower --cpus-per-trial"
+        )
+
+
+def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> SearchResult:
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    cfg = config_from_dict(manifest["config"], source=str(run_dir / MANIFEST_NAME))
+    search = cfg.search
+    setup = {"run_dir": str(run_dir), "base": manifest["config"], "cpus": search.cpus_per_trial,
+             "crash_marker": os.environ.get(CRASH_ENV)}
+    resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(ray_trial, setup=setup), resources)
+    if restore:
+        tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_tune_space(search.space),
+            tune_config=tune.TuneConfig(
+                metric=search.metric, mode=search.mode, num_samples=search.num_samples,
+                scheduler=_scheduler(cfg), max_concurrent_trials=search.max_concurrent_trials,
+                search_alg=BasicVariantGenerator(random_state=cfg.seed), trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=run_dir.name, storage_path=str(run_dir.parent),
+                failure_config=tune.FailureConfig(max_failures=search.max_failures),
+                # PBT copies a donor's checkpoint that may be several reports old: keep them all for PBT
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if search.scheduler == "pbt" else 2),
+            ),
+        )
+    grid = tuner.fit()
+    rows = [_ray_row(result, run_dir, cfg) for result in grid]
+    rows.sort(key=lambda row: row["trial"])
+    return finish_search(run_dir, rows, cfg)
+
+
+def _scheduler(cfg: ExperimentConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    search = cfg.search
+    if search.scheduler == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=1, reduction_factor=2)
+    if search.scheduler == "pbt":
+        mutations = {k: v for k, v in _tune_space(search.space).items() if isinstance(search.space[k], dict)}
+        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=search.pbt_interval,
+                                       hyperparam_mutations=mutations)
+    return None
+
+
+def _ray_row(result: Any, run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any]:
+    metrics = dict(result.metrics or {})
+    trial = metrics.get("trial_id") or Path(result.path).name
+    checkpoint = None
+    if result.checkpoint is not None:
+        checkpoint = os.path.relpath(result.checkpoint.path, run_dir)
+    history = result.metrics_dataframe
+    timing = {}
+    if history is not None and len(history) and "time/report" in history:
+        timing = {"trial_start": float(history["time/trial_start"].iloc[0]),
+                  "first_report": float(history["time/report"].iloc[0]),
+                  "last_report": float(history["time/report"].iloc[-1]),
+                  "first_epoch_s": float(history["time/epoch_s"].iloc[0]) if "time/epoch_s" in history else None,
+                  "reports": int(len(history))}
+    status = "ERROR" if result.error is not None else finished_status(metrics, cfg)
+    return trial_row(trial, status, {k: (result.config or {}).get(k) for k in cfg.search.space}, metrics, checkpoint,
+                str(result.error) if result.error is not None else None, timing)
