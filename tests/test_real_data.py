@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from augsearch.config import PreprocessConfig, config_from_dict
-from augsearch.data.dataset import load_case, read_dataset_info, read_image, read_label
-from augsearch.predict import predict_files
+from augsearch.data.cases import load_case
+from augsearch.data.dataset import read_dataset_info
+from augsearch.data.nifti import read_image, read_label
+from augsearch.predict.files import predict_files
 from augsearch.train import fit
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "hippocampus"

@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augsearch.checkpoint import build_model, load_checkpoint
+from augsearch.artifacts.checkpoint import build_model, load_checkpoint
 from augsearch.config import ExperimentConfig
-from augsearch.data.dataset import Case, complete_preprocess, load_cases, read_dataset_info, resolve_splits
-from augsearch.inference import sliding_window_predict
+from augsearch.data.cases import load_cases
+from augsearch.data.dataset import Case, read_dataset_info
+from augsearch.data.preprocess import complete_preprocess
+from augsearch.data.splits import resolve_splits
 from augsearch.metrics import dice
+from augsearch.predict.sliding_window import sliding_window_predict
 
 CURVE_NAME = "curve.jsonl"
 EPS = 1e-6

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from augsearch.atomic import write_json
-from augsearch.data.dataset import read_dataset_info, read_label
+from augsearch.data.dataset import read_dataset_info
+from augsearch.data.nifti import read_label
 from augsearch.errors import AugsearchError
 
 HERE = Path(__file__).resolve().parent

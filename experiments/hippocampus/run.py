@@ -10,7 +10,7 @@ Run from the repository root after `python experiments/hippocampus/prepare.py` (
 A run (size, row, seed) trains `fit` into <out>/train<size>/<row>/seed<k>/ (resuming from its last epoch checkpoint),
 records the learning curve (curves.py), learns a TEA post hoc on the frozen segmenter where the row has none of its
 own, predicts the test cases (test_cases.json) with each TTA column (none, flips, learned) through
-`augsearch.predict.predict_files`, scores them with `augsearch.metrics.evaluate_folders` and writes
+`augsearch.predict.files.predict_files`, scores them with `augsearch.metrics.evaluate_folders` and writes
 results/train<size>/<row>/seed<k>.json. A run whose JSON exists is skipped. Row `retrain` waits for `joint` of the
 same size and seed and trains with its policy.json; row `tra_specific_tea` is row `tra_specific`'s model with its
 post-hoc TEA (no run of its own). Runs start in the order sizes, seeds, rows, so one size finishes before the next.
@@ -34,6 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from augsearch.atomic import write_json, write_text
+from augsearch.config import load_config
+from augsearch.data.dataset import read_dataset_info
+from augsearch.train import fit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -65,7 +71,7 @@ class Row:
 ROWS = (
     Row("none", "none"),
     Row("nnunet", "nnU-Net-like preset"),
-    Row("randaugment", "RandAugment (N, M tuned on validation)"),
+    Row("randaugment", "RandAugment"),
     Row("trivialaugment", "TrivialAugment"),
     Row("tra_agnostic", "learned TRA, class-agnostic"),
     Row("tra_specific", "learned TRA, class-specific"),
@@ -125,8 +131,6 @@ def finished_epochs(run_dir: Path) -> int:
 
 def train(cfg, run_dir: Path, curve_every: int | None) -> float:
     """fit into run_dir unless it finished; resumes from its checkpoint. Wall seconds spent here."""
-    from augsearch.train import fit
-
     if finished_epochs(run_dir) >= cfg.train.epochs:
         return 0.0
     started = time.perf_counter()
@@ -158,12 +162,6 @@ def finite(value):
 def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve_every: int,
             extra: list[str] = (), test_limit: int | None = None) -> dict:
     """Train, post-hoc TEA, predict and score one (size, row, seed); write and return its result JSON."""
-    import torch
-
-    from augsearch.atomic import write_json
-    from augsearch.config import load_config
-    from augsearch.data.dataset import read_dataset_info
-
     torch.set_num_threads(1)
     row = BY_NAME[row_name]
     source = comparison.source_state()
@@ -224,11 +222,6 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
 
 def tune_one(size: int, n: int, m: int, out: Path, results: Path, extra: list[str] = ()) -> dict:
     """One grid cell: train with (N, M) at the tuning seed; fit's final validation only, no test case is read."""
-    import torch
-
-    from augsearch.atomic import write_json
-    from augsearch.config import load_config
-
     torch.set_num_threads(1)
     run_dir = out / "tune" / size_dir(size) / f"randaugment_n{n}_m{m}" / f"seed{TUNE_SEED}"
     overrides = [*extra, f"seed={TUNE_SEED}", f"data.split.fold={SIZES[size]}", f"augment.randaugment_n={n}",
@@ -249,8 +242,6 @@ def grid_path(results: Path, size: int, n: int, m: int) -> Path:
 
 def choose_randaugment(results: Path, size: int) -> None:
     """When every grid cell of `size` has run: the best validation Dice -> randaugment_tuned.json."""
-    from augsearch.atomic import write_json
-
     cells = [grid_path(results, size, n, m) for n, m in GRID]
     if not all(p.is_file() for p in cells):
         return
@@ -306,8 +297,6 @@ def mean_dice(r: dict, column: str) -> float:
 
 
 def write_tables(results: Path) -> None:
-    from augsearch.atomic import write_text
-
     runs = load_results(results)
     long = io.StringIO()
     writer = csv.writer(long, lineterminator="\n")
@@ -328,7 +317,7 @@ def write_tables(results: Path) -> None:
             continue
         by_row = {row.name: sorted([r for r in sized if r["row"] == row.name], key=lambda r: r["seed"])
                   for row in ROWS}
-        md += [f"## {size} training cases", "", "Without TTA:", "",
+        md += [f"## {size} training cases", "", "Without TTA (row 7: its learned TTA, the rest of it is row 6):", "",
                "| # | row | n | " + " | ".join(f"{k} {m}" for k in LABELS for m in ("Dice", "HD95", "SEN", "PRC"))
                + " | val Dice | train s | meta-steps | TEA steps |", "|---|---|---|" + "---|" * 12]
         for index, row in enumerate(ROWS, start=1):
@@ -338,14 +327,15 @@ def write_tables(results: Path) -> None:
             cells = []
             for name in LABELS:
                 for metric, scale in (("dice", 100), ("hd95", 1), ("sensitivity", 100), ("precision", 100)):
-                    mean, std = _mean_std([_nan(r["test"]["none"][name][metric]) for r in group])
+                    column = "learned" if row.name in DERIVED else "none"
+                    mean, std = _mean_std([_nan(r["test"][column][name][metric]) for r in group])
                     cells.append(f"{scale * mean:.1f} ± {scale * std:.1f}")
             val, _ = _mean_std([np.mean([r["val"][f"val/dice_{k}"] for k in LABELS]) for r in group])
             title = row.title
             if row.name == "randaugment":
                 settings = sorted({(r["randaugment"]["n"], r["randaugment"]["m"], r["randaugment"]["tuned"])
                                    for r in group})
-                title += " " + ", ".join(f"N {n} M {m}{'' if t else ' (untuned)'}" for n, m, t in settings)
+                title += " " + ", ".join(f"N {n} M {m} ({'tuned' if t else 'untuned'})" for n, m, t in settings)
             md.append(f"| {index} | {title} | {len(group)} | " + " | ".join(cells)
                       + f" | {100 * val:.1f} | {np.mean([r['train_epoch_s'] for r in group]):.0f} | "
                       f"{group[0]['meta_steps']} | {group[0]['tea_steps']} |")
@@ -372,7 +362,7 @@ def write_tables(results: Path) -> None:
             for row in ROWS:
                 if (row.name in FIXED and row.name != best) or not by_row[row.name]:
                     continue
-                for column in TTA:
+                for column in ("learned",) if row.name in DERIVED else TTA:
                     pairs = [(mean_dice(r, column), base[r["seed"]]) for r in by_row[row.name] if r["seed"] in base]
                     if (row.name == best and column == "none") or not pairs:
                         continue
