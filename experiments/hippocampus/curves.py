@@ -3,7 +3,8 @@
 `fit` validates with Dice only; the overfitting check of README "Budget" needs the validation loss and the
 train/validation gap on the same footing. `CurveRecorder` is a `fit` callback: at every `every`-th epoch it loads the
 checkpoint just written, predicts every validation and training case by sliding window (no augmentation, no TTA) and
-appends one JSON line to <run>/curve.jsonl. Nothing is selected on these numbers; they only describe the run.
+appends one JSON line to <run>/curve.jsonl. Nothing is selected on these numbers; they only describe the run. The
+training side uses the first TRAIN_CURVE_CASES training cases, so a larger training set costs no more to record.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from augsearch.metrics import dice
 from augsearch.predict.sliding_window import sliding_window_predict
 
 CURVE_NAME = "curve.jsonl"
+TRAIN_CURVE_CASES = 10
 EPS = 1e-6
 
 
@@ -80,7 +82,7 @@ class CurveRecorder:
             return
         model = build_model(load_checkpoint(report.checkpoint_path))
         line = {"epoch": report.epoch, "step": report.metrics["step"], "train/loss": report.metrics["train/loss"]}
-        for split, cases in (("val", self.cases["val"]), ("train", self.cases["train"])):
+        for split, cases in (("val", self.cases["val"]), ("train", self.cases["train"][:TRAIN_CURVE_CASES])):
             scores = volume_scores(model, cases, self.cfg.train.patch_size, self.labels,
                                    self.cfg.train.sliding_window_batch)
             line.update({f"{split}_{key}": value for key, value in scores.items()})
