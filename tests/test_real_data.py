@@ -148,3 +148,29 @@ def test_prepare_links_checks_and_refuses_to_overwrite(tmp_path):
     assert prepare.main(again) == 0  # a rerun finds everything in place
     (out / "dataset.json").write_text(json.dumps({**prepare.DATASET_JSON, "name": "other"}))
     assert prepare.main(again) == 1  # no silent overwrite
+
+
+def test_prepare_reads_the_decathlon_tar_layout(tmp_path, monkeypatch):
+    """The MSD download: one tar, imagesTr/<case>.nii.gz, MSD dataset.json, macOS `._` files beside the volumes."""
+    import tarfile
+
+    task = tmp_path / "src" / "Task04_Hippocampus"
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (task / sub).mkdir(parents=True)
+    for case in CASES:
+        (task / "imagesTr" / f"{case}.nii.gz").write_bytes((SHARED / "imagesTr" / f"{case}_0000.nii.gz").read_bytes())
+        (task / "labelsTr" / f"{case}.nii.gz").write_bytes((SHARED / "labelsTr" / f"{case}.nii.gz").read_bytes())
+        (task / "imagesTr" / f"._{case}.nii.gz").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (task / "dataset.json").write_text(json.dumps({
+        "name": "Hippocampus", "tensorImageSize": "3D", "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"}, "numTraining": 3}))
+    archive = tmp_path / "Task04_Hippocampus.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(task, arcname="Task04_Hippocampus")
+    monkeypatch.setattr(prepare, "split_case_ids", lambda: sorted(CASES))  # three of the 200
+    out = prepare.prepare(archive, tmp_path / "data" / "hippocampus")
+    info = read_dataset_info(out)
+    assert info.training == sorted(CASES) and info.labels == LABELS
+    unpacked = tmp_path / "data" / "Task04_Hippocampus_unpacked" / "Task04_Hippocampus"
+    assert (out / "imagesTr" / f"{CASES[0]}_0000.nii.gz").resolve() == unpacked / "imagesTr" / f"{CASES[0]}.nii.gz"
+    assert sorted(p.name for p in (unpacked / "imagesTr").iterdir()) == sorted(f"{c}.nii.gz" for c in CASES)

@@ -6,11 +6,11 @@
 
 The source is the shared copy (nnU-Net v2 raw: `imagesTr/<case>_0000.nii.gz`) or the Medical Segmentation Decathlon
 download (MSD: `imagesTr/<case>.nii.gz`, `dataset.json` with "modality" and "labels" as "int" -> name), as a folder
-or as the tar itself (unpacked beside the data folder, `._` resource forks skipped). Only the 200 cases named by the
-committed splits are used; the other 60 labelled cases of the download stay out. The data folder holds a
-`dataset.json`, symbolic links to the source volumes (nothing is copied), and the committed `splits_final.json` and
-`test_cases.json`; every case's label voxels are compared with the committed checksums, so a download and the shared
-copy give the same experiment. The folder is then checked with `augsearch data check`.
+or as the tar itself (unpacked into <out>/../Task04_Hippocampus_unpacked/, `._` resource forks skipped). Only the
+200 cases named by the committed splits are used; the other 60 labelled cases of the download stay out. The data
+folder holds a `dataset.json`, symbolic links to the source volumes (nothing is copied), and the committed
+`splits_final.json` and `test_cases.json`; every case's label voxels are compared with the committed checksums, so a
+download and the shared copy give the same experiment. The folder is then checked with `augsearch data check`.
 
 `--write-splits` (re)writes the committed split files from the case ids (seeded); it refuses to change existing ones.
 """
@@ -136,7 +136,7 @@ def verify_labels(pairs: dict[str, tuple[Path, Path]]) -> None:
 def prepare(source: Path, out: Path, verify: bool = True) -> Path:
     """Arrange `source` (folder or tar) into `out`; return `out` after `augsearch data check` passed."""
     if source.is_file() and tarfile.is_tarfile(source):
-        source = unpack(source, out.parent / source.name.split(".")[0])
+        source = unpack(source, out.parent / f"{source.name.split('.')[0]}_unpacked")
     cases = split_case_ids()
     pairs = source_images(source, cases)
     if verify:
@@ -146,7 +146,8 @@ def prepare(source: Path, out: Path, verify: bool = True) -> Path:
     for case, (image, label) in pairs.items():
         link(image, out / "imagesTr" / f"{case}_0000.nii.gz")
         link(label, out / "labelsTr" / f"{case}.nii.gz")
-    for path, content in ((out / "dataset.json", DATASET_JSON), (out / SPLITS.name, json.loads(SPLITS.read_text())),
+    for path, content in ((out / "dataset.json", {**DATASET_JSON, "numTraining": len(cases)}),
+                          (out / SPLITS.name, json.loads(SPLITS.read_text())),
                           (out / TEST_CASES.name, json.loads(TEST_CASES.read_text()))):
         if path.is_file() and json.loads(path.read_text()) != content:
             raise PrepareError(f"{path}: exists with other content; remove it to rewrite it from the committed files")
