@@ -1,0 +1,530 @@
+"""MSD Hippocampus in 3D: rows x seeds x training sizes, each run its own process, per-run JSON, paired tables.
+
+Run from the repository root after `python experiments/hippocampus/prepare.py` (README.md has the protocol):
+
+    python experiments/hippocampus/run.py --jobs 2                     # everything still missing, then the tables
+    python experiments/hippocampus/run.py --tune-randaugment --jobs 2  # the RandAugment N x M grid on validation
+    python experiments/hippocampus/run.py --rows none nnunet --seeds 0 1 --sizes 10 --jobs 1
+    python experiments/hippocampus/run.py --aggregate                  # tables from the committed JSON files only
+
+A run (size, row, seed) trains `fit` into <out>/train<size>/<row>/seed<k>/ (resuming from its last epoch checkpoint),
+records the learning curve (curves.py), learns a TEA post hoc on the frozen segmenter where the row has none of its
+own, predicts the test cases (test_cases.json) with each TTA column (none, flips, learned) through
+`augsearch.predict.files.predict_files`, scores them with `augsearch.metrics.evaluate_folders` and writes
+results/train<size>/<row>/seed<k>.json. A run whose JSON exists is skipped. Row `retrain` waits for `joint` of the
+same size and seed and trains with its policy.json; row `tra_specific_tea` is row `tra_specific`'s model with its
+post-hoc TEA (no run of its own). Runs start in the order sizes, seeds, rows, so one size finishes before the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import io
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from augsearch.atomic import write_json, write_text
+from augsearch.config import load_config
+from augsearch.data.dataset import read_dataset_info
+from augsearch.train import fit
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from curves import CurveRecorder, read_curve, summarise_curve  # this folder is not a package
+
+# experiments/comparison/run.py: ground-truth links, evaluate_run, policy_notes, source_state
+_spec = importlib.util.spec_from_file_location("comparison_run", HERE.parent / "comparison" / "run.py")
+comparison = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = comparison  # dataclasses look their module up while the file executes
+_spec.loader.exec_module(comparison)
+
+LABELS = ("Anterior", "Posterior")
+SIZES = {10: 0, 40: 1}  # training cases -> data.split.fold of splits_final.json
+TTA = ("none", "flips", "learned")
+TUNE_SEED = 100
+GRID = [(n, m) for n in (1, 2, 3) for m in (1, 2, 3)]
+FIXED = ("none", "nnunet", "randaugment", "trivialaugment")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    title: str
+    own_tea: bool = False  # the row's policy.json holds the TEA of its "learned" column
+    after: str | None = None  # row of the same size and seed whose run must finish first
+
+
+ROWS = (
+    Row("none", "none"),
+    Row("nnunet", "nnU-Net-like preset"),
+    Row("randaugment", "RandAugment"),
+    Row("trivialaugment", "TrivialAugment"),
+    Row("tra_agnostic", "learned TRA, class-agnostic"),
+    Row("tra_specific", "learned TRA, class-specific"),
+    Row("tra_specific_tea", "class-specific TRA + learned TEA (post hoc)"),
+    Row("joint", "joint class-specific TRA + TEA", own_tea=True),
+    Row("retrain", "retrain: fresh segmenter, final joint policy fixed", own_tea=True, after="joint"),
+)
+BY_NAME = {row.name: row for row in ROWS}
+DERIVED = {"tra_specific_tea": "tra_specific"}  # row -> row whose run's "learned" column it is
+
+
+def size_dir(size: int) -> str:
+    return f"train{size}"
+
+
+def result_path(results: Path, size: int, row: str, seed: int) -> Path:
+    return results / size_dir(size) / row / f"seed{seed}.json"
+
+
+def tuned_randaugment(results: Path, size: int) -> tuple[int, int, bool]:
+    """(N, M, tuned): the grid's choice for this size, or N 2, M 2 before the grid has run."""
+    path = results / size_dir(size) / "randaugment_tuned.json"
+    if path.is_file():
+        choice = json.loads(path.read_text())["choice"]
+        return int(choice["n"]), int(choice["m"]), True
+    return 2, 2, False
+
+
+def run_dir_for(out: Path, size: int, row: str, seed: int, results: Path) -> Path:
+    if row == "randaugment":
+        n, m, _ = tuned_randaugment(results, size)
+        row = f"randaugment_n{n}_m{m}"
+    return out / size_dir(size) / row / f"seed{seed}"
+
+
+def overrides_for(size: int, row: str, seed: int, out: Path, results: Path, extra: list[str] = ()) -> list[str]:
+    """The config overrides of one run: seed, fold, data folder, RandAugment's N and M, retrain's policy, `extra`."""
+    overrides = [*extra, f"seed={seed}", f"data.split.fold={SIZES[size]}"]
+    if row == "randaugment":
+        n, m, _ = tuned_randaugment(results, size)
+        overrides += [f"augment.randaugment_n={n}", f"augment.randaugment_m={m}"]
+    if row == "retrain":
+        overrides.append(f'augment.policy="{run_dir_for(out, size, "joint", seed, results) / "policy.json"}"')
+    return overrides
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    return f"{platform.node()}: {os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}"
+
+
+def finished_epochs(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return json.loads(path.read_text().splitlines()[-1])["epoch"] if path.is_file() and path.read_text() else 0
+
+
+def train(cfg, run_dir: Path, curve_every: int | None) -> float:
+    """fit into run_dir unless it finished; resumes from its checkpoint. Wall seconds spent here."""
+    if finished_epochs(run_dir) >= cfg.train.epochs:
+        return 0.0
+    started = time.perf_counter()
+    checkpoint = run_dir / "checkpoint.pt"
+    callbacks = [CurveRecorder(cfg, run_dir, curve_every)] if curve_every else []
+    fit(cfg, run_dir, callbacks=callbacks, resume=checkpoint if checkpoint.is_file() else None, progress=True)
+    return time.perf_counter() - started
+
+
+def epoch_totals(run_dir: Path) -> dict:
+    """Steps, meta-steps and the summed epoch times (training alone, no validation) from fit's metrics.jsonl."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"steps": int(lines[-1]["step"]), "meta_steps": int(lines[-1].get("meta/steps", 0)),
+            "epoch_s": float(sum(line["time/epoch_s"] for line in lines)),
+            "val": {k: v for k, v in lines[-1].items() if k.startswith("val/")}}
+
+
+def finite(value):
+    """NaN and infinities -> None, so the JSON files stay strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve_every: int,
+            extra: list[str] = (), test_limit: int | None = None) -> dict:
+    """Train, post-hoc TEA, predict and score one (size, row, seed); write and return its result JSON."""
+    torch.set_num_threads(1)
+    row = BY_NAME[row_name]
+    source = comparison.source_state()
+    run_dir = run_dir_for(out, size, row.name, seed, results)
+    overrides = overrides_for(size, row.name, seed, out, results, extra)
+    cfg = load_config(HERE / f"{row.name}.toml", overrides)
+    wall = {"train": train(cfg, run_dir, curve_every)}
+    totals = epoch_totals(run_dir)
+    tea_totals = {"steps": 0}
+    if row.own_tea:
+        learned_policy = Path(cfg.augment.policy) if row.name == "retrain" else run_dir / "policy.json"
+    else:  # a TEA learned post hoc on the frozen segmenter, from the same identity-and-flips start in every row
+        tea_dir = run_dir / "tea_posthoc"
+        start = run_dir / "policy.json"
+        tea_cfg = load_config(HERE / "tea_posthoc.toml", [
+            *overrides_for(size, "tea_posthoc", seed, out, results, extra),
+            f'train.init_checkpoint="{run_dir / "checkpoint.pt"}"',
+            f'augment.policy="{start if start.is_file() else "nnunet"}"'])
+        wall["posthoc_tea"] = train(tea_cfg, tea_dir, None)
+        tea_totals = epoch_totals(tea_dir)
+        learned_policy = tea_dir / "policy.json"
+    info = read_dataset_info(cfg.data.root)
+    test_cases = json.loads((HERE / "test_cases.json").read_text())[:test_limit]
+    gt_dir = out / "gt"
+    comparison.link_ground_truth(info.root, test_cases, gt_dir)
+    started = time.perf_counter()
+    test = {}
+    for column, policy in zip(TTA, (None, "flips-tta", str(learned_policy)), strict=True):
+        _, summary = comparison.evaluate_run(run_dir / "checkpoint.pt", policy, info.root, dict(info.labels),
+                                             test_cases, run_dir / f"tta_{column}", gt_dir)
+        test[column] = {name: {metric: stats["mean"] for metric, stats in metrics.items()}
+                        | {"hd95_defined": metrics["hd95"]["n"]} for name, metrics in summary.items()}
+    wall["eval"] = time.perf_counter() - started
+    curve = read_curve(run_dir)
+    curve = list({line["epoch"]: line for line in curve}.values())  # a resumed run may repeat an epoch
+    n, m, tuned = tuned_randaugment(results, size)
+    result = {
+        "size": size, "row": row.name, "seed": seed, "source": source, "machine": machine(),
+        "config": f"experiments/hippocampus/{row.name}.toml", "overrides": overrides,
+        "randaugment": {"n": n, "m": m, "tuned": tuned} if row.name == "randaugment" else None,
+        "segmenter_steps": totals["steps"], "meta_steps": totals["meta_steps"],
+        "tea_steps": totals["meta_steps"] if row.name == "joint" else tea_totals["steps"],
+        "train_epoch_s": totals["epoch_s"], "wall_s": wall, "val": totals["val"],
+        "curve_summary": summarise_curve(curve, list(LABELS)),
+        "curve": [{k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()} for line in curve],
+        "test": test, "test_cases": len(test_cases),
+        "policy": comparison.policy_notes(learned_policy if row.name in ("tra_agnostic", "tra_specific", "joint",
+                                                                          "retrain") else None),
+        "posthoc_tea": comparison.policy_notes(learned_policy) if not row.own_tea else {},
+    }
+    write_json(result_path(results, size, row.name, seed), finite(result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RandAugment grid (validation only)
+
+
+def tune_one(size: int, n: int, m: int, out: Path, results: Path, extra: list[str] = ()) -> dict:
+    """One grid cell: train with (N, M) at the tuning seed; fit's final validation only, no test case is read."""
+    torch.set_num_threads(1)
+    run_dir = out / "tune" / size_dir(size) / f"randaugment_n{n}_m{m}" / f"seed{TUNE_SEED}"
+    overrides = [*extra, f"seed={TUNE_SEED}", f"data.split.fold={SIZES[size]}", f"augment.randaugment_n={n}",
+                 f"augment.randaugment_m={m}"]
+    cfg = load_config(HERE / "randaugment.toml", overrides)
+    wall = train(cfg, run_dir, None)
+    totals = epoch_totals(run_dir)
+    result = {"size": size, "n": n, "m": m, "seed": TUNE_SEED, "wall_s": wall, "train_epoch_s": totals["epoch_s"],
+              "val": totals["val"], "val_dice_mean": float(np.mean([totals["val"][f"val/dice_{k}"] for k in LABELS])),
+              "source": comparison.source_state(), "machine": machine()}
+    write_json(grid_path(results, size, n, m), result)
+    return result
+
+
+def grid_path(results: Path, size: int, n: int, m: int) -> Path:
+    return results / size_dir(size) / "randaugment_grid" / f"n{n}_m{m}.json"
+
+
+def choose_randaugment(results: Path, size: int) -> None:
+    """When every grid cell of `size` has run: the best validation Dice -> randaugment_tuned.json."""
+    cells = [grid_path(results, size, n, m) for n, m in GRID]
+    if not all(p.is_file() for p in cells):
+        return
+    grid = [json.loads(p.read_text()) for p in cells]
+    best = max(grid, key=lambda g: g["val_dice_mean"])
+    write_json(results / size_dir(size) / "randaugment_tuned.json", {
+        "choice": {"n": best["n"], "m": best["m"]}, "criterion": "highest mean validation Dice (Anterior, "
+        f"Posterior), tuning seed {TUNE_SEED}, 2000 steps per cell",
+        "grid": [{"n": g["n"], "m": g["m"], "val_dice_mean": g["val_dice_mean"], "wall_s": g["wall_s"]}
+                 for g in grid],
+        "tuning_cpu_s": float(sum(g["train_epoch_s"] for g in grid))})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    finite = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if finite.size == 0:
+        return math.nan, math.nan
+    return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+
+
+def bootstrap_ci(differences: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of per-seed differences (resampling seeds)."""
+    values = np.asarray(differences, dtype=float)
+    if values.size < 2:
+        return math.nan, math.nan
+    draws = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))
+    means = values[draws].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def load_results(results: Path) -> list[dict]:
+    """Every run's JSON, plus the derived rows (tra_specific_tea from tra_specific's learned column)."""
+    found = []
+    for path in sorted(results.glob("train*/*/seed*.json")):
+        if re.fullmatch(r"seed\d+\.json", path.name) and path.parent.name in BY_NAME:
+            found.append(json.loads(path.read_text()))
+    for derived, base in DERIVED.items():
+        for r in [r for r in found if r["row"] == base]:
+            found.append({**r, "row": derived, "derived_from": base})
+    return found
+
+
+def _nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def mean_dice(r: dict, column: str) -> float:
+    return float(np.mean([_nan(r["test"][column][k]["dice"]) for k in LABELS]))
+
+
+def write_tables(results: Path) -> None:
+    runs = load_results(results)
+    long = io.StringIO()
+    writer = csv.writer(long, lineterminator="\n")
+    writer.writerow(["size", "row", "seed", "tta", "class", "metric", "value"])
+    for r in sorted(runs, key=lambda r: (r["size"], [x.name for x in ROWS].index(r["row"]), r["seed"])):
+        for column in TTA:
+            for name in LABELS:
+                for metric in ("dice", "hd95", "sensitivity", "precision"):
+                    writer.writerow([r["size"], r["row"], r["seed"], column, name, metric,
+                                     f"{_nan(r['test'][column][name][metric]):.6g}"])
+    md = ["# MSD Hippocampus results", "",
+          "Written by `python experiments/hippocampus/run.py` from the per-run JSON files under `results/` (protocol "
+          "in README.md). Cells: mean ± sample std over seeds of the per-seed mean over the 140 test cases; Dice, "
+          "sensitivity, precision in %, HD95 in mm (a case without a defined HD95 is left out). n: seeds.", ""]
+    for size in SIZES:
+        sized = [r for r in runs if r["size"] == size]
+        if not sized:
+            continue
+        by_row = {row.name: sorted([r for r in sized if r["row"] == row.name], key=lambda r: r["seed"])
+                  for row in ROWS}
+        md += [f"## {size} training cases", "", "Without TTA (row 7: its learned TTA, the rest of it is row 6):", "",
+               "| # | row | n | " + " | ".join(f"{k} {m}" for k in LABELS for m in ("Dice", "HD95", "SEN", "PRC"))
+               + " | val Dice | train s | meta-steps | TEA steps |", "|---|---|---|" + "---|" * 12]
+        for index, row in enumerate(ROWS, start=1):
+            group = by_row[row.name]
+            if not group:
+                continue
+            cells = []
+            for name in LABELS:
+                for metric, scale in (("dice", 100), ("hd95", 1), ("sensitivity", 100), ("precision", 100)):
+                    column = "learned" if row.name in DERIVED else "none"
+                    mean, std = _mean_std([_nan(r["test"][column][name][metric]) for r in group])
+                    cells.append(f"{scale * mean:.1f} ± {scale * std:.1f}")
+            val, _ = _mean_std([np.mean([r["val"][f"val/dice_{k}"] for k in LABELS]) for r in group])
+            title = row.title
+            if row.name == "randaugment":
+                settings = sorted({(r["randaugment"]["n"], r["randaugment"]["m"], r["randaugment"]["tuned"])
+                                   for r in group})
+                title += " " + ", ".join(f"N {n} M {m} ({'tuned' if t else 'untuned'})" for n, m, t in settings)
+            md.append(f"| {index} | {title} | {len(group)} | " + " | ".join(cells)
+                      + f" | {100 * val:.1f} | {np.mean([r['train_epoch_s'] for r in group]):.0f} | "
+                      f"{group[0]['meta_steps']} | {group[0]['tea_steps']} |")
+        md += ["", "Mean Dice over Anterior and Posterior (%) by TTA column:", "",
+               "| # | row | n | " + " | ".join(TTA) + " |", "|---|---|---|" + "---|" * len(TTA)]
+        for index, row in enumerate(ROWS, start=1):
+            group = by_row[row.name]
+            if group:
+                cells = []
+                for column in TTA:
+                    mean, std = _mean_std([mean_dice(r, column) for r in group])
+                    cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}")
+                md.append(f"| {index} | {row.title} | {len(group)} | " + " | ".join(cells) + " |")
+        fixed = {name: _mean_std([np.mean([r["val"][f"val/dice_{k}"] for k in LABELS]) for r in by_row[name]])[0]
+                 for name in FIXED if by_row[name]}
+        if fixed:
+            best = max(fixed, key=lambda name: fixed[name])
+            base = {r["seed"]: mean_dice(r, "none") for r in by_row[best]}
+            md += ["", f"Paired per-seed differences in mean Dice (percentage points) to the best fixed row by "
+                   f"validation Dice, **{best}** without TTA (validation Dice of rows 1-4: "
+                   + ", ".join(f"{k} {100 * v:.1f}" for k, v in fixed.items()) + "); 95% bootstrap interval over "
+                   "seeds; wins = seeds where the row is higher:", "",
+                   "| row | TTA | seeds | difference | 95% interval | wins |", "|---|---|---|---|---|---|"]
+            for row in ROWS:
+                if (row.name in FIXED and row.name != best) or not by_row[row.name]:
+                    continue
+                for column in ("learned",) if row.name in DERIVED else TTA:
+                    pairs = [(mean_dice(r, column), base[r["seed"]]) for r in by_row[row.name] if r["seed"] in base]
+                    if (row.name == best and column == "none") or not pairs:
+                        continue
+                    diffs = [100 * (a - b) for a, b in pairs]
+                    low, high = bootstrap_ci(diffs)
+                    md.append(f"| {row.name} | {column} | {len(diffs)} | {np.mean(diffs):+.1f} | "
+                              f"[{low:+.1f}, {high:+.1f}] | {sum(d > 0 for d in diffs)}/{len(diffs)} |")
+        md += ["", "Per seed, mean Dice without TTA (%), and wall time of each run (training + post-hoc TEA + "
+               "evaluation, minutes):", "", "| row | seed | Dice | val Dice | train min | TEA min | eval min | "
+               "overfitting (val loss rise; train-val Dice gap) |", "|---|---|---|---|---|---|---|---|"]
+        for row in ROWS:
+            for r in by_row[row.name]:
+                if row.name in DERIVED:
+                    continue
+                wall, curve = r["wall_s"], r["curve_summary"]
+                md.append(f"| {row.name} | {r['seed']} | {100 * mean_dice(r, 'none'):.1f} | "
+                          f"{100 * np.mean([r['val'][f'val/dice_{k}'] for k in LABELS]):.1f} | "
+                          f"{wall['train'] / 60:.0f} | {wall.get('posthoc_tea', 0) / 60:.0f} | "
+                          f"{wall['eval'] / 60:.0f} | "
+                          + (f"{curve['val_loss_rise']:+.3f} from epoch {curve['best_val_loss_epoch']}; "
+                             f"{curve['final_gap_dice']:+.3f}" if curve else "–") + " |")
+        md.append("")
+    sources = sorted({r["source"] for r in runs})
+    machines = sorted({r["machine"] for r in runs})
+    md += [f"Sources: {'; '.join(sources)}. Machines: {'; '.join(machines)}."]
+    write_text(results / "results.md", "\n".join(md) + "\n")
+    write_text(results / "results.csv", long.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scheduling
+
+
+@dataclass
+class Job:
+    name: str  # log and display name
+    args: list[str]  # arguments of this script's --one / --tune-one
+    done: Path  # the JSON this job writes
+    after: Path | None = None  # a JSON that must exist before it starts
+
+
+def plan(args: argparse.Namespace, out: Path, results: Path) -> list[Job]:
+    jobs = []
+    common = ["--out", str(out), "--results", str(results), "--data", str(args.data),
+              "--curve-every", str(args.curve_every), *(f"--set={o}" for o in args.overrides[1:])]
+    common += ["--test-limit", str(args.test_limit)] if args.test_limit else []
+    if args.tune_randaugment:
+        for size in args.sizes:
+            for n, m in GRID:
+                jobs.append(Job(f"tune_{size_dir(size)}_n{n}_m{m}",
+                                ["--tune-one", str(size), str(n), str(m), *common], grid_path(results, size, n, m)))
+        return jobs
+    for size in args.sizes:
+        for seed in args.seeds:
+            for row in ROWS:
+                if row.name not in args.rows or row.name in DERIVED:
+                    continue
+                done = result_path(results, size, row.name, seed)
+                if row.name == "randaugment" and done.is_file():
+                    n, m, _ = tuned_randaugment(results, size)
+                    old = json.loads(done.read_text())["randaugment"]
+                    if (old["n"], old["m"]) != (n, m):  # superseded by the grid's choice: kept aside, rerun
+                        done.rename(done.with_name(f"seed{seed}_n{old['n']}_m{old['m']}.json"))
+                after = result_path(results, size, row.after, seed) if row.after else None
+                jobs.append(Job(f"{size_dir(size)}_{row.name}_seed{seed}",
+                                ["--one", str(size), row.name, str(seed), *common], done, after))
+    return jobs
+
+
+def schedule(jobs: list[Job], n_jobs: int, logs: Path, stop_after: float | None) -> int:
+    """Run pending jobs as subprocesses, `n_jobs` at a time; a job waits for its `after` JSON. Returns failures."""
+    logs.mkdir(parents=True, exist_ok=True)
+    pending = [j for j in jobs if not j.done.is_file()]
+    skipped = len(jobs) - len(pending)
+    print(f"{len(jobs)} runs, {skipped} finished already, {len(pending)} to run ({n_jobs} at a time)", flush=True)
+    running: dict[subprocess.Popen, tuple[Job, float]] = {}
+    failures, started = 0, time.monotonic()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    try:
+        while pending or running:
+            late = stop_after is not None and time.monotonic() - started > stop_after
+            for job in [j for j in pending if not late and (j.after is None or j.after.is_file())]:
+                if len(running) >= n_jobs:
+                    break
+                pending.remove(job)
+                with open(logs / f"{job.name}.log", "a") as log:  # the child keeps its own descriptor
+                    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *job.args], stdout=log,
+                                            stderr=subprocess.STDOUT, env=env)
+                running[proc] = (job, time.monotonic())
+                print(f"start {job.name} (pid {proc.pid})", flush=True)
+            blocked = [j for j in pending if j.after is not None and not j.after.is_file()
+                       and not any(j.after == r.done for r, _ in running.values())
+                       and not any(j.after == p.done for p in pending)]
+            for job in blocked:  # its prerequisite failed or was not asked for
+                pending.remove(job)
+                print(f"skip {job.name}: {job.after} missing", flush=True)
+            if late and not running:
+                print(f"stop: --stop-after reached, {len(pending)} runs not started", flush=True)
+                break
+            time.sleep(2)
+            for proc in [p for p in running if p.poll() is not None]:
+                job, begun = running.pop(proc)
+                ok = proc.returncode == 0 and job.done.is_file()
+                failures += not ok
+                print(f"{'done' if ok else 'FAILED'} {job.name} after {(time.monotonic() - begun) / 60:.1f} min"
+                      + ("" if ok else f" (exit {proc.returncode}; log {logs / (job.name + '.log')})"), flush=True)
+    except KeyboardInterrupt:
+        for proc in running:
+            proc.terminate()
+        raise
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/hippocampus"), help="run folders (default %(default)s)")
+    parser.add_argument("--data", type=Path, default=Path("runs/data/hippocampus"),
+                        help="data folder written by prepare.py (default %(default)s)")
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="per-run JSON files and the tables")
+    parser.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each")
+    parser.add_argument("--curve-every", type=int, default=4, help="epochs between learning-curve points")
+    parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                        help="start no new run after this many minutes (running ones finish)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (smoke tests; the tables' runs use none)")
+    parser.add_argument("--test-limit", type=int, default=None, help="score only the first N test cases (smoke tests)")
+    parser.add_argument("--tune-randaugment", action="store_true", help="run the RandAugment N x M grid instead")
+    parser.add_argument("--aggregate", action="store_true", help="only rebuild results.md and results.csv")
+    parser.add_argument("--one", nargs=3, metavar=("SIZE", "ROW", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--tune-one", nargs=3, type=int, metavar=("SIZE", "N", "M"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    out, results = args.out, args.results
+    args.overrides = [f'data.root="{args.data}"', *args.overrides]
+    if args.one:
+        size, row, seed = int(args.one[0]), args.one[1], int(args.one[2])
+        result = run_one(size, row, seed, out, results, args.curve_every, args.overrides, args.test_limit)
+        print(json.dumps({c: {k: round(result["test"][c][k]["dice"], 4) for k in LABELS} for c in TTA}))
+        return 0
+    if args.tune_one:
+        size, n, m = args.tune_one
+        print(json.dumps(tune_one(size, n, m, out, results, args.overrides)))
+        choose_randaugment(results, size)
+        return 0
+    failures = 0
+    if not args.aggregate:
+        if not (args.data / "dataset.json").is_file():
+            print(f"error: {args.data} holds no dataset.json; run experiments/hippocampus/prepare.py first",
+                  file=sys.stderr)
+            return 1
+        jobs = plan(args, out, results)
+        stop_after = None if args.stop_after is None else args.stop_after * 60
+        failures = schedule(jobs, args.jobs, out / "logs", stop_after)
+        if args.tune_randaugment:
+            for size in args.sizes:
+                choose_randaugment(results, size)
+    write_tables(results)
+    print(f"tables: {results / 'results.md'}, {results / 'results.csv'}; {failures} failed runs", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
