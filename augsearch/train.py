@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from augsearch.artifacts.checkpoint import load_checkpoint, package_versions, save_checkpoint
-from augsearch.artifacts.layout import CHECKPOINT_NAME, METRICS_NAME, POLICY_NAME
+from augsearch.artifacts.checkpoint import Checkpoint, checkpoint_payload, load_checkpoint, package_versions
+from augsearch.artifacts.layout import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, POLICY_NAME, TENSORBOARD_DIR
+from augsearch.artifacts.run_folder import check_resumable, commit_step, prepare_run_dir, restore_consistency
 from augsearch.atomic import write_json
 from augsearch.augment import required_margin
 from augsearch.config import ExperimentConfig
@@ -32,12 +33,13 @@ from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError
+from augsearch.learn.guard import NonFiniteGuard
 from augsearch.learn.joint import JointStep
 from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
 from augsearch.model import UNet, model_config
 from augsearch.ops.tea import tea_margin, tea_pool
 from augsearch.policy.core import Policy
-from augsearch.policy.io import policy_from_dict, policy_to_dict, save_policy
+from augsearch.policy.io import policy_from_dict, policy_to_dict
 from augsearch.policy.presets import policy_from_file_or_preset
 from augsearch.predict.validation import validate
 from augsearch.regularizers import adversarial_perturbation, mixup, soft_target_loss
@@ -149,7 +151,7 @@ class _Run:
         self.model = UNet(**self.model_config).to(self.device)
         self.model.check_input(torch.zeros(1, self.data.in_channels, *cfg.train.patch_size))
         if cfg.train.init_checkpoint:
-            self.model.load_state_dict(load_checkpoint(cfg.train.init_checkpoint)["model"])
+            self.model.load_state_dict(load_checkpoint(cfg.train.init_checkpoint).model_state)
         self.model_config = model_config(self.model)
 
         self.policy = _build_policy(cfg, labels)
@@ -195,6 +197,7 @@ class _Run:
             reference_signs=aug.reference_signs, bg_augment_prob=loss_cfg.bg_augment_prob,
             tea_views=aug.tea.views, couple_tea_to_outer=aug.tea.learn and aug.tea.augment_outer_batch,
             regularizers=self._regularizer_steps() if self.optimizer is not None else None,
+            guard=NonFiniteGuard(cfg.train.max_nonfinite_in_a_row),
         )
         self.epoch = 0
         self.global_step = 0
@@ -240,10 +243,9 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
-        if self.cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
-        return float(loss.detach())
+        value = float(loss.detach())
+        self.step.segmenter_update(value, [p for p in self.model.parameters() if p.requires_grad])
+        return value
 
     # --- state -------------------------------------------------------------------------------------------
 
@@ -254,37 +256,27 @@ class _Run:
             "val_rng": self.val_rng.bit_generator.state,
         }
 
-    def restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+    def restore(self, ckpt: Checkpoint) -> None:
+        self.model.load_state_dict(ckpt.model_state)
         for name, opt in self._optimizers().items():
-            if name in ckpt["optimizers"]:
-                opt.load_state_dict(ckpt["optimizers"][name])
-        if self.policy is not None and ckpt.get("policy") is not None:
-
-            saved = policy_from_dict(ckpt["policy"])
+            if name in ckpt.optimizers:
+                opt.load_state_dict(ckpt.optimizers[name])
+        if self.policy is not None and ckpt.policy is not None:
+            saved = policy_from_dict(ckpt.policy)
             with torch.no_grad():
                 self.policy.tra_logits.copy_(saved.tra_logits)
                 self.policy.tea_logits.copy_(saved.tea_logits)
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.generator.set_state(rng["generator"])
+        rng = ckpt.rng
+        torch.set_rng_state(rng["torch"].cpu())
+        self.generator.set_state(rng["generator"].cpu())
         self.train_rng.bit_generator.state = rng["train_rng"]
         self.val_rng.bit_generator.state = rng["val_rng"]
-        self.epoch = ckpt["epoch"]
-        self.global_step = ckpt["step"]
+        self.epoch = ckpt.epoch
+        self.global_step = ckpt.step
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         named = {"segmenter": self.optimizer, "tra": self.tra_optimizer, "tea": self.tea_optimizer}
         return {k: v for k, v in named.items() if v is not None}
-
-
-def _write_policy(run: _Run, metrics: dict[str, float]) -> Path | None:
-
-    if run.policy is None:
-        return None
-    path = run.run_dir / POLICY_NAME
-    save_policy(run.policy, path, provenance=_provenance(run, metrics))
-    return path
 
 
 def _provenance(run: _Run, metrics: dict[str, float]) -> dict[str, Any]:
@@ -309,17 +301,18 @@ def _provenance(run: _Run, metrics: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def _write_checkpoint(run: _Run, metrics: dict[str, float]) -> Path:
-
-    return save_checkpoint(
-        run.run_dir / CHECKPOINT_NAME,
+def _write_step(run: _Run, metrics: dict[str, float]) -> tuple[Path, Path | None]:
+    """checkpoint.pt and policy.json of this epoch, committed together; returns their paths."""
+    policy = policy_to_dict(run.policy, _provenance(run, metrics)) if run.policy is not None else None
+    payload = checkpoint_payload(
         model=run.model, model_config=run.model_config, config=run.cfg.to_dict(),
         label_names=run.data.label_names, preprocess=run.data.preprocess, patch_size=run.cfg.train.patch_size,
         epoch=run.epoch, step=run.global_step,
         optimizers={name: opt.state_dict() for name, opt in run._optimizers().items()},
-        policy=policy_to_dict(run.policy, _provenance(run, metrics)) if run.policy is not None else None,
-        metrics=metrics, generators=run.generator_states(), data_fingerprint=run.data.fingerprint,
+        policy=policy, metrics=metrics, generators=run.generator_states(), data_fingerprint=run.data.fingerprint,
     )
+    commit_step(run.run_dir, payload, policy)
+    return run.run_dir / CHECKPOINT_NAME, (run.run_dir / POLICY_NAME if policy is not None else None)
 
 
 def _policy_scalars(policy: Policy | None) -> dict[str, float]:
@@ -343,21 +336,31 @@ def fit(
     callbacks: Sequence[Callable[[EpochReport], None]] = (),
     resume: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    resume_anyway: bool = False,
+    check_config_on_resume: bool = True,
 ) -> FitResult:
     """Train (and search) as `cfg` says; write checkpoints, policy files and metrics into `run_dir`.
 
-    `progress` prints one line per epoch, and a progress bar when stderr is a terminal.
+    `progress` prints one line per epoch, and a progress bar when stderr is a terminal. A `run_dir` holding files
+    is refused unless `resume` (continue from that checkpoint) or `overwrite` (remove the old run's files).
+    Resuming checks that the checkpoint's config and data match this run's (`resume_anyway` skips the check;
+    `check_config_on_resume=False` checks the data only).
     """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(run_dir, resume=resume is not None, overwrite=overwrite)
     run = _Run(cfg, run_dir)
     if resume is not None:
-        run.restore(load_checkpoint(resume, map_location=run.device))
-    write_json(run_dir / "config.json", cfg.to_dict())
-    writer = SummaryWriter(str(run_dir / "tb"))
+        ckpt = load_checkpoint(resume, map_location=run.device)
+        check_resumable(ckpt, cfg.to_dict(), cfg.fingerprint(), run.data.fingerprint, anyway=resume_anyway,
+                        ignore_config=not check_config_on_resume)
+        run.restore(ckpt)
+        restore_consistency(run_dir, ckpt)
+    write_json(run_dir / CONFIG_NAME, cfg.to_dict())
+    writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
     t = cfg.train
     aug = cfg.augment
     metrics: dict[str, float] = {}
@@ -399,7 +402,8 @@ def fit(
             metrics = {
                 "epoch": run.epoch, "step": run.global_step, "lr": lr,
                 "train/loss": float(np.mean(losses)), "time/epoch_s": time.perf_counter() - started,
-                "meta/steps": run.step.stats.meta_steps, "meta/skipped_nonfinite": run.step.stats.meta_skipped_nonfinite,
+                "meta/steps": run.step.stats.meta_steps,
+                **{f"nonfinite/{kind}": n for kind, n in run.step.guard.skipped.items()},
                 "meta/val_loss": run.step.stats.last_val_loss, "tea/loss": run.step.stats.last_tea_loss,
                 **run.step.stats.extra, **_policy_scalars(run.policy),
             }
@@ -422,14 +426,12 @@ def fit(
                       f"val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}{summary}", flush=True)
             report_ckpt = report_policy = None
             if run.epoch % t.checkpoint_every == 0 or validated:  # every validation comes with its checkpoint
-                checkpoint_path = _write_checkpoint(run, metrics)
-                policy_path = _write_policy(run, metrics)
+                checkpoint_path, policy_path = _write_step(run, metrics)
                 report_ckpt, report_policy = checkpoint_path, policy_path
             for callback in callbacks:
                 callback(EpochReport(run.epoch, metrics, report_ckpt, report_policy))
     finally:
         writer.close()
     if not checkpoint_path.is_file():
-        checkpoint_path = _write_checkpoint(run, metrics)
-        policy_path = _write_policy(run, metrics)
+        checkpoint_path, policy_path = _write_step(run, metrics)
     return FitResult(run_dir, metrics, checkpoint_path, policy_path)

@@ -17,11 +17,11 @@ shift $(($# >= 2 ? 2 : 1))
 mapfile -t split < <(python - "$run" <<'PY'
 import sys
 
-from augsearch.checkpoint import load_checkpoint
-from augsearch.config import ExperimentConfig
-from augsearch.data.dataset import read_dataset_info, resolve_splits
+from augsearch.artifacts.checkpoint import load_checkpoint
+from augsearch.data.dataset import read_dataset_info
+from augsearch.data.splits import resolve_splits
 
-cfg = ExperimentConfig.model_validate(load_checkpoint(sys.argv[1])["config"])
+cfg = load_checkpoint(sys.argv[1]).experiment_config()
 info = read_dataset_info(cfg.data.root)
 test = resolve_splits(info, cfg.data.split).test
 if not test:

@@ -8,6 +8,7 @@ per-sample weights (value 1), scaled by detached coefficients (METHOD 3.1, 4.2 s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from augsearch.augment import augment_batch
 from augsearch.data.sampler import Batch
+from augsearch.learn.guard import NonFiniteGuard, guarded_step
 from augsearch.learn.meta import (
     centre_and_normalise,
     tea_coefficients,
@@ -33,7 +35,6 @@ class StepStats:
     """Counters and last values of one epoch, for logs and TensorBoard."""
 
     meta_steps: int = 0
-    meta_skipped_nonfinite: int = 0
     tea_steps: int = 0
     last_val_loss: float = float("nan")
     last_tea_loss: float = float("nan")
@@ -65,6 +66,8 @@ class JointStep:
     couple_tea_to_outer: bool = True
     regularizers: Callable[[Tensor, Tensor, Tensor], dict[str, float]] | None = None
     stats: StepStats = field(default_factory=StepStats)
+    guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
+    iteration: int = 0  # counts `run` calls, for messages
 
     # --- sampling and augmentation -------------------------------------------------------------------------
 
@@ -118,20 +121,33 @@ class JointStep:
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.grad = None
+        self.iteration += 1
         losses = self.per_sample_loss(self.model(image), mask)
         loss = losses.mean()
         loss.backward()
+        loss_value = float(loss.detach())
         if val_batch is not None:
             self._tra_meta_step(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
         if tea_batch is not None:
             self._tea_step(tea_batch, generator)
-        if self.optimizer is not None:
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        updated = self.optimizer is not None and self.segmenter_update(loss_value, params)
+        if updated and self.regularizers is not None:
+            self.stats.extra.update(self.regularizers(image, mask, batch.anchor_class))
+        return loss_value
+
+    def segmenter_update(self, loss_value: float, params: list[Tensor]) -> bool:
+        """Clip and apply the segmenter's gradient, or skip it (counted) when the loss or gradient is not finite."""
+        assert self.optimizer is not None
+        if self.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        ok = math.isfinite(loss_value) and math.isfinite(float(norm))
+        if ok:
             self.optimizer.step()
-            if self.regularizers is not None:
-                self.stats.extra.update(self.regularizers(image, mask, batch.anchor_class))
-        return float(loss.detach())
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        return self.guard.record("segmenter", ok, self.iteration)
 
     def _tra_meta_step(self, image, mask, group, bins, learnable, val_batch, inner_lr, generator) -> None:
         assert self.policy is not None and self.tra_optimizer is not None
@@ -144,7 +160,7 @@ class JointStep:
         )
         self.stats.last_val_loss = result.val_loss
         if not result.finite:
-            self.stats.meta_skipped_nonfinite += 1
+            self.guard.record("tra", False, self.iteration)
             return
         coefficients = result.coefficients * learnable
         grad_weights = centre_and_normalise(
@@ -153,8 +169,8 @@ class JointStep:
         weights = self.policy.tra_weights(group, bins, generator)
         self.tra_optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(weights, grad_tensors=grad_weights.to(weights.dtype))
-        self.tra_optimizer.step()
-        self.stats.meta_steps += 1
+        if self.guard.record("tra", guarded_step(self.tra_optimizer, [self.policy.tra_logits]), self.iteration):
+            self.stats.meta_steps += 1
 
     def _tea_step(self, tea_batch: Batch, generator: torch.Generator) -> None:
         assert self.policy is not None and self.tea_optimizer is not None
@@ -174,7 +190,7 @@ class JointStep:
             weights = self.policy.tea_weights(ids, generator)
             torch.autograd.backward(weights, grad_tensors=coefficients.to(weights.dtype))
             total_loss += float(losses.mean())
-        self.tea_optimizer.step()
         self.model.train(was_training)
-        self.stats.tea_steps += 1
         self.stats.last_tea_loss = total_loss / tea_batch.image.shape[0]
+        if self.guard.record("tea", guarded_step(self.tea_optimizer, [self.policy.tea_logits]), self.iteration):
+            self.stats.tea_steps += 1

@@ -23,10 +23,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+from augsearch.artifacts.checkpoint import Checkpoint, load_checkpoint
 from augsearch.artifacts.layout import UNCERTAINTY_CSV
+from augsearch.artifacts.output import check_output_dir
 from augsearch.atomic import atomic_open, write_text
-from augsearch.config import PreprocessConfig
 from augsearch.data.dataset import Case
 from augsearch.data.nifti import CHANNEL_SUFFIX, nifti_stem, read_image
 from augsearch.data.preprocess import preprocess_image, restore_to_original
@@ -173,7 +173,7 @@ def _resample(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def predict_case(
     model: Any,
-    ckpt: dict[str, Any],
+    ckpt: Checkpoint,
     case: InputCase,
     policy: Any,
     *,
@@ -187,17 +187,15 @@ def predict_case(
 ) -> CasePrediction:
     """Read, preprocess, predict with TTA and restore one case to its file's grid (nothing is written)."""
 
-    dims = int(ckpt["model_config"]["dims"])
+    dims = ckpt.dims
     image, spacing, affine, header = read_image(list(case.paths), dims)
-    fields = PreprocessConfig.model_fields
-    cfg = PreprocessConfig.model_validate({k: v for k, v in ckpt["preprocess"].items() if k in fields})
-    pre, new_spacing = preprocess_image(image, spacing, cfg)
+    pre, new_spacing = preprocess_image(image, spacing, ckpt.preprocess)
     original = Case(case_id=case.case_id, image=pre, label=None, spacing=tuple(new_spacing),
                     original_spacing=tuple(spacing), original_shape=tuple(image.shape[1:]), affine=affine)
     del image
     try:
         result = predict_tta(
-            model, pre, policy, spacing=new_spacing, top_k=top_k, window=ckpt["patch_size"], batch_size=batch_size,
+            model, pre, policy, spacing=new_spacing, top_k=top_k, window=ckpt.patch_size, batch_size=batch_size,
             device=device, overlap=overlap, aggregate=aggregate, return_uncertainty=uncertainty,
             pad_to_window=pad_to_window,
         )
@@ -211,7 +209,7 @@ def predict_case(
         entropy_map = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(0).astype(np.float32)
         variance_map = _resample(result.variance.cpu().numpy(), original.original_shape)
         entropy, variance = entropy_map.reshape(file_shape), variance_map.reshape(file_shape)
-        summary = _summary_row(case.case_id, probs.argmax(0), entropy_map, spacing, ckpt["label_names"],
+        summary = _summary_row(case.case_id, probs.argmax(0), entropy_map, spacing, ckpt.label_names,
                                result.view_volumes.cpu().numpy())
     return CasePrediction(case.case_id, labels, entropy, variance, header, affine, summary)
 
@@ -300,33 +298,35 @@ def predict_files(
     uncertainty: bool = False,
     pad_to_window: bool = False,
     progress: bool | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Predict every case under `input_path` into `output_dir`; returns the written files.
 
     policy: a policy file or preset name (e.g. "flips-tta"), bound to the checkpoint's labels; None: no TTA, the
     plain sliding-window prediction. top_k: TEA views (default: the policy's K). Everything is checked (checkpoint,
     policy, input files' headers) before the first case is predicted. progress: tqdm bar over the cases (None: only
-    on a terminal).
+    on a terminal). An output folder that holds files is refused unless `overwrite`, so two models' predictions
+    never mix.
     """
     from tqdm import tqdm
 
+    check_output_dir(Path(output_dir), overwrite=overwrite, option="--output")
 
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
-    config = ckpt["model_config"]
     loaded = None
     if policy is not None:
         # Presets are built for the model's labels; a file is bound to them (background/foreground groups fit any).
-        loaded = policy_from_file_or_preset(policy, int(config["dims"]), ckpt["label_names"])
-        if len(loaded.label_names) != config["num_classes"]:
+        loaded = policy_from_file_or_preset(policy, ckpt.dims, ckpt.label_names)
+        if len(loaded.label_names) != ckpt.num_classes:
             raise PredictError(
                 f"policy {policy} has {len(loaded.label_names)} labels {dict(loaded.label_names)} but the model in "
-                f"{checkpoint} outputs {config['num_classes']} classes; use the policy learned with this model"
+                f"{checkpoint} outputs {ckpt.num_classes} classes; use the policy learned with this model"
             )
         loaded.tea_selected(top_k)  # a bad --top-k fails here, before any output
     inputs = find_inputs(input_path, cases)
-    check_inputs(inputs, int(config["dims"]), int(config["in_channels"]))
-    model = build_model(ckpt).to(torch_device)
+    check_inputs(inputs, ckpt.dims, ckpt.in_channels)
+    model = ckpt.build_model().to(torch_device)
     output_dir = Path(output_dir)
     written: list[Path] = []
     rows: list[dict[str, Any]] = []

@@ -28,6 +28,15 @@ def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, di
     rows = {trial["trial"]: trial_row(trial["trial"], "PENDING", trial["params"], {}, None, None, {})
             for trial in manifest["trials"]}
     rows.update(finished)
+    try:
+        _run_trials(run_dir, manifest, cfg, rows, finished, crash_marker)
+    except KeyboardInterrupt:
+        return finish_search(run_dir, list(rows.values()), cfg, interrupted=True)
+    return finish_search(run_dir, list(rows.values()), cfg)
+
+
+def _run_trials(run_dir: Path, manifest: dict[str, Any], cfg: Any, rows: dict[str, dict[str, Any]],
+                finished: dict[str, dict[str, Any]], crash_marker: str | None) -> None:
     for trial in manifest["trials"]:
         trial_id, params = trial["trial"], trial["params"]
         if trial_id in finished:
@@ -66,4 +75,3 @@ def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, di
         status = "ERROR" if error else finished_status(last, cfg)
         rows[trial_id] = trial_row(trial_id, status, params, last, checkpoint, error, timing)
         write_summary(run_dir, list(rows.values()), cfg)
-    return finish_search(run_dir, list(rows.values()), cfg)

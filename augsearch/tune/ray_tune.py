@@ -27,6 +27,7 @@ from augsearch.artifacts.layout import (
 )
 from augsearch.config import ExperimentConfig, config_from_dict
 from augsearch.errors import SearchError
+from augsearch.tune.space import expand_trials
 from augsearch.tune.summary import (
     SearchResult,
     finish_search,
@@ -193,7 +194,13 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
     grid = tuner.fit()
     rows = [_ray_row(result, run_dir, cfg) for result in grid]
     rows.sort(key=lambda row: row["trial"])
-    return finish_search(run_dir, rows, cfg)
+    expected = len(expand_trials(search.space, search.num_samples, cfg.seed))
+    return finish_search(run_dir, rows, cfg, interrupted=tune_interrupted(grid, expected))
+
+
+def tune_interrupted(grid: Any, expected: int) -> bool:
+    """Tune returns normally on Ctrl-C (it saves its state first); then some trial has not ended, or never began."""
+    return len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid)
 
 
 def _scheduler(cfg: ExperimentConfig) -> Any:
