@@ -126,6 +126,9 @@ class JointStep:
         loss = losses.mean()
         loss.backward()
         loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):  # a diverged segmenter: no step of any kind can use this iteration
+            self.guard.record("segmenter", False, self.iteration)
+            return loss_value
         if val_batch is not None:
             self._tra_meta_step(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
         if tea_batch is not None:
