@@ -33,7 +33,7 @@ from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError
-from augsearch.learn.guard import NonFiniteGuard
+from augsearch.learn.guard import NonFiniteError, NonFiniteGuard, all_finite
 from augsearch.learn.joint import JointStep
 from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
 from augsearch.model import UNet, model_config
@@ -303,6 +303,9 @@ def _provenance(run: _Run, metrics: dict[str, float]) -> dict[str, Any]:
 
 def _write_step(run: _Run, metrics: dict[str, float]) -> tuple[Path, Path | None]:
     """checkpoint.pt and policy.json of this epoch, committed together; returns their paths."""
+    if run.policy is not None and not all_finite([run.policy.tra_logits, run.policy.tea_logits]):
+        raise NonFiniteError("the policy logits are not finite; no checkpoint or policy file written. Lower "
+                             "augment.tra.lr / augment.tea.lr")
     policy = policy_to_dict(run.policy, _provenance(run, metrics)) if run.policy is not None else None
     payload = checkpoint_payload(
         model=run.model, model_config=run.model_config, config=run.cfg.to_dict(),

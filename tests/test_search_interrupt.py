@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from augsearch.cli import main
 from augsearch.tune import local
-from augsearch.tune.ray_tune import tune_interrupted
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
 
@@ -32,15 +38,29 @@ def test_ctrl_c_in_a_local_search(tmp_path, monkeypatch, capsys):
     assert "interrupted" in capsys.readouterr().err and not (tmp_path / "export").exists()
 
 
-def test_tune_interrupted_when_a_trial_has_not_ended_or_never_began():
-    class Grid:
-        def __init__(self, n, terminated, errors):
-            self.n, self.num_terminated, self.num_errors = n, terminated, errors
-
-        def __len__(self):
-            return self.n
-
-    assert not tune_interrupted(Grid(2, 2, 0), expected=2)
-    assert not tune_interrupted(Grid(2, 1, 1), expected=2)  # a failed trial is an ending: --resume retries it
-    assert tune_interrupted(Grid(2, 1, 0), expected=2)  # one still running when Ctrl-C came
-    assert tune_interrupted(Grid(1, 1, 0), expected=2)  # one never created
+@pytest.mark.slow
+def test_ctrl_c_in_a_ray_search(tmp_path):
+    """SIGINT to a running `augsearch search` on its own local Ray: Tune saves its state and returns normally; the
+    command must still say it was interrupted."""
+    out = tmp_path / "search"
+    sets = [f"data.root={tmp_path / 'data'}", "train.epochs=40", "train.iterations=2", "train.batch_size=2",
+            "train.val_batch_size=2", "augment.tea.views=2", "search.max_concurrent_trials=1"]
+    command = [sys.executable, "-m", "augsearch", "search", str(SMOKE), "--out", str(out),
+               *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list(out.glob("*/fit/checkpoint.pt")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert f"interrupted; resume with augsearch search --resume {out}" in stderr
+    assert "export it with" not in stdout + stderr
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True

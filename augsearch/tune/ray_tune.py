@@ -10,11 +10,13 @@ each time it starts.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,16 +193,36 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if search.scheduler == "pbt" else 2),
             ),
         )
-    grid = tuner.fit()
+    with _tune_stop_events() as stop_events:
+        grid = tuner.fit()
     rows = [_ray_row(result, run_dir, cfg) for result in grid]
     rows.sort(key=lambda row: row["trial"])
     expected = len(expand_trials(search.space, search.num_samples, cfg.seed))
-    return finish_search(run_dir, rows, cfg, interrupted=tune_interrupted(grid, expected))
+    interrupted = any(event.is_set() for event in stop_events) or len(grid) < expected
+    return finish_search(run_dir, rows, cfg, interrupted=interrupted)
 
 
-def tune_interrupted(grid: Any, expected: int) -> bool:
-    """Tune returns normally on Ctrl-C (it saves its state first); then some trial has not ended, or never began."""
-    return len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid)
+@contextlib.contextmanager
+def _tune_stop_events() -> Iterator[list[threading.Event]]:
+    """The events Tune sets when Ctrl-C (SIGINT) stops `Tuner.fit`, one per fit.
+
+    On Ctrl-C Tune saves its state, stops every trial (their status then reads TERMINATED, like finished ones) and
+    returns normally; the only record of the interruption is the event its signal handler sets, which Tune keeps to
+    itself. This wraps Tune's `_setup_signal_catching` (ray/tune/tune.py) to keep a reference to it.
+    """
+    tune_run = importlib.import_module("ray.tune.tune")
+    setup = tune_run._setup_signal_catching
+    events: list[threading.Event] = []
+
+    def recording_setup() -> threading.Event:
+        events.append(setup())
+        return events[-1]
+
+    tune_run._setup_signal_catching = recording_setup
+    try:
+        yield events
+    finally:
+        tune_run._setup_signal_catching = setup
 
 
 def _scheduler(cfg: ExperimentConfig) -> Any:
