@@ -162,7 +162,11 @@ class TeaSearchConfig(_Section):
     lr: float = Field(5e-2, gt=0)
     views: int = Field(8, ge=2, description="Z transformed views per TEA step.")
     groups_per_step: int = Field(1, ge=1, description="Foreground-centred validation patches per TEA step.")
-    top_k: int = Field(4, ge=1, description="Entries exported for inference.")
+    top_k: int | None = Field(
+        None, ge=1,
+        description="TTA entries selected for inference; None keeps the policy's own (a preset's or a file's, 4 for a "
+        "learned TEA). A value that differs from the policy's replaces it and is logged.",
+    )
     class1_only: bool = Field(False, description="Reproduce the reference: TEA loss on label 1 only.")
     augment_outer_batch: bool = Field(
         True, description="When TEA is learned, apply its views to the TRA outer-loss batch (the joint coupling)."

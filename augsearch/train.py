@@ -98,12 +98,12 @@ def _rare_labels(cfg: ExperimentConfig, label_names: dict[str, int]) -> list[str
     return list(cfg.loss.rare_labels)
 
 
-def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int]) -> Policy | None:
-
+def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int], log: Callable[[str], None]) -> Policy | None:
+    """The run's policy from `augment.policy`; `augment.tea.top_k`, when given, replaces the policy's own top-k."""
     if cfg.augment.mode == "none":
         return None
     tra = cfg.augment.tra
-    return policy_from_file_or_preset(
+    policy = policy_from_file_or_preset(
         cfg.augment.policy,
         dims=cfg.dims,
         label_names=label_names,
@@ -112,8 +112,15 @@ def _build_policy(cfg: ExperimentConfig, label_names: dict[str, int]) -> Policy 
         patch_size=cfg.train.patch_size,
         randaugment_n=cfg.augment.randaugment_n,
         randaugment_m=cfg.augment.randaugment_m,
-        top_k=cfg.augment.tea.top_k,
     )
+    top_k = cfg.augment.tea.top_k
+    if top_k is None and cfg.augment.tea.learn and policy.tea_top_k == 1:
+        top_k = 4  # a learned TEA exports its top 4 unless told otherwise (presets select 1 to predict without TTA)
+    if top_k is not None and top_k != policy.tea_top_k:
+        if cfg.augment.tea.top_k is not None:
+            log(f"augment.tea.top_k = {top_k} replaces the policy's own top-k {policy.tea_top_k}")
+        policy = policy.replace(tea_top_k=top_k)
+    return policy
 
 
 def _batch_to(batch: Batch, device: torch.device) -> Batch:
@@ -128,13 +135,10 @@ def _full_resolution(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
 class _Run:
     """Everything `fit` builds once: data, samplers, model, optimisers, policy, the joint step, logs."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path):
-
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, log: Callable[[str], None]):
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.train.device, option="train.device")
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
         self.data = _load_data(cfg)
         labels = self.data.label_names
         self.num_classes = max(labels.values()) + 1
@@ -154,7 +158,7 @@ class _Run:
             self.model.load_state_dict(load_checkpoint(cfg.train.init_checkpoint).model_state)
         self.model_config = model_config(self.model)
 
-        self.policy = _build_policy(cfg, labels)
+        self.policy = _build_policy(cfg, labels, log)
         if self.policy is not None:
             self.policy.to(self.device)
         aug = cfg.augment
@@ -349,13 +353,31 @@ def fit(
     is refused unless `resume` (continue from that checkpoint) or `overwrite` (remove the old run's files).
     Resuming checks that the checkpoint's config and data match this run's (`resume_anyway` skips the check;
     `check_config_on_resume=False` checks the data only).
+
+    Process state is left as found: the run draws from torch's global RNG inside `torch.random.fork_rng`, seeded
+    with `cfg.seed` (model initialisation and anything else that uses it), and `train.num_threads` applies for the
+    duration of the call only.
     """
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume=resume is not None, overwrite=overwrite)
+    threads = torch.get_num_threads()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        with torch.random.fork_rng(devices=devices):
+            return _fit(cfg, run_dir, callbacks=callbacks, resume=resume, progress=progress,
+                        resume_anyway=resume_anyway, check_config_on_resume=check_config_on_resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[EpochReport], None]],
+         resume: str | Path | None, progress: bool, resume_anyway: bool, check_config_on_resume: bool) -> FitResult:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume=resume is not None, overwrite=overwrite)
-    run = _Run(cfg, run_dir)
+    run = _Run(cfg, run_dir, log=lambda message: print(f"[{cfg.name}] {message}", flush=True) if progress else None)
     if resume is not None:
         ckpt = load_checkpoint(resume, map_location=run.device)
         check_resumable(ckpt, cfg.to_dict(), cfg.fingerprint(), run.data.fingerprint, anyway=resume_anyway,
@@ -387,7 +409,7 @@ def fit(
             for iteration in bar:
                 # Meta-steps judge the segmenter's response to augmentation; during the warm-up it is still
                 # adapting to augmented batches and that upheaval, not the validation shift, would drive them.
-                meta_now = run.global_step >= aug.warmup_iterations and iteration % aug.meta_every == 0
+                meta_now = run.global_step >= aug.warmup_iterations and run.global_step % aug.meta_every == 0
                 batch = run.train_sampler.sample(t.batch_size, generator=run.train_rng)
                 val_batch = tea_batch = None
                 if meta_now and run.tra_optimizer is not None:

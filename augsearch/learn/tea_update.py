@@ -33,7 +33,9 @@ def tea_view_losses(
 
     image: (1, C, *E) enlarged crop; label: (1, *E); ids: (Z,) pool ids. The network sees the central patch of each
     transformed crop; its probabilities are padded back to the crop, inverted, and compared with the untransformed
-    label on the central patch, only where the inverted view has support. Returns (Z,) losses, no autograd graph.
+    label on the central patch, only where the inverted view has support. The Dice is averaged over the foreground
+    classes present in the crop's central patch (an absent class says nothing about a view); a crop without any
+    gives zero losses. Returns (Z,) losses, no autograd graph.
     """
     dims = len(patch_size)
     z = ids.numel()
@@ -56,4 +58,7 @@ def tea_view_losses(
         intersection = (probs_back * target).sum(reduce)
         denominator = probs_back.sum(reduce) + target.sum(reduce)
         dice = (2 * intersection + 1e-5) / (denominator + 1e-5)
-        return 1.0 - dice[:, fg_classes].mean(dim=1)
+        present = target[:1].sum(reduce)[0, fg_classes] > 0  # (F,) classes in the crop
+        if not bool(present.any()):
+            return torch.zeros(z, device=image.device)
+        return 1.0 - dice[:, fg_classes][:, present].mean(dim=1)

@@ -43,7 +43,7 @@ from augsearch.ops.registry import (
     get_op,
     list_ops,
 )
-from augsearch.ops.spatial import PLANES, is_identity, rot90_where, warp
+from augsearch.ops.spatial import PLANES, inside_mask, is_identity, rot90_where, warp
 
 NOISE_SEED_BASE = 104729  # noise entry seed = base * (id + 1)
 
@@ -189,7 +189,9 @@ def tea_invert(pred: torch.Tensor, ids: torch.Tensor, dims: int) -> tuple[torch.
         if name in params:
             out = rot90_where(out, -params[name][:, 1].round().long(), PLANES[name.split("_")[1]], 2)
     forward = affine_matrices(params, dims, pred.shape[0], pred.device)
-    warped, inside = warp(out, forward, tuple(pred.shape[2:]))  # inverse warp: read at u_in = A u_out
+    shape = tuple(pred.shape[2:])
+    warped = warp(out, forward, shape)  # inverse warp: read at u_in = A u_out
+    inside = inside_mask(forward, shape, shape)
     still = is_identity(forward).view((-1,) + (1,) * (pred.dim() - 1))
     return torch.where(still, out, warped), inside | still
 

@@ -16,7 +16,7 @@ from augsearch.policy.groups import normalise_labels
 from augsearch.policy.init import make_policy
 from augsearch.policy.io import load_policy, policy_to_dict
 
-POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
+POLICIES_DIR = Path(__file__).resolve().parents[1] / "policies"  # package data: schema, presets, learned examples
 
 
 PRESET_LABELS = {"background": 0, "foreground": 1}
@@ -96,7 +96,7 @@ def policy_from_file_or_preset(
     randaugment_m: int | None = None,
     top_k: int | None = None,
 ) -> Policy:
-    """A preset name ('nnunet', or 'nnunet-3d'), a policy file path, or a path under the repository's policies/.
+    """A preset name ('nnunet', or 'nnunet-3d'), a policy file path, or a path under the package's policies/ folder (e.g. 'learned/quickstart/bench2d-joint.json').
 
     Presets are built in code for these labels, groups and patch size. A file keeps its own groups and is bound to
     the dataset's labels (Policy.with_labels: background/foreground groups fit any dataset); explicit `groups` must

@@ -17,6 +17,7 @@ import io
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from augsearch.data.preprocess import preprocess_image, restore_to_original
 from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError
 from augsearch.policy.presets import policy_from_file_or_preset
+from augsearch.predict.postprocess import apply_postprocess, postprocess_from_options
 from augsearch.predict.tta import predict_tta
 
 
@@ -297,6 +299,8 @@ def predict_files(
     aggregate: Literal["probabilities", "logits"] = "probabilities",
     uncertainty: bool = False,
     pad_to_window: bool = False,
+    min_component_mm3: float = 0.0,
+    keep_largest: Sequence[str] = (),
     progress: bool | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
@@ -305,8 +309,9 @@ def predict_files(
     policy: a policy file or preset name (e.g. "flips-tta"), bound to the checkpoint's labels; None: no TTA, the
     plain sliding-window prediction. top_k: TEA views (default: the policy's K). Everything is checked (checkpoint,
     policy, input files' headers) before the first case is predicted. progress: tqdm bar over the cases (None: only
-    on a terminal). An output folder that holds files is refused unless `overwrite`, so two models' predictions
-    never mix.
+    on a terminal). min_component_mm3 / keep_largest (class names): connected-component clean-up of each label map on
+    its file's grid (`augsearch.predict.postprocess`). An output folder that holds files is refused unless
+    `overwrite`, so two models' predictions never mix.
     """
     from tqdm import tqdm
 
@@ -324,6 +329,7 @@ def predict_files(
                 f"{checkpoint} outputs {ckpt.num_classes} classes; use the policy learned with this model"
             )
         loaded.tea_selected(top_k)  # a bad --top-k fails here, before any output
+    postprocess = postprocess_from_options(min_component_mm3, keep_largest, ckpt.label_names)
     inputs = find_inputs(input_path, cases)
     check_inputs(inputs, ckpt.dims, ckpt.in_channels)
     model = ckpt.build_model().to(torch_device)
@@ -337,6 +343,9 @@ def predict_files(
             model, ckpt, case, loaded, top_k=top_k, batch_size=batch_size, device=torch_device, overlap=overlap,
             aggregate=aggregate, uncertainty=uncertainty, pad_to_window=pad_to_window,
         )
+        if postprocess.active:
+            spacing = prediction.header.get_zooms()[: prediction.labels.ndim]
+            prediction.labels = apply_postprocess(prediction.labels, spacing, postprocess)
         written += write_case(prediction, output_dir)
         if prediction.summary is not None:
             rows.append(prediction.summary)

@@ -183,8 +183,10 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
             param_space=_tune_space(search.space),
             tune_config=tune.TuneConfig(
                 metric=search.metric, mode=search.mode, num_samples=search.num_samples,
-                scheduler=_scheduler(cfg), max_concurrent_trials=search.max_concurrent_trials,
-                search_alg=BasicVariantGenerator(random_state=cfg.seed), trial_dirname_creator=trial_dirname,
+                scheduler=_scheduler(cfg), trial_dirname_creator=trial_dirname,
+                # Tune ignores TuneConfig.max_concurrent_trials when given a variant generator: the limit goes here
+                search_alg=BasicVariantGenerator(random_state=cfg.seed,
+                                                 max_concurrent=search.max_concurrent_trials or 0),
             ),
             run_config=tune.RunConfig(
                 name=run_dir.name, storage_path=str(run_dir.parent),
