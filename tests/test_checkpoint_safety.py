@@ -75,3 +75,12 @@ def test_a_truncated_checkpoint_is_a_clean_error(tmp_path):
     (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError):
         load_checkpoint(run)
+
+
+def test_a_checkpoint_of_an_earlier_version_still_loads(tmp_path):
+    """Earlier versions stored torch.__version__ itself (a str subclass), which weights_only needs allowed."""
+    run = write_fake_run(tmp_path / "run")
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    payload["versions"]["torch"] = torch.__version__
+    torch.save(payload, run / "checkpoint.pt")
+    assert load_checkpoint(run).epoch == 1

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.torch_version import TorchVersion
 
 from augsearch.artifacts.layout import CHECKPOINT_NAME
 from augsearch.atomic import torch_save
@@ -182,7 +183,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load and validate a checkpoint (file or run directory). Never unpickles anything but tensors and plain data."""
     path = resolve_checkpoint_path(path)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        # Checkpoints of earlier versions carry torch.__version__, a str subclass: allowed, it runs no code.
+        with torch.serialization.safe_globals([TorchVersion]):
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         found = next((line.split("error:", 1)[-1].strip() for line in str(err).splitlines()
                       if "WeightsUnpickler error" in line), "objects other than tensors and plain data")
