@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -34,8 +35,24 @@ def write_text(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
+def finite_json(data: Any) -> Any:
+    """`data` with every NaN or infinite float replaced by None (JSON null), through dicts, lists and tuples."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(value) for value in data]
+    return data
+
+
+def dumps_json(data: Any, indent: int | None = None) -> str:
+    """Strict JSON text (no NaN/Infinity literals, which strict parsers reject): non-finite floats become null."""
+    return json.dumps(finite_json(data), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text(path, dumps_json(data, indent=2) + "\n")
 
 
 def torch_save(obj: Any, path: str | Path) -> None:

@@ -49,7 +49,9 @@ class PreprocessConfig(_Section):
     """Resampling and intensity normalisation, applied identically at training and prediction time."""
 
     target_spacing: list[float] | None = Field(None, description="mm per voxel axis; None keeps each case's own.")
-    normalization: Literal["zscore", "ct", "none"] = "zscore"
+    normalization: Literal["auto", "zscore", "ct", "none"] = Field(
+        "auto", description="'auto': 'ct' when dataset.json names every channel CT (as nnU-Net), else 'zscore'."
+    )
     ct_clip: list[float] | None = Field(None, description="[low, high] HU window for normalization='ct'.")
     ct_mean: float | None = None
     ct_std: float | None = None
@@ -58,15 +60,16 @@ class PreprocessConfig(_Section):
 class SplitConfig(_Section):
     """Which cases train, validate (the search learns from these) and test.
 
-    Precedence: explicit lists, then `splits_file` (nnU-Net `splits_final.json`, fold `fold`), then the benchmark's
-    own `splits.json` when present, then seeded fractions of `imagesTr`.
+    Precedence: explicit lists, then `splits_file` (nnU-Net `splits_final.json`, fold `fold`; when unset, the
+    dataset's own `splits_final.json`, as nnU-Net does), then the benchmark's own `splits.json` when present, then
+    seeded fractions of `imagesTr`. Test cases come from imagesTs/labelsTs when the dataset has them.
     """
 
     train: list[str] | None = None
     val: list[str] | None = None
     test: list[str] | None = None
-    splits_file: str | None = None
-    fold: int = 0
+    splits_file: str | None = Field(None, description="nnU-Net splits file; None uses <root>/splits_final.json if any.")
+    fold: int = Field(0, ge=0, description="Fold of the splits file.")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     train_fraction: float = Field(1.0, gt=0, le=1, description="Use this share of the training cases (5-50% regimes).")
     seed: int = 0
@@ -151,6 +154,10 @@ class TraSearchConfig(_Section):
     backend: Literal["jvp", "higher", "functional", "fd"] = "jvp"
     inner_lr: float | None = Field(None, gt=0, description="Inner SGD step; None uses the segmenter's current lr.")
     baseline: bool = Field(True, description="Centre per-sample meta-gradients within each class group.")
+    baseline_decay: float = Field(
+        0.9, ge=0, lt=1, description="Decay of each group's running mean of meta-gradients over recent steps, the "
+        "baseline of a group with fewer than 2 samples in a batch (its own mean would cancel it: no learning)."
+    )
     count_normalization: bool = Field(True, description="Divide by how many same-group samples chose each bin.")
     outer_loss: Literal["ce_dice", "ce", "dice"] = "ce_dice"
 

@@ -16,6 +16,7 @@ Lesion-wise detection metrics (lesions, detected, missed, false-positive compone
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from scipy import ndimage
 from augsearch.data.nifti import NIFTI_SUFFIXES
 from augsearch.errors import AugsearchError
 from augsearch.lesion_metrics import LESION_METRICS, lesion_metrics
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("dice", "sensitivity", "precision", "hd95", *LESION_METRICS)
 
@@ -131,6 +134,13 @@ def _case_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def _holds_floats(path: Path) -> bool:
+    """True for a NIfTI whose stored data type is floating point (read from the header only)."""
+    import nibabel as nib
+
+    return nib.load(str(path)).get_data_dtype().kind == "f"
+
+
 def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     import nibabel as nib
 
@@ -156,6 +166,12 @@ def evaluate_folders(
     if not gts:
         raise EvaluationError(f"{gt_dir} holds no .nii/.nii.gz files")
     missing, extra = sorted(set(gts) - set(preds)), sorted(set(preds) - set(gts))
+    maps = [case for case in extra if _holds_floats(preds[case])]
+    if maps:
+        # Uncertainty maps or probabilities beside the segmentations: not labels, so not compared.
+        logger.warning("evaluate: ignored %d file(s) in %s that are not segmentations (floating-point data, e.g. "
+                       "uncertainty maps): %s", len(maps), pred_dir, ", ".join(preds[c].name for c in maps))
+        extra = [case for case in extra if case not in maps]
     if missing or extra:
         raise EvaluationError(
             f"prediction folder {pred_dir} and ground-truth folder {gt_dir} must hold the same case names; "

@@ -7,7 +7,6 @@ No Ray in here: a Ray trial calls `fit` with a callback that reports each valida
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -22,12 +21,12 @@ import torch
 from augsearch.artifacts.checkpoint import Checkpoint, checkpoint_payload, load_checkpoint, package_versions
 from augsearch.artifacts.layout import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, POLICY_NAME, TENSORBOARD_DIR
 from augsearch.artifacts.run_folder import check_resumable, commit_step, prepare_run_dir, restore_consistency
-from augsearch.atomic import write_json
+from augsearch.atomic import dumps_json, write_json
 from augsearch.augment import required_margin
 from augsearch.config import ExperimentConfig
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import Case, dataset_fingerprint, read_dataset_info
-from augsearch.data.preprocess import complete_preprocess
+from augsearch.data.preprocess import complete_preprocess, describe_normalisation
 from augsearch.data.sampler import Batch, PatchSampler
 from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import ensure_dataset
@@ -70,6 +69,8 @@ class _Data:
     val: list[Case]
     fingerprint: str
     preprocess: dict[str, Any]
+    split: str  # where the split came from and its sizes
+    normalisation: str  # per channel
 
 
 def _load_data(cfg: ExperimentConfig) -> _Data:
@@ -88,8 +89,9 @@ def _load_data(cfg: ExperimentConfig) -> _Data:
     if not val:
         raise AugsearchError(f"no validation cases in {root}; name them with data.split.val or raise val_fraction")
     # Saved with the model, so prediction normalises with the numbers measured here.
-    preprocess = preprocess.model_dump(mode="json")
-    return _Data(dict(info.labels), len(info.channel_names), train, val, dataset_fingerprint(info), preprocess)
+    return _Data(dict(info.labels), len(info.channel_names), train, val, dataset_fingerprint(info),
+                 preprocess.model_dump(mode="json"), splits.describe(),
+                 describe_normalisation(preprocess, info.channel_names))
 
 
 def _rare_labels(cfg: ExperimentConfig, label_names: dict[str, int]) -> list[str]:
@@ -196,7 +198,7 @@ class _Run:
             tra_optimizer=self.tra_optimizer, tea_optimizer=self.tea_optimizer,
             per_sample_loss=train_loss, outer_loss=outer_loss, patch_size=list(patch),
             num_classes=self.num_classes, fg_classes=fg, tea_fg_classes=[1] if aug.tea.class1_only else fg,
-            meta_backend=aug.tra.backend, baseline=aug.tra.baseline,
+            meta_backend=aug.tra.backend, baseline=aug.tra.baseline, baseline_decay=aug.tra.baseline_decay,
             count_normalization=aug.tra.count_normalization, grad_clip=cfg.train.grad_clip,
             reference_signs=aug.reference_signs, bg_augment_prob=loss_cfg.bg_augment_prob,
             tea_views=aug.tea.views, couple_tea_to_outer=aug.tea.learn and aug.tea.augment_outer_batch,
@@ -270,6 +272,8 @@ class _Run:
             with torch.no_grad():
                 self.policy.tra_logits.copy_(saved.tra_logits)
                 self.policy.tea_logits.copy_(saved.tea_logits)
+        if ckpt.joint_state is not None:
+            self.step.load_state_dict(ckpt.joint_state)
         rng = ckpt.rng
         torch.set_rng_state(rng["torch"].cpu())
         self.generator.set_state(rng["generator"].cpu())
@@ -317,6 +321,7 @@ def _write_step(run: _Run, metrics: dict[str, float]) -> tuple[Path, Path | None
         epoch=run.epoch, step=run.global_step,
         optimizers={name: opt.state_dict() for name, opt in run._optimizers().items()},
         policy=policy, metrics=metrics, generators=run.generator_states(), data_fingerprint=run.data.fingerprint,
+        joint_state=run.step.state_dict(),
     )
     commit_step(run.run_dir, payload, policy)
     return run.run_dir / CHECKPOINT_NAME, (run.run_dir / POLICY_NAME if policy is not None else None)
@@ -385,6 +390,8 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
         run.restore(ckpt)
         restore_consistency(run_dir, ckpt)
     write_json(run_dir / CONFIG_NAME, cfg.to_dict())
+    if progress:
+        print(f"[{cfg.name}] split: {run.data.split}\n[{cfg.name}] normalisation: {run.data.normalisation}", flush=True)
     writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
     t = cfg.train
     aug = cfg.augment
@@ -427,7 +434,7 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
             metrics = {
                 "epoch": run.epoch, "step": run.global_step, "lr": lr,
                 "train/loss": float(np.mean(losses)), "time/epoch_s": time.perf_counter() - started,
-                "meta/steps": run.step.stats.meta_steps,
+                "meta/steps": run.step.stats.meta_steps, "meta/empty_group_updates": run.step.stats.empty_group_updates,
                 **{f"nonfinite/{kind}": n for kind, n in run.step.guard.skipped.items()},
                 "meta/val_loss": run.step.stats.last_val_loss, "tea/loss": run.step.stats.last_tea_loss,
                 **run.step.stats.extra, **_policy_scalars(run.policy),
@@ -444,7 +451,7 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
                     writer.add_scalar(key, value, run.epoch)
             writer.flush()
             with open(run_dir / METRICS_NAME, "a") as handle:
-                handle.write(json.dumps(metrics) + "\n")
+                handle.write(dumps_json(metrics) + "\n")
             if progress:
                 summary = f" | {run.policy.summary()}" if run.policy is not None and (aug.tra.learn or aug.tea.learn) else ""
                 print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics['train/loss']:.4f} "

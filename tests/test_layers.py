@@ -28,6 +28,24 @@ FLOORS = [
 LAYERS = {module: floor for floor, modules in enumerate(FLOORS) for module in modules}
 
 
+DESIGN = PACKAGE.parent / "DESIGN.md"
+
+
+def render_floors() -> str:
+    """DESIGN.md's floor list, written from FLOORS (top floor first)."""
+    lines = [f"{len(FLOORS) - 1 - i:2d}  " + "  ".join(m.removeprefix("augsearch.") if m != "augsearch" else "augsearch"
+                                                 for m in modules)
+             for i, modules in enumerate(reversed(FLOORS))]
+    return "\n".join(lines)
+
+
+def test_design_md_lists_the_floors_of_this_table():
+    text = DESIGN.read_text()
+    block = text.split("<!-- floors -->\n```\n", 1)[1].split("\n```\n<!-- /floors -->", 1)[0]
+    assert block == render_floors(), "regenerate DESIGN.md's floor list: python -c 'import tests.test_layers as t; " \
+        "print(t.render_floors())'"
+
+
 def layer(module: str) -> int:
     parts = module.split(".")
     for end in range(len(parts), 0, -1):

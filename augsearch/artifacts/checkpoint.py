@@ -53,6 +53,7 @@ class Checkpoint:
     metrics: dict[str, Any]
     rng: dict[str, Any]
     data_fingerprint: str
+    joint_state: dict[str, Any] | None = None
 
     @property
     def dims(self) -> int:
@@ -131,8 +132,10 @@ def checkpoint_payload(
     metrics: dict[str, float],
     generators: dict[str, Any],
     data_fingerprint: str,
+    joint_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The dict `save_checkpoint` writes; refuses non-finite weights, which no later run could use."""
+    """The dict `save_checkpoint` writes; refuses non-finite weights, which no later run could use. joint_state: the
+    joint step's own state (its running baselines), so a resumed search continues exactly."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -157,6 +160,7 @@ def checkpoint_payload(
         "rng": _plain({**rng_state(), **generators}),
         "data_fingerprint": data_fingerprint,
         "versions": package_versions(),
+        "joint_state": _plain(joint_state),
     }
 
 
@@ -214,7 +218,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             preprocess_fields=dict(payload["preprocess"]), patch_size=[int(p) for p in payload["patch_size"]],
             epoch=int(payload["epoch"]), step=int(payload["step"]), optimizers=payload.get("optimizers") or {},
             policy=payload.get("policy"), metrics=payload.get("metrics") or {}, rng=payload.get("rng") or {},
-            data_fingerprint=str(payload.get("data_fingerprint", "")),
+            data_fingerprint=str(payload.get("data_fingerprint", "")), joint_state=payload.get("joint_state"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path} is an incomplete augsearch checkpoint ({type(err).__name__}: {err}); "

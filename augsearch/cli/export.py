@@ -22,9 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from augsearch.policy.io import read_policy_document
     from augsearch.tune.export import export
 
     for path in export(Path(args.run_dir), Path(args.out), all_trials=args.all_trials, metric=args.metric,
                        overwrite=args.overwrite):
         print(f"exported {path / 'checkpoint.pt'} and {path / 'policy.json'}")
+        selection = (read_policy_document(path / "policy.json").get("provenance") or {}).get("export", {})
+        if selection.get("selection"):
+            print(f"  {selection['selection']}")
     return 0

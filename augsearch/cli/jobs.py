@@ -63,8 +63,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from augsearch.tune.summary import format_table
     from augsearch.service import jobs
+    from augsearch.tune.summary import format_table
 
     report = jobs.status(args.submission_id, _address(args))
     meta = report.metadata

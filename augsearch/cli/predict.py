@@ -28,9 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--aggregate", choices=("probabilities", "logits"), default="probabilities",
                         help="average the views' probabilities (default) or their logits")
     parser.add_argument("--uncertainty", action="store_true",
-                        help="also write <case>_entropy.nii.gz, <case>_variance.nii.gz and uncertainty.csv")
-    parser.add_argument("--pad-small", action="store_true",
-                        help="zero-pad volumes smaller than the training patch instead of refusing them")
+                        help="also write <case>_entropy.nii.gz, <case>_variance.nii.gz and uncertainty.csv into "
+                        "OUTPUT/uncertainty/ (OUTPUT keeps the segmentations only, for augsearch evaluate)")
     parser.add_argument("--min-component-mm3", type=float, default=0.0, metavar="MM3",
                         help="remove predicted connected components smaller than this volume (default 0: keep all)")
     parser.add_argument("--keep-largest", nargs="+", default=(), metavar="CLASS",
@@ -44,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     written = predict_files(
         args.model, args.input, args.output, policy=args.policy, cases=args.cases, top_k=args.top_k,
         batch_size=args.batch_size, device=args.device, overlap=args.overlap, aggregate=args.aggregate,
-        uncertainty=args.uncertainty, pad_to_window=args.pad_small, min_component_mm3=args.min_component_mm3,
+        uncertainty=args.uncertainty, min_component_mm3=args.min_component_mm3,
         keep_largest=args.keep_largest, overwrite=args.overwrite,
     )
     print(f"wrote {len(written)} file(s) to {args.output}")

@@ -3,7 +3,8 @@
 Checks: dataset.json readable and complete; imagesTr/labelsTr present; every training image has its label and all
 channel files, every label its image; headers and voxel data readable; image and label agree in shape, spacing and
 affine; channel files of a case agree with each other; label values are in dataset.json; no NaN/inf voxels;
-imagesTs cases have all channels and are readable; splits.json (when present) names known cases.
+imagesTs cases have all channels and are readable, and with a labelsTs folder get the same checks as imagesTr/labelsTr;
+splits.json and splits_final.json (when present) name known cases. The report says which split training uses.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from augsearch.config import SplitConfig
 from augsearch.data.dataset import (
     infer_dims,
     parse_channel_names,
     parse_labels,
+    read_dataset_info,
     read_dataset_json,
 )
 from augsearch.data.nifti import (
@@ -25,6 +28,7 @@ from augsearch.data.nifti import (
     read_label,
     scan_images,
 )
+from augsearch.data.splits import resolve_splits
 from augsearch.errors import DatasetError
 
 
@@ -70,8 +74,7 @@ def check_dataset(root: str | Path) -> list[Problem]:
         return problems
 
     images = scan_images(root / "imagesTr", file_ending)
-    label_files = {p.name[: -len(file_ending)]: p for p in (root / "labelsTr").iterdir()
-                   if p.is_file() and p.name.endswith(file_ending) and not p.name.startswith(".")}
+    label_files = _label_files(root / "labelsTr", file_ending)
     if not images:
         problems.append(Problem(str(root / "imagesTr"), f"training images ending in {file_ending}", "none",
                                 "add images or fix `file_ending` in dataset.json"))
@@ -84,28 +87,49 @@ def check_dataset(root: str | Path) -> list[Problem]:
     except DatasetError as err:
         problems.append(_problem(err))
         dims = 3
-    for case_id in sorted(set(label_files) - set(images)):
-        problems.append(Problem(str(label_files[case_id]), f"a training image {case_id}_0000{file_ending} or "
-                                f"{case_id}{file_ending}", "none", "add the image or remove the label"))
+    problems += _orphan_labels(label_files, images, "training", file_ending)
     for case_id, files in images.items():
         problems += _check_case(root, "Tr", case_id, files, channels, file_ending, dims, labels,
                                 label_files.get(case_id))
-    if (root / "imagesTs").is_dir():
-        for case_id, files in scan_images(root / "imagesTs", file_ending).items():
-            problems += _check_case(root, "Ts", case_id, files, channels, file_ending, dims, labels, None)
+    test_images = scan_images(root / "imagesTs", file_ending) if (root / "imagesTs").is_dir() else {}
+    test_labels = _label_files(root / "labelsTs", file_ending) if (root / "labelsTs").is_dir() else None
+    if test_labels is not None:
+        problems += _orphan_labels(test_labels, test_images, "test", file_ending)
+    for case_id, files in test_images.items():
+        problems += _check_case(root, "Ts", case_id, files, channels, file_ending, dims, labels,
+                                None if test_labels is None else test_labels.get(case_id),
+                                labelled=test_labels is not None)
     problems += _check_splits(root, set(images))
+    if not problems:
+        try:
+            resolve_splits(read_dataset_info(root), SplitConfig())
+        except DatasetError as err:
+            problems.append(_problem(err))
     return problems
 
 
+def _label_files(folder: Path, file_ending: str) -> dict[str, Path]:
+    return {p.name[: -len(file_ending)]: p for p in folder.iterdir()
+            if p.is_file() and p.name.endswith(file_ending) and not p.name.startswith(".")}
+
+
+def _orphan_labels(label_files: dict[str, Path], images: dict[str, list[Path]], kind: str,
+                   file_ending: str) -> list[Problem]:
+    return [Problem(str(label_files[case_id]), f"a {kind} image {case_id}_0000{file_ending} or {case_id}{file_ending}",
+                    "none", "add the image or remove the label")
+            for case_id in sorted(set(label_files) - set(images))]
+
+
 def _check_case(root: Path, split: str, case_id: str, files: list[Path], channels: list[str], file_ending: str,
-                dims: int, labels: dict[str, int], label_path: Path | None) -> list[Problem]:
+                dims: int, labels: dict[str, int], label_path: Path | None, labelled: bool = True) -> list[Problem]:
     missing = missing_channel_files(root, split, case_id, files, len(channels), file_ending)
     problems = [Problem(str(p), f"channel file {p.name} of case {case_id} ({len(channels)} channels)", "no such file",
                         "add the missing channel file") for p in missing]
-    if split == "Tr" and label_path is None:
-        problems.append(Problem(str(root / "labelsTr" / f"{case_id}{file_ending}"),
-                                f"the label of training image {files[0].name}", "no such file",
-                                "add the label or move the image to imagesTs/"))
+    if labelled and label_path is None:
+        kind, fix = ("training", "move the image to imagesTs/") if split == "Tr" else ("test", "remove the image")
+        problems.append(Problem(str(root / f"labels{split}" / f"{case_id}{file_ending}"),
+                                f"the label of {kind} image {files[0].name}", "no such file",
+                                f"add the label or {fix}"))
     image = None
     if not missing:
         try:
@@ -156,4 +180,8 @@ def format_report(root: str | Path, problems: list[Problem]) -> str:
     n_test = len(scan_images(root / "imagesTs", str(meta.get("file_ending", ".nii.gz")))) \
         if (root / "imagesTs").is_dir() else 0
     labels = parse_labels(meta, root / "dataset.json")
-    return f"{root}: OK ({n_train} training cases, {n_test} test cases, labels {labels})"
+    n_labelled = len(_label_files(root / "labelsTs", str(meta.get("file_ending", ".nii.gz")))) \
+        if (root / "labelsTs").is_dir() else 0
+    splits = resolve_splits(read_dataset_info(root), SplitConfig())
+    return (f"{root}: OK ({n_train} training cases, {n_test} test cases ({n_labelled} labelled), labels {labels})\n"
+            f"split used by training (data.split defaults, fold 0): {splits.describe()}")

@@ -3,7 +3,9 @@
 Layout under a dataset root:
     dataset.json            labels (nnU-Net v2 `{"background": 0, ...}` or MSD `{"0": "background", ...}`),
                             `channel_names` (v2) or `modality` (MSD), `file_ending` (default ".nii.gz")
-    imagesTr/ labelsTr/     training images and labels; imagesTs/ unlabelled test images (optional)
+    imagesTr/ labelsTr/     training images and labels
+    imagesTs/ labelsTs/     test images (optional) and their labels (optional; a labelled imagesTs is the test split)
+    splits_final.json       optional nnU-Net folds `[{"train": [...], "val": [...]}, ...]`, used by default
     splits.json             optional `{"train": [...], "val": [...], "test": [...]}` (the bundled benchmark writes it)
 A case's channels are either separate files `<case>_0000<ending>`, `<case>_0001<ending>`, ... (nnU-Net v2) or one
 file `<case><ending>` whose last axis holds the channels when it has one more axis than the spatial dims (MSD 4D).
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ class DatasetInfo:
     dims: int
     training: list[str]  # case ids with image + label
     test: list[str]  # case ids in imagesTs
+    test_labelled: list[str] = field(default_factory=list)  # imagesTs case ids with a label in labelsTs
 
     def image_files(self, case_id: str, split: str = "Tr") -> list[Path]:
         """Channel files of one case: `[<case><ending>]` (MSD) or `[<case>_0000<ending>, ...]` (nnU-Net v2)."""
@@ -48,8 +51,11 @@ class DatasetInfo:
             return [single]
         return [folder / f"{case_id}_{c:04d}{self.file_ending}" for c in range(len(self.channel_names))]
 
-    def label_file(self, case_id: str) -> Path:
-        return self.root / "labelsTr" / f"{case_id}{self.file_ending}"
+    def label_file(self, case_id: str, split: str = "Tr") -> Path:
+        return self.root / f"labels{split}" / f"{case_id}{self.file_ending}"
+
+    def has_label(self, case_id: str, split: str = "Tr") -> bool:
+        return split == "Tr" or case_id in self.test_labelled
 
 
 @dataclass
@@ -169,9 +175,10 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
                 raise DatasetError(missing[0], f"{len(channels)} channel file(s) for test case {case_id}",
                                    f"{len(files)}", "add the missing channel file")
     first = next(iter(images.values()))[0]
+    labelled = sorted(c for c in test if (root / "labelsTs" / f"{c}{file_ending}").is_file())
     return DatasetInfo(root=root, name=str(meta.get("name", root.name)), labels=labels, channel_names=channels,
                        file_ending=file_ending, dims=infer_dims(meta, first), training=sorted(images),
-                       test=sorted(test))
+                       test=sorted(test), test_labelled=labelled)
 
 
 def read_json_file(path: Path) -> Any:
@@ -187,7 +194,7 @@ def dataset_fingerprint(info: DatasetInfo) -> str:
     """sha256 over dataset.json's bytes and the sorted (relative path, size) of every file in the case folders."""
     digest = hashlib.sha256((info.root / "dataset.json").read_bytes())
     entries = []
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         folder = info.root / sub
         if folder.is_dir():
             entries += [(f"{sub}/{p.name}", p.stat().st_size) for p in folder.iterdir() if p.is_file()]

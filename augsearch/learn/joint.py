@@ -8,6 +8,7 @@ per-sample weights (value 1), scaled by detached coefficients (METHOD 3.1, 4.2 s
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from augsearch.data.sampler import Batch
 from augsearch.learn.guard import NonFiniteGuard, guarded_step
 from augsearch.learn.meta import (
     centre_and_normalise,
+    group_means,
     tea_coefficients,
     tra_meta_coefficients,
 )
@@ -29,12 +31,15 @@ from augsearch.ops.tea import tea_apply
 from augsearch.policy.core import Policy
 from augsearch.regularizers import asymmetric_augment_mask
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class StepStats:
     """Counters and last values of one epoch, for logs and TensorBoard."""
 
     meta_steps: int = 0
+    empty_group_updates: int = 0  # (meta-step, class group) pairs whose policy update was exactly zero
     tea_steps: int = 0
     last_val_loss: float = float("nan")
     last_tea_loss: float = float("nan")
@@ -65,9 +70,15 @@ class JointStep:
     tea_views: int = 8
     couple_tea_to_outer: bool = True
     regularizers: Callable[[Tensor, Tensor, Tensor], dict[str, float]] | None = None
+    baseline_decay: float = 0.9
+    warn_every: int = 50
     stats: StepStats = field(default_factory=StepStats)
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     iteration: int = 0  # counts `run` calls, for messages
+    # Per-group exponential running mean of the meta-gradients (G,), the baseline of a group with one sample in a
+    # batch; `baseline_seen` (G,) bool marks groups that have had samples (before that, the baseline is 0).
+    running_baseline: Tensor | None = None
+    baseline_seen: Tensor | None = None
 
     # --- sampling and augmentation -------------------------------------------------------------------------
 
@@ -103,6 +114,16 @@ class JointStep:
         spatial = torch.tensor([entry.spatial for entry in self.policy.tea_entries], device=ids.device)
         mask = tea_apply_mask(batch.mask, ids, self.num_classes, spatial)
         return centre_crop(image, self.patch_size), centre_crop(mask, self.patch_size)
+
+    def state_dict(self) -> dict[str, Tensor | None]:
+        """The step's own state beyond the model, policy and optimisers: the running baselines."""
+        return {"running_baseline": self.running_baseline, "baseline_seen": self.baseline_seen}
+
+    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+        device = self.policy.tra_logits.device if self.policy is not None else None
+        self.running_baseline, self.baseline_seen = (
+            None if state[key] is None else state[key].to(device) for key in ("running_baseline", "baseline_seen")
+        )
 
     # --- the three steps ----------------------------------------------------------------------------------
 
@@ -167,13 +188,48 @@ class JointStep:
             return
         coefficients = result.coefficients * learnable
         grad_weights = centre_and_normalise(
-            coefficients, group, bins, baseline=self.baseline, count_normalization=self.count_normalization
+            coefficients, group, bins, baseline=self.baseline, count_normalization=self.count_normalization,
+            running_baseline=self._update_running_baseline(coefficients, group) if self.baseline else None,
         ) * learnable.unsqueeze(1)
+        self._count_empty_groups(grad_weights, group)
         weights = self.policy.tra_weights(group, bins, generator)
         self.tra_optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(weights, grad_tensors=grad_weights.to(weights.dtype))
         if self.guard.record("tra", guarded_step(self.tra_optimizer, [self.policy.tra_logits]), self.iteration):
             self.stats.meta_steps += 1
+
+    def _update_running_baseline(self, coefficients: Tensor, group: Tensor) -> Tensor:
+        """The running baseline before this step (G,), then this step's group means folded into it."""
+        n_groups = len(self.policy.group_names)
+        if self.running_baseline is None:
+            self.running_baseline = torch.zeros(n_groups, dtype=coefficients.dtype, device=coefficients.device)
+            self.baseline_seen = torch.zeros(n_groups, dtype=torch.bool, device=coefficients.device)
+        before = self.running_baseline.clone()
+        means, counts = group_means(coefficients, group, n_groups)
+        present = counts > 0
+        blended = self.baseline_decay * self.running_baseline + (1 - self.baseline_decay) * means
+        self.running_baseline = torch.where(present, torch.where(self.baseline_seen, blended, means), before)
+        self.baseline_seen = self.baseline_seen | present
+        return before
+
+    def _count_empty_groups(self, grad_weights: Tensor, group: Tensor) -> None:
+        """Count the class groups whose policy update is exactly zero this step, and warn every `warn_every`."""
+        names = self.policy.group_names
+        moved = torch.zeros(len(names), device=group.device)
+        moved.index_add_(0, group, (grad_weights != 0).any(1).to(moved.dtype))
+        empty = [name for name, count in zip(names, moved.tolist(), strict=True) if count == 0]
+        if not empty:
+            return
+        before = self.stats.empty_group_updates
+        self.stats.empty_group_updates += len(empty)
+        # The first time, then once per `warn_every` empty updates: loud, but not one line per step.
+        if before == 0 or before // self.warn_every != self.stats.empty_group_updates // self.warn_every:
+            logger.warning(
+                "TRA meta-step %d: no policy update for class group(s) %s (%d empty group updates in %d "
+                "meta-steps so far): the batch held no augmented sample of the group, or its gradients cancelled. "
+                "A larger train.batch_size or a train.fg_fraction nearer 0.5 gives every group samples more often.",
+                self.stats.meta_steps + 1, ", ".join(empty), self.stats.empty_group_updates, self.stats.meta_steps + 1,
+            )
 
     def _tea_step(self, tea_batch: Batch, generator: torch.Generator) -> None:
         assert self.policy is not None and self.tea_optimizer is not None

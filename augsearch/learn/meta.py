@@ -144,6 +144,7 @@ def centre_and_normalise(
     *,
     baseline: bool = True,
     count_normalization: bool = True,
+    running_baseline: Tensor | None = None,
 ) -> Tensor:
     """Variance control of METHOD 4.2 step 8: per-op gradient coefficients (B, n_ops) for the TRA logits.
 
@@ -151,6 +152,8 @@ def centre_and_normalise(
     bins (B, n_ops) int64: the bin each sample drew for each op.
     baseline: subtract the mean of c within each class group. count_normalization: divide sample i's entry for op k by
     N_{g,k}(a_ik), the number of samples of the same group that drew the same bin of op k.
+    running_baseline (G,): per-group baseline from earlier steps, used for a group with fewer than 2 samples in the
+    batch (its own mean would cancel its single sample exactly, leaving no gradient); None keeps the batch mean.
 
     Usage: with the straight-through weights ``st = policy.tra_weights(group_idx, bins, generator)`` (B, n_ops),
     value 1, ``torch.autograd.backward(st, grad_tensors=centre_and_normalise(c, group_idx, bins))`` puts
@@ -164,11 +167,10 @@ def centre_and_normalise(
         )
     centred = coefficients
     if baseline:
-        n_groups = int(group_idx.max()) + 1
-        sums = torch.zeros(n_groups, dtype=coefficients.dtype, device=coefficients.device)
-        sums.index_add_(0, group_idx, coefficients)
-        counts = torch.bincount(group_idx, minlength=n_groups).to(coefficients.dtype)
-        centred = coefficients - (sums / counts.clamp_min(1))[group_idx]
+        means, counts = group_means(coefficients, group_idx, 0 if running_baseline is None else len(running_baseline))
+        if running_baseline is not None:
+            means = torch.where(counts < 2, running_baseline.to(means), means)
+        centred = coefficients - means[group_idx]
     out = centred[:, None].expand(bins.shape).clone()
     if count_normalization:
         n_ops = bins.shape[1]
@@ -178,6 +180,15 @@ def centre_and_normalise(
         _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
         out = out / counts[inverse].to(out.dtype)
     return out
+
+
+def group_means(values: Tensor, group_idx: Tensor, n_groups: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-group mean of values (B,) and sample count, both (max(n_groups, max group + 1),); 0 for empty groups."""
+    n_groups = max(n_groups, int(group_idx.max()) + 1)
+    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device)
+    sums.index_add_(0, group_idx, values)
+    counts = torch.bincount(group_idx, minlength=n_groups).to(values.dtype)
+    return sums / counts.clamp_min(1), counts
 
 
 def tea_coefficients(

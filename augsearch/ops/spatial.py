@@ -39,6 +39,15 @@ def rotation_matrix(angle_deg: torch.Tensor, plane: tuple[int, int], dims: int) 
     return matrix[:, :dims, :dims].to(angle_deg.dtype)
 
 
+def voxel_matrices(forward: torch.Tensor, spacing: tuple[float, ...] | list[float] | None) -> torch.Tensor:
+    """Physical forward matrices (N, d, d) -> the voxel-space maps D^-1 F D on a grid of `spacing` (None: as is)."""
+    if spacing is None:
+        return forward
+    d = forward.shape[-1]
+    s = torch.tensor([float(v) for v in spacing[:d]], dtype=forward.dtype, device=forward.device)
+    return forward * s.view(1, 1, d) / s.view(1, d, 1)
+
+
 def centred_grid(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Centred voxel coordinates (prod(shape), d), axis order x, y, z."""
     axes = [torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2 for n in shape]
@@ -120,7 +129,8 @@ def rot90_where(x: torch.Tensor, k: torch.Tensor, plane: tuple[int, int], first_
     if x.shape[dims[0]] != x.shape[dims[1]]:
         if bool((k != 0).any()):
             raise OpInputError(f"rot90 in the plane of torch dims {dims} needs equal extents, got shape "
-                               f"{tuple(x.shape)}; give the rot90 bins of this plane probability zero")
+                               f"{tuple(x.shape)}; give the rot90 bins of that plane probability zero (a policy built with "
+                               "this patch size does: make_policy(patch_size=...) or Policy.with_patch_size)")
         return x
     view = (-1,) + (1,) * (x.dim() - 1)
     k = torch.remainder(k, 4)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from augsearch.errors import PolicyError
-from augsearch.ops.geometry import rot90_unavailable
+from augsearch.ops.geometry import rot90_unavailable, tea_turns_unavailable
 from augsearch.ops.registry import get_op, list_ops
 from augsearch.ops.tea import tea_pool
 from augsearch.policy.core import ZERO_LOGIT, Policy, Sampling, TeaEntryLike
@@ -126,7 +126,7 @@ def make_policy(
     "deepmedic" (--org 3), "uniform" (equal logits); P(on) is split evenly over an op's available bins and logits are
     log(p), so softmax reproduces the probabilities. With a baseline `sampling` ("randaugment", "trivialaugment",
     "none") the logits are set to that sampler's per-op marginals instead (they describe it; sampling ignores them).
-    patch_size makes rot90 bins unavailable in non-square planes. ops restricts the op set (registry order kept).
+    patch_size makes rot90 bins and TEA quarter/half turns unavailable in non-square planes. ops restricts the op set (registry order kept).
     """
 
     if dims not in (2, 3):
@@ -154,6 +154,8 @@ def make_policy(
 
     entries = tea_pool(dims)
     tea_logits = torch.tensor(logits_from_probs(tea_init_probs(entries, dims, tea_init)), dtype=torch.float32)
+    tea_available = torch.ones(len(entries), dtype=torch.bool)
+    tea_available[tea_turns_unavailable(entries, patch_size)] = False
     policy = Policy(
         dims=dims,
         op_specs=specs,
@@ -162,6 +164,7 @@ def make_policy(
         tea_entries=entries,
         tea_logits=tea_logits,
         available=available,
+        tea_available=tea_available,
         sampling=sampling,
         randaugment_n=randaugment_n,
         randaugment_m=randaugment_m,

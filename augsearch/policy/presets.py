@@ -92,6 +92,7 @@ def policy_from_file_or_preset(
     class_specific: bool = True,
     groups: Mapping[str, Sequence[str]] | None = None,
     patch_size: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
     randaugment_n: int | None = None,
     randaugment_m: int | None = None,
     top_k: int | None = None,
@@ -100,14 +101,15 @@ def policy_from_file_or_preset(
 
     Presets are built in code for these labels, groups and patch size. A file keeps its own groups and is bound to
     the dataset's labels (Policy.with_labels: background/foreground groups fit any dataset); explicit `groups` must
-    then match the file's. patch_size makes rot90 bins unavailable in non-square planes; top_k replaces the TEA K.
+    then match the file's. patch_size and spacing (mm) make the rotations such patches cannot take unavailable
+    (`Policy.with_patch_size`); top_k replaces the TEA K.
     """
     labels = normalise_labels(label_names)
     preset, preset_dims = _preset_and_dims(str(name_or_path))
     if preset:
         if preset_dims is not None and preset_dims != dims:
             raise PolicyFileError(f"preset {name_or_path!r} is for {preset_dims}D, but the data are {dims}D.")
-        return preset_policy(
+        policy = preset_policy(
             preset,
             dims,
             labels,
@@ -118,6 +120,7 @@ def policy_from_file_or_preset(
             randaugment_m=randaugment_m,
             tea_top_k=top_k,
         )
+        return policy if spacing is None else policy.with_patch_size(patch_size, spacing)
     path = Path(name_or_path)
     if not path.exists() and (POLICIES_DIR / path).exists():
         path = POLICIES_DIR / path
@@ -143,8 +146,8 @@ def policy_from_file_or_preset(
         )
     try:
         policy = policy.with_labels(labels)
-        if patch_size is not None:
-            policy = policy.with_patch_size(patch_size)
+        if patch_size is not None or spacing is not None:
+            policy = policy.with_patch_size(patch_size, spacing)
         if top_k is not None:
             policy = policy.replace(tea_top_k=top_k)
     except PolicyError as err:

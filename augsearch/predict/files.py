@@ -3,7 +3,8 @@
 Each case is read (one file, a 4D MSD file, or nnU-Net `_0000` channel files), preprocessed as at training time (the
 checkpoint's "preprocess" entry: normalisation, target spacing), predicted with `predict_tta`, resampled back to the
 file's grid and written as `<case>.nii.gz` (argmax labels, uint8) with the input's affine and header. With
-uncertainty: `<case>_entropy.nii.gz` (predictive entropy of the aggregate, nats), `<case>_variance.nii.gz` (variance
+uncertainty, in the subfolder `uncertainty/` (so the output folder holds segmentations only, ready for `augsearch
+evaluate`): `<case>_entropy.nii.gz` (predictive entropy of the aggregate, nats), `<case>_variance.nii.gz` (variance
 across views of the foreground probability) and a summary `uncertainty.csv` (mean entropy, volume per class in mL,
 coefficient of variation of the foreground volume across views). A case's files are all written, or none.
 """
@@ -25,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from augsearch.artifacts.checkpoint import Checkpoint, load_checkpoint
-from augsearch.artifacts.layout import UNCERTAINTY_CSV
+from augsearch.artifacts.layout import UNCERTAINTY_CSV, UNCERTAINTY_DIR
 from augsearch.artifacts.output import check_output_dir
 from augsearch.atomic import atomic_open, write_text
 from augsearch.data.dataset import Case
@@ -185,9 +186,11 @@ def predict_case(
     overlap: float = 0.5,
     aggregate: Literal["probabilities", "logits"] = "probabilities",
     uncertainty: bool = False,
-    pad_to_window: bool = False,
 ) -> CasePrediction:
-    """Read, preprocess, predict with TTA and restore one case to its file's grid (nothing is written)."""
+    """Read, preprocess, predict with TTA and restore one case to its file's grid (nothing is written).
+
+    A volume smaller than the training patch on some axis is zero-padded to it and cropped back, as training pads.
+    """
 
     dims = ckpt.dims
     image, spacing, affine, header = read_image(list(case.paths), dims)
@@ -198,8 +201,7 @@ def predict_case(
     try:
         result = predict_tta(
             model, pre, policy, spacing=new_spacing, top_k=top_k, window=ckpt.patch_size, batch_size=batch_size,
-            device=device, overlap=overlap, aggregate=aggregate, return_uncertainty=uncertainty,
-            pad_to_window=pad_to_window,
+            device=device, overlap=overlap, aggregate=aggregate, return_uncertainty=uncertainty, pad_to_window=True,
         )
     except AugsearchError as err:
         raise PredictError(f"case {case.case_id}: {err}") from None
@@ -257,7 +259,7 @@ def write_case(prediction: CasePrediction, output_dir: Path) -> list[Path]:
         prediction.labels, prediction.affine, prediction.header, np.uint8)}
     if prediction.entropy is not None:
         for name, data in (("entropy", prediction.entropy), ("variance", prediction.variance)):
-            blobs[output_dir / f"{prediction.case_id}_{name}.nii.gz"] = _nifti_bytes(
+            blobs[output_dir / UNCERTAINTY_DIR / f"{prediction.case_id}_{name}.nii.gz"] = _nifti_bytes(
                 data, prediction.affine, prediction.header, np.float32)
     written: list[Path] = []
     try:
@@ -298,7 +300,6 @@ def predict_files(
     overlap: float = 0.5,
     aggregate: Literal["probabilities", "logits"] = "probabilities",
     uncertainty: bool = False,
-    pad_to_window: bool = False,
     min_component_mm3: float = 0.0,
     keep_largest: Sequence[str] = (),
     progress: bool | None = None,
@@ -341,7 +342,7 @@ def predict_files(
         bar.set_postfix_str(case.case_id)
         prediction = predict_case(
             model, ckpt, case, loaded, top_k=top_k, batch_size=batch_size, device=torch_device, overlap=overlap,
-            aggregate=aggregate, uncertainty=uncertainty, pad_to_window=pad_to_window,
+            aggregate=aggregate, uncertainty=uncertainty,
         )
         if postprocess.active:
             spacing = prediction.header.get_zooms()[: prediction.labels.ndim]
@@ -349,7 +350,7 @@ def predict_files(
         written += write_case(prediction, output_dir)
         if prediction.summary is not None:
             rows.append(prediction.summary)
-            write_summary(rows, output_dir / UNCERTAINTY_CSV)
+            write_summary(rows, output_dir / UNCERTAINTY_DIR / UNCERTAINTY_CSV)
     if rows:
-        written.append(output_dir / UNCERTAINTY_CSV)
+        written.append(output_dir / UNCERTAINTY_DIR / UNCERTAINTY_CSV)
     return written

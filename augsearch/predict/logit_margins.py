@@ -253,7 +253,8 @@ def checkpoint_margins(
     result: dict = {"split": split, "compare_split": compare_split, "cases": ids,
                     "class_names": {v: k for k, v in labels.items()}, "voxels": {}}
     for side in ("train", "unseen"):
-        cases = load_cases(info, ids[side], preprocess, data_cfg.get("cache_dir"))
+        folder = splits.test_split if (split, compare_split)[side == "train"] == "test" else "Tr"
+        cases = load_cases(info, ids[side], preprocess, data_cfg.get("cache_dir"), split=folder)
         counts = np.bincount(np.concatenate([c.label.ravel() for c in cases]).astype(np.int64))
         result["voxels"][side] = {v: int(n) for v, n in enumerate(counts) if n}
         result[side] = logit_margins(model, cases, patch_size, max_voxels=max_voxels, seed=seed,

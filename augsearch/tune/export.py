@@ -1,7 +1,8 @@
 """Export a trained segmenter and its policy file side by side, with the policy's provenance filled in.
 
 Sources: a local run dir (`augsearch train`: checkpoint.pt + policy.json) or a search dir (`augsearch search`),
-whose best trial is chosen by a validation metric (search.metric unless told otherwise), never a test metric.
+whose best trial is chosen by a validation metric (search.metric unless told otherwise), never a test metric; ties go
+to the higher mean foreground validation Dice.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from augsearch.artifacts.output import check_output_dir
 from augsearch.atomic import atomic_open
 from augsearch.errors import AugsearchError
 from augsearch.policy.io import policy_from_dict, save_policy
+
+# Second key when trials tie on the search metric: the mean Dice over the foreground labels on validation.
+TIE_BREAK_METRIC = "val/dice_mean"
 
 
 class ExportError(AugsearchError):
@@ -80,7 +84,7 @@ def export_search(run_dir: Path, out: Path, *, all_trials: bool = False, metric:
         reported = sorted({k for row in rows for k in row["metrics"] if k.startswith("val/")})
         raise ExportError(f"no trial of {run_dir} with a checkpoint reported {metric!r}; reported validation "
                           f"metrics: {', '.join(reported) or 'none'}")
-    return [_export_row(run_dir, best, out, base)]
+    return [_export_row(run_dir, best, out, {**base, "selection": selection_note(rows, best, metric)})]
 
 
 def metric_mode(metric: str) -> str:
@@ -88,16 +92,37 @@ def metric_mode(metric: str) -> str:
     return "min" if any(word in metric for word in ("loss", "hd95", "distance")) else "max"
 
 
-def best_trial(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The row with the best finite metric among rows with a checkpoint; ties go to the first."""
-    def finite(value: Any) -> bool:
-        return isinstance(value, (int, float)) and math.isfinite(value)
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
-    scored = [row for row in rows if row.get("checkpoint") and finite(row["metrics"].get(metric))]
+
+def best_trial(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The row with the best finite metric among rows with a checkpoint. Ties (common when a rare class is missed
+    by every trial: Dice 0) go to the higher mean foreground validation Dice (TIE_BREAK_METRIC), then to the first."""
+    scored = [row for row in rows if row.get("checkpoint") and _finite(row["metrics"].get(metric))]
     if not scored:
         return None
     sign = 1.0 if mode == "max" else -1.0
-    return max(scored, key=lambda row: sign * float(row["metrics"][metric]))
+
+    def key(row: dict[str, Any]) -> tuple[float, float]:
+        tie = row["metrics"].get(TIE_BREAK_METRIC)
+        return sign * float(row["metrics"][metric]), float(tie) if _finite(tie) else -math.inf
+
+    return max(scored, key=key)
+
+
+def selection_note(rows: list[dict[str, Any]], best: dict[str, Any], metric: str) -> str:
+    """One sentence on why `best` was chosen, naming the tie-break when other trials had the same metric."""
+    value = best["metrics"][metric]
+    tied = [row["trial"] for row in rows if row is not best and row.get("checkpoint")
+            and row["metrics"].get(metric) == value]
+    note = f"trial {best['trial']}: best of {len(rows)} by {metric} = {value:.4g}"
+    if tied:
+        tie = best["metrics"].get(TIE_BREAK_METRIC)
+        shown = f"{tie:.4g}" if _finite(tie) else "not reported"
+        note += (f"; tied with {', '.join(tied)}, broken by the mean foreground validation Dice "
+                 f"({TIE_BREAK_METRIC} = {shown})")
+    return note
 
 
 def _inside(run_dir: Path, row: dict[str, Any]) -> Path:

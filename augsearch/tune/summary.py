@@ -13,7 +13,7 @@ from typing import Any
 from augsearch.artifacts.layout import SUMMARY_CSV, SUMMARY_JSON
 from augsearch.atomic import write_json, write_text
 from augsearch.config import ExperimentConfig
-from augsearch.tune.export import best_trial
+from augsearch.tune.export import best_trial, selection_note
 
 
 @dataclass
@@ -49,9 +49,8 @@ def finish_search(run_dir: Path, rows: list[dict[str, Any]], cfg: ExperimentConf
         return SearchResult(run_dir=run_dir, rows=rows, best=None, interrupted=True)
     best = best_trial(rows, cfg.search.metric, cfg.search.mode)
     if best is not None:
-        print(f"best trial by {cfg.search.metric} ({cfg.search.mode}): {best['trial']} "
-              f"{best['metrics'][cfg.search.metric]:.4f}; export it with: augsearch export {run_dir} --out DIR",
-              flush=True)
+        print(f"best {selection_note(rows, best, cfg.search.metric)} ({cfg.search.mode}); export it with: "
+              f"augsearch export {run_dir} --out DIR", flush=True)
     return SearchResult(run_dir=run_dir, rows=rows, best=best)
 
 

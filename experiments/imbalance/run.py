@@ -57,7 +57,7 @@ def evaluate_test(ckpt, root: Path) -> tuple[list[dict], dict[str, dict[str, flo
     preprocess = ckpt.preprocess
     model = ckpt.build_model()
     rows = []
-    for case in load_cases(info, splits.test, preprocess):
+    for case in load_cases(info, splits.test, preprocess, split=splits.test_split):
         image = torch.from_numpy(case.image).unsqueeze(0)
         pred = sliding_window_predict(model, image, ckpt.patch_size, batch_size=9)[0].argmax(0).numpy()
         for name, value in info.labels.items():
