@@ -38,7 +38,7 @@ class _Section(BaseModel):
 
 
 class SynthConfig(_Section):
-    """How to generate the bundled benchmark when `data.root` does not exist yet."""
+    """The bundled benchmark that `data.generate = true` writes at `data.root` when it has no dataset.json yet."""
 
     dims: Literal[2, 3] = 2
     cases: int = Field(24, ge=4, description="Total cases: training, validation and test together.")
@@ -83,9 +83,19 @@ class SplitConfig(_Section):
 class DataConfig(_Section):
     root: str = "runs/data/bench2d"
     cache_dir: str | None = Field(None, description="Preprocessed arrays; None means <root>/.augsearch_cache.")
-    synth: SynthConfig | None = Field(None, description="Generate the benchmark at `root` when it is missing.")
+    generate: bool = Field(
+        False, description="Write the benchmark of [data.synth] at `root` when it has no dataset.json; otherwise a "
+        "missing dataset is an error (a mistyped root never turns into a generated dataset).",
+    )
+    synth: SynthConfig | None = Field(None, description="The benchmark `generate` writes.")
     preprocess: PreprocessConfig = PreprocessConfig()
     split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _generate_needs_synth(self) -> DataConfig:
+        if self.generate and self.synth is None:
+            raise ValueError("data.generate = true needs a [data.synth] section describing the benchmark to write")
+        return self
 
 
 class ModelConfig(_Section):
@@ -120,6 +130,9 @@ class TrainConfig(_Section):
     sliding_window_batch: int = Field(8, ge=1)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default.")
+    max_nonfinite_in_a_row: int = Field(
+        20, ge=1, description="Stop when this many segmenter, TRA or TEA updates in a row are non-finite (skipped)."
+    )
 
 
 class LossConfig(_Section):

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from augsearch.artifacts.checkpoint import load_checkpoint, package_versions, save_checkpoint
-from augsearch.artifacts.layout import CHECKPOINT_NAME, METRICS_NAME, POLICY_NAME
+from augsearch.artifacts.checkpoint import Checkpoint, checkpoint_payload, load_checkpoint, package_versions
+from augsearch.artifacts.layout import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, POLICY_NAME, TENSORBOARD_DIR
+from augsearch.artifacts.run_folder import check_resumable, commit_step, prepare_run_dir, restore_consistency
 from augsearch.atomic import dumps_json, write_json
 from augsearch.augment import required_margin
 from augsearch.config import ExperimentConfig
@@ -31,13 +32,14 @@ from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError, DatasetError
+from augsearch.learn.guard import NonFiniteError, all_finite
 from augsearch.learn.joint import JointRuntime, JointStep
 from augsearch.learn.server import PolicyServer, PolicySync, worker_shard
 from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
 from augsearch.model import UNet, model_config
 from augsearch.ops.tea import tea_margin, tea_pool
 from augsearch.policy.core import Policy
-from augsearch.policy.io import policy_from_dict, policy_to_dict, save_policy
+from augsearch.policy.io import policy_from_dict, policy_to_dict
 from augsearch.policy.presets import policy_from_file_or_preset
 from augsearch.predict.validation import validate
 from augsearch.regularizers import adversarial_perturbation, mixup, soft_target_loss
@@ -173,7 +175,7 @@ class _Run:
         self.model = UNet(**self.model_config).to(self.device)
         self.model.check_input(torch.zeros(1, self.data.in_channels, *cfg.train.patch_size))
         if cfg.train.init_checkpoint:
-            self.model.load_state_dict(load_checkpoint(cfg.train.init_checkpoint)["model"])
+            self.model.load_state_dict(load_checkpoint(cfg.train.init_checkpoint).model_state)
         self.model_config = model_config(self.model)
 
         self.policy = _build_policy(cfg, labels, self.data.spacing, log)
@@ -276,10 +278,9 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
-        if self.cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
-        return float(loss.detach())
+        value = float(loss.detach())
+        self.step.segmenter_update(value, [p for p in self.model.parameters() if p.requires_grad])
+        return value
 
     # --- state -------------------------------------------------------------------------------------------
 
@@ -290,39 +291,29 @@ class _Run:
             "val_rng": self.val_rng.bit_generator.state,
         }
 
-    def restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+    def restore(self, ckpt: Checkpoint) -> None:
+        self.model.load_state_dict(ckpt.model_state)
         for name, opt in self._optimizers().items():
-            if name in ckpt["optimizers"]:
-                opt.load_state_dict(ckpt["optimizers"][name])
-        if self.policy is not None and ckpt.get("policy") is not None:
-
-            saved = policy_from_dict(ckpt["policy"])
+            if name in ckpt.optimizers:
+                opt.load_state_dict(ckpt.optimizers[name])
+        if self.policy is not None and ckpt.policy is not None:
+            saved = policy_from_dict(ckpt.policy)
             with torch.no_grad():
                 self.policy.tra_logits.copy_(saved.tra_logits)
                 self.policy.tea_logits.copy_(saved.tea_logits)
-        if ckpt.get("joint_state") is not None:
-            self.step.load_state_dict(ckpt["joint_state"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.generator.set_state(rng["generator"])
+        if ckpt.joint_state is not None:
+            self.step.load_state_dict(ckpt.joint_state)
+        rng = ckpt.rng
+        torch.set_rng_state(rng["torch"].cpu())
+        self.generator.set_state(rng["generator"].cpu())
         self.train_rng.bit_generator.state = rng["train_rng"]
         self.val_rng.bit_generator.state = rng["val_rng"]
-        self.epoch = ckpt["epoch"]
-        self.global_step = ckpt["step"]
+        self.epoch = ckpt.epoch
+        self.global_step = ckpt.step
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         named = {"segmenter": self.optimizer, "tra": self.tra_optimizer, "tea": self.tea_optimizer}
         return {k: v for k, v in named.items() if v is not None}
-
-
-def _write_policy(run: _Run, metrics: dict[str, float]) -> Path | None:
-
-    if run.policy is None:
-        return None
-    path = run.run_dir / POLICY_NAME
-    save_policy(run.policy, path, provenance=_provenance(run, metrics))
-    return path
 
 
 def _provenance(run: _Run, metrics: dict[str, float]) -> dict[str, Any]:
@@ -347,18 +338,22 @@ def _provenance(run: _Run, metrics: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def _write_checkpoint(run: _Run, metrics: dict[str, float]) -> Path:
-
-    return save_checkpoint(
-        run.run_dir / CHECKPOINT_NAME,
+def _write_step(run: _Run, metrics: dict[str, float]) -> tuple[Path, Path | None]:
+    """checkpoint.pt and policy.json of this epoch, committed together; returns their paths."""
+    if run.policy is not None and not all_finite([run.policy.tra_logits, run.policy.tea_logits]):
+        raise NonFiniteError("the policy logits are not finite; no checkpoint or policy file written. Lower "
+                             "augment.tra.lr / augment.tea.lr")
+    policy = policy_to_dict(run.policy, _provenance(run, metrics)) if run.policy is not None else None
+    payload = checkpoint_payload(
         model=run.model, model_config=run.model_config, config=run.cfg.to_dict(),
         label_names=run.data.label_names, preprocess=run.data.preprocess, patch_size=run.cfg.train.patch_size,
         epoch=run.epoch, step=run.global_step,
         optimizers={name: opt.state_dict() for name, opt in run._optimizers().items()},
-        policy=policy_to_dict(run.policy, _provenance(run, metrics)) if run.policy is not None else None,
-        metrics=metrics, generators=run.generator_states(), data_fingerprint=run.data.fingerprint,
+        policy=policy, metrics=metrics, generators=run.generator_states(), data_fingerprint=run.data.fingerprint,
         joint_state=run.step.state_dict(),
     )
+    commit_step(run.run_dir, payload, policy)
+    return run.run_dir / CHECKPOINT_NAME, (run.run_dir / POLICY_NAME if policy is not None else None)
 
 
 def _policy_scalars(policy: Policy | None) -> dict[str, float]:
@@ -383,45 +378,59 @@ def fit(
     resume: str | Path | None = None,
     progress: bool = True,
     policy_server: PolicyServer | None = None,
+    overwrite: bool = False,
+    resume_anyway: bool = False,
+    check_config_on_resume: bool = True,
 ) -> FitResult:
     """Train (and search) as `cfg` says; write checkpoints, policy files and metrics into `run_dir`.
 
     `progress` prints one line per epoch, and a progress bar when stderr is a terminal. `policy_server` (a shared
     search's worker, augsearch.learn.server) makes the learned policy the server's: the run adopts its logits when it
     starts or resumes, pushes its policy gradients, and has the server checkpoint with every own checkpoint.
+    A `run_dir` holding files is refused unless `resume` (continue from that checkpoint) or `overwrite` (remove the
+    old run's files). Resuming checks that the checkpoint's config and data match this run's (`resume_anyway` skips
+    the check; `check_config_on_resume=False` checks the data only).
 
     Process state is left as found: the run draws from torch's global RNG inside `torch.random.fork_rng`, seeded
     with `cfg.seed` (model initialisation and anything else that uses it), and `train.num_threads` applies for the
     duration of the call only.
     """
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume=resume is not None, overwrite=overwrite)
     threads = torch.get_num_threads()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         with torch.random.fork_rng(devices=devices):
-            return _fit(cfg, Path(run_dir), callbacks=callbacks, resume=resume, progress=progress,
-                        policy_server=policy_server)
+            return _fit(cfg, run_dir, callbacks=callbacks, resume=resume, progress=progress,
+                        policy_server=policy_server, resume_anyway=resume_anyway,
+                        check_config_on_resume=check_config_on_resume)
     finally:
         torch.set_num_threads(threads)
 
 
 def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[EpochReport], None]],
-         resume: str | Path | None, progress: bool, policy_server: PolicyServer | None) -> FitResult:
+         resume: str | Path | None, progress: bool, policy_server: PolicyServer | None, resume_anyway: bool,
+         check_config_on_resume: bool) -> FitResult:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     run = _Run(cfg, run_dir, log=lambda message: print(f"[{cfg.name}] {message}", flush=True) if progress else None,
                policy_server=policy_server)
     if resume is not None:
-        run.restore(load_checkpoint(resume, map_location=run.device))
+        ckpt = load_checkpoint(resume, map_location=run.device)
+        check_resumable(ckpt, cfg.to_dict(), cfg.fingerprint(), run.data.fingerprint, anyway=resume_anyway,
+                        ignore_config=not check_config_on_resume)
+        run.restore(ckpt)
+        restore_consistency(run_dir, ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves no empty folder
     if run.policy_sync is not None:
         run.policy_sync.join(run.policy)
-    write_json(run_dir / "config.json", cfg.to_dict())
+    write_json(run_dir / CONFIG_NAME, cfg.to_dict())
     if progress:
         print(f"[{cfg.name}] split: {run.data.split}\n[{cfg.name}] normalisation: {run.data.normalisation}", flush=True)
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
     t = cfg.train
     aug = cfg.augment
     metrics: dict[str, float] = {}
@@ -465,8 +474,8 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
             metrics = {
                 "epoch": run.epoch, "step": run.global_step, "lr": lr,
                 "train/loss": float(np.mean(losses)), "time/epoch_s": time.perf_counter() - started,
-                "meta/steps": run.step.stats.meta_steps, "meta/skipped_nonfinite": run.step.stats.meta_skipped_nonfinite,
-                "meta/empty_group_updates": run.step.stats.empty_group_updates,
+                "meta/steps": run.step.stats.meta_steps, "meta/empty_group_updates": run.step.stats.empty_group_updates,
+                **{f"nonfinite/{kind}": n for kind, n in run.step.guard.skipped.items()},
                 "meta/val_loss": run.step.stats.last_val_loss, "tea/loss": run.step.stats.last_tea_loss,
                 **run.step.stats.extra, **_policy_scalars(run.policy),
             }
@@ -489,8 +498,7 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
                       f"val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}{summary}", flush=True)
             report_ckpt = report_policy = None
             if run.epoch % t.checkpoint_every == 0 or validated:  # every validation comes with its checkpoint
-                checkpoint_path = _write_checkpoint(run, metrics)
-                policy_path = _write_policy(run, metrics)
+                checkpoint_path, policy_path = _write_step(run, metrics)
                 report_ckpt, report_policy = checkpoint_path, policy_path
                 if run.policy_sync is not None:
                     run.policy_sync.checkpoint()
@@ -499,6 +507,5 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
     finally:
         writer.close()
     if not checkpoint_path.is_file():
-        checkpoint_path = _write_checkpoint(run, metrics)
-        policy_path = _write_policy(run, metrics)
+        checkpoint_path, policy_path = _write_step(run, metrics)
     return FitResult(run_dir, metrics, checkpoint_path, policy_path)

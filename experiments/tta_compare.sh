@@ -21,11 +21,10 @@ mapfile -t split < <(python - "$run" <<'PY'
 import sys
 
 from augsearch.artifacts.checkpoint import load_checkpoint
-from augsearch.config import ExperimentConfig
 from augsearch.data.dataset import read_dataset_info
 from augsearch.data.splits import resolve_splits
 
-cfg = ExperimentConfig.model_validate(load_checkpoint(sys.argv[1])["config"])
+cfg = load_checkpoint(sys.argv[1]).experiment_config()
 info = read_dataset_info(cfg.data.root)
 splits = resolve_splits(info, cfg.data.split)
 if not splits.test:

@@ -241,5 +241,5 @@ def test_checkpoint_bytes(checkpoint_file, data):
 
 
 def test_checkpoint_reader_accepts_the_real_one(checkpoint_file):
-    model = build_model(load_checkpoint(checkpoint_file))
+    model = load_checkpoint(checkpoint_file).build_model()
     assert isinstance(model, torch.nn.Module) and not model.training

@@ -124,7 +124,7 @@ def test_anisotropic_spacing_gives_an_anisotropic_patch_without_out_of_plane_rot
     result = _fit_twice(config, tmp_path / "run")
     assert np.isfinite(result.metrics["train/loss"])
     checkpoint = torch.load(result.checkpoint_path, weights_only=False)
-    assert checkpoint["model_config"]["pool_kernels"] == cfg.model.pool_kernels
+    assert checkpoint.model_config["pool_kernels"] == cfg.model.pool_kernels
 
 
 def test_planned_hippocampus_config_runs(tmp_path):

@@ -57,7 +57,8 @@ def test_one_worker_on_the_server_equals_the_independent_search_bit_for_bit(data
     assert torch.equal(server.state.tra_logits.detach(), tra_s)
     assert server.state.round == 4  # 2 epochs x 2 iterations, one policy step each
     # the policy moved, so the equality compares two trajectories, not two unchanged starts
-    start = _build_policy(cfg, load_checkpoint(alone.checkpoint_path)["label_names"], log=lambda message: None)
+    start = _build_policy(cfg, load_checkpoint(alone.checkpoint_path).label_names, (1.0, 1.0),  # the smoke grid
+                          log=lambda message: None)
     assert not torch.equal(start.tra_logits.detach(), tra_a) and not torch.equal(start.tea_logits.detach(), tea_a)
     assert alone.metrics["val/dice_rare"] == shared.metrics["val/dice_rare"]
     # the server checkpointed with the validations

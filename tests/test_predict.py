@@ -75,13 +75,13 @@ def _flips_policy(path, dims, labels=LABELS):
 
 def _reference(ckpt_path, files, dims, window):
     """Independent pipeline: read, preprocess, one sliding window, restore, argmax."""
-    from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+    from augsearch.artifacts.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     image, spacing, affine, _ = read_image(files, dims)
-    cfg = PreprocessConfig(**ckpt["preprocess"])
+    cfg = PreprocessConfig(**ckpt.preprocess_fields)
     pre, new_spacing = preprocess_image(image, spacing, cfg)
-    probs = sliding_window_predict(build_model(ckpt), torch.from_numpy(pre)[None], window)[0].numpy()
+    probs = sliding_window_predict(ckpt.build_model(), torch.from_numpy(pre)[None], window)[0].numpy()
     case = Case("c", pre, None, tuple(new_spacing), tuple(spacing), tuple(image.shape[1:]), affine)
     return restore_to_original(probs, case).argmax(0).astype(np.uint8)
 

@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="policy JSON file or preset name (flips-tta, identity, ...) whose TEA entries to use; "
                         "omitted: no TTA (plain sliding window)")
     parser.add_argument("--input", required=True, help="a NIfTI file, or a folder of them (<case>_0000.nii.gz ...)")
-    parser.add_argument("--output", required=True, help="folder for <case>.nii.gz (created)")
+    parser.add_argument("--output", required=True, help="folder for <case>.nii.gz (created; must be new or empty)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --output folder that holds files, replacing those of the same name")
     parser.add_argument("--cases", nargs="+", default=None, metavar="ID", help="predict only these case ids")
     parser.add_argument("--top-k", type=int, default=None, help="number of TEA views (default: the policy's)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per model call, all views together")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.input, args.output, policy=args.policy, cases=args.cases, top_k=args.top_k,
         batch_size=args.batch_size, device=args.device, overlap=args.overlap, aggregate=args.aggregate,
         uncertainty=args.uncertainty, min_component_mm3=args.min_component_mm3,
-        keep_largest=args.keep_largest, estimate=args.estimate,
+        keep_largest=args.keep_largest, estimate=args.estimate, overwrite=args.overwrite,
     )
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0

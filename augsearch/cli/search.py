@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from augsearch.artifacts.layout import MANIFEST_NAME
 from augsearch.errors import AugsearchError
 
 
@@ -53,16 +54,34 @@ def run(args: argparse.Namespace) -> int:
         if args.config or args.overrides or args.out or args.no_ray:
             print("augsearch search: --resume continues with the search's own config and backend; "
                   "CONFIG, --set, --out and --no-ray are ignored", file=sys.stderr)
-        result = resume_search(Path(args.resume), address=args.address)
+        run_dir = Path(args.resume)
+        try:
+            result = resume_search(run_dir, address=args.address)
+        except KeyboardInterrupt:
+            return _interrupted(run_dir)
     else:
         if not args.config:
             raise AugsearchError("augsearch search needs CONFIG (an experiment TOML) or --resume RUN_DIR")
         cfg = load_config(args.config, search_overrides(args))
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-search-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = new_search(cfg, out, address=args.address, use_ray=not args.no_ray)
+        try:
+            result = new_search(cfg, out, address=args.address, use_ray=not args.no_ray)
+        except KeyboardInterrupt:
+            return _interrupted(out)
+    if result.interrupted:
+        return _interrupted(result.run_dir)
     if result.failed:
         names = ", ".join(row["trial"] for row in result.failed)
         print(f"augsearch search: {len(result.failed)} trial(s) failed ({names}); finish them with "
               f"augsearch search --resume {result.run_dir}", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupted(run_dir: Path) -> int:
+    """Exit status 130 (interrupted), and how to go on; nothing of a half-finished search is offered for export."""
+    if (run_dir / MANIFEST_NAME).is_file():
+        print(f"augsearch search: interrupted; resume with augsearch search --resume {run_dir}", file=sys.stderr)
+    else:
+        print("augsearch search: interrupted before the search started; nothing was written", file=sys.stderr)
+    return 130

@@ -9,6 +9,7 @@ per-sample weights (value 1), scaled by detached coefficients (METHOD 3.1, 4.2 s
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from torch import Tensor
 from augsearch.augment import augment_batch
 from augsearch.config import AugmentConfig, LossConfig, TrainConfig
 from augsearch.data.sampler import Batch
+from augsearch.learn.guard import NonFiniteGuard, guarded_step
 from augsearch.learn.meta import (
     centre_and_normalise,
     group_means,
@@ -40,7 +42,6 @@ class StepStats:
     """Counters and last values of one epoch, for logs and TensorBoard."""
 
     meta_steps: int = 0
-    meta_skipped_nonfinite: int = 0
     empty_group_updates: int = 0  # (meta-step, class group) pairs whose policy update was exactly zero
     tea_steps: int = 0
     last_val_loss: float = float("nan")
@@ -93,6 +94,8 @@ class JointStep:
         self._pending_tra: list[Tensor] = []
         self._pending_tea: list[Tensor] = []
         self._pending_iterations = 0
+        self.guard = NonFiniteGuard(train.max_nonfinite_in_a_row)
+        self.iteration = 0  # counts `run` calls, for messages
         # Per-group exponential running mean of the meta-gradients (G,): the baseline of a group with one sample in a
         # batch; `_baseline_seen` (G,) marks groups that have had samples (before that, the baseline is 0).
         self._running_baseline: Tensor | None = None
@@ -158,8 +161,13 @@ class JointStep:
         The policy gradients of A and B are applied together after B (B reads only the TEA logits, so the order
         does not matter); with `augment.accumulate` = k they are averaged over k such iterations first.
         """
+        self.iteration += 1
         image, mask, group, bins, learnable = self.augment(batch, generator)
         params, loss = self._train_backward(image, mask)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):  # a diverged segmenter: no step of any kind can use this iteration
+            self.guard.record("segmenter", False, self.iteration)
+            return loss_value
         tra_grad = tea_grad = None
         if val_batch is not None:
             tra_grad = self.tra_gradient(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
@@ -167,14 +175,25 @@ class JointStep:
             tea_grad = self.tea_gradient(tea_batch, generator)
         if val_batch is not None or tea_batch is not None:
             self._policy_update(tra_grad, tea_grad)
-        optimizer = self.runtime.optimizer
-        if optimizer is not None:
-            if self.train_cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip)
-            optimizer.step()
+        if self.runtime.optimizer is not None and self.segmenter_update(params):
             if self.runtime.regularizers is not None:
                 self.stats.extra.update(self.runtime.regularizers(image, mask, batch.anchor_class))
-        return float(loss.detach())
+        return loss_value
+
+    def segmenter_update(self, params: list[Tensor]) -> bool:
+        """Clip and apply the segmenter's gradient, or skip it (counted) when the gradient is not finite."""
+        optimizer = self.runtime.optimizer
+        assert optimizer is not None
+        if self.train_cfg.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        ok = math.isfinite(float(norm))
+        if ok:
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        return self.guard.record("segmenter", ok, self.iteration)
 
     def _train_backward(self, image: Tensor, mask: Tensor) -> tuple[list[Tensor], Tensor]:
         """Forward and backward of the training loss in train mode: `.grad` holds the inner gradient."""
@@ -214,7 +233,7 @@ class JointStep:
         )
         self.stats.last_val_loss = result.val_loss
         if not result.finite:
-            self.stats.meta_skipped_nonfinite += 1
+            self.guard.record("tra", False, self.iteration)
             return None
         coefficients = result.coefficients * learnable
         grad_weights = centre_and_normalise(
@@ -282,7 +301,6 @@ class JointStep:
             grad = part if grad is None else grad + part
             total_loss += float(losses.mean())
         self.model.train(was_training)
-        self.stats.tea_steps += 1
         self.stats.last_tea_loss = total_loss / tea_batch.image.shape[0]
         return grad
 
@@ -303,11 +321,11 @@ class JointStep:
         if self.policy_sync is not None:
             self.policy_sync.exchange(self.policy, tra_mean, tea_mean)
             return
-        for optimizer, logits, grad in ((self.runtime.tra_optimizer, self.policy.tra_logits, tra_mean),
-                                        (self.runtime.tea_optimizer, self.policy.tea_logits, tea_mean)):
+        for kind, optimizer, logits, grad in (("tra", self.runtime.tra_optimizer, self.policy.tra_logits, tra_mean),
+                                              ("tea", self.runtime.tea_optimizer, self.policy.tea_logits, tea_mean)):
             if optimizer is not None and grad is not None:
                 logits.grad = grad
-                optimizer.step()
+                self.guard.record(kind, guarded_step(optimizer, [logits]), self.iteration)
                 logits.grad = None
 
 

@@ -19,10 +19,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from augsearch.artifacts.checkpoint import build_model, load_checkpoint, resolve_checkpoint_path
+from augsearch.artifacts.checkpoint import load_checkpoint, resolve_checkpoint_path
 from augsearch.artifacts.layout import ESTIMATOR_NAME
 from augsearch.atomic import write_json
-from augsearch.config import PreprocessConfig, config_from_dict
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import dataset_fingerprint, read_dataset_info
 from augsearch.data.splits import resolve_splits
@@ -37,10 +36,10 @@ DEFAULT_ESTIMATOR = "CS-ATC"
 
 def validation_case_ids(ckpt: dict[str, Any], info: Any) -> list[str]:
     """The run's validation case ids (policy provenance first, else the configured split on this dataset)."""
-    provenance = (ckpt.get("policy") or {}).get("provenance") or {}
+    provenance = (ckpt.policy or {}).get("provenance") or {}
     if provenance.get("val_cases"):
         return list(provenance["val_cases"])
-    return list(resolve_splits(info, config_from_dict(ckpt["config"]).data.split).val)
+    return list(resolve_splits(info, ckpt.experiment_config().data.split).val)
 
 
 def fit_from_checkpoint(
@@ -68,7 +67,7 @@ def fit_from_checkpoint(
     document = {
         "format": ESTIMATOR_FORMAT,
         "version": ESTIMATOR_VERSION,
-        "label_names": dict(ckpt["label_names"]),
+        "label_names": dict(ckpt.label_names),
         "default": default,
         "tta": {"policy": None if policy is None else str(policy), "top_k": top_k, "aggregate": aggregate},
         "val_cases": ids,
@@ -90,21 +89,20 @@ def validation_probabilities(
     device: str | None = "auto",
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     """The run's validation case ids, their predicted probabilities (K, *S) and labels (*S), preprocessed grid."""
-    root = Path(dataset) if dataset is not None else Path(config_from_dict(ckpt["config"]).data.root)
+    root = Path(dataset) if dataset is not None else Path(ckpt.experiment_config().data.root)
     info = read_dataset_info(root)
-    if dataset_fingerprint(info) != ckpt.get("data_fingerprint"):
+    if dataset_fingerprint(info) != ckpt.data_fingerprint:
         raise EstimatorError(f"dataset {root} is not the one the checkpoint was trained on (fingerprints differ); "
                              "pass --dataset with the training dataset")
     ids = validation_case_ids(ckpt, info)
-    fields = PreprocessConfig.model_fields
-    preprocess = PreprocessConfig.model_validate({k: v for k, v in ckpt["preprocess"].items() if k in fields})
+    preprocess = ckpt.preprocess
     cases = load_cases(info, ids, preprocess, cache_dir=None)
-    loaded = None if policy is None else policy_from_file_or_preset(policy, int(ckpt["model_config"]["dims"]),
-                                                                    dict(ckpt["label_names"]))
+    loaded = None if policy is None else policy_from_file_or_preset(policy, ckpt.dims,
+                                                                    dict(ckpt.label_names))
     torch_device = resolve_device(device)
-    model = build_model(ckpt).to(torch_device)
+    model = ckpt.build_model().to(torch_device)
     probs = [
-        predict_tta(model, case.image, loaded, top_k=top_k, window=ckpt["patch_size"], batch_size=batch_size,
+        predict_tta(model, case.image, loaded, top_k=top_k, window=ckpt.patch_size, batch_size=batch_size,
                     device=torch_device, aggregate=aggregate).probabilities.cpu().numpy().astype(np.float64)
         for case in cases
     ]

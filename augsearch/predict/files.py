@@ -25,10 +25,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+from augsearch.artifacts.checkpoint import Checkpoint, load_checkpoint
 from augsearch.artifacts.layout import QUALITY_CSV, UNCERTAINTY_CSV, UNCERTAINTY_DIR
+from augsearch.artifacts.output import check_output_dir
 from augsearch.atomic import atomic_open, write_text
-from augsearch.config import PreprocessConfig
 from augsearch.data.dataset import Case
 from augsearch.data.nifti import CHANNEL_SUFFIX, nifti_stem, read_image
 from augsearch.data.preprocess import preprocess_image, restore_to_original
@@ -186,7 +186,7 @@ def _resample(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def predict_case(
     model: Any,
-    ckpt: dict[str, Any],
+    ckpt: Checkpoint,
     case: InputCase,
     policy: Any,
     *,
@@ -203,17 +203,15 @@ def predict_case(
     A volume smaller than the training patch on some axis is zero-padded to it and cropped back, as training pads.
     """
 
-    dims = int(ckpt["model_config"]["dims"])
+    dims = ckpt.dims
     image, spacing, affine, header = read_image(list(case.paths), dims)
-    fields = PreprocessConfig.model_fields
-    cfg = PreprocessConfig.model_validate({k: v for k, v in ckpt["preprocess"].items() if k in fields})
-    pre, new_spacing = preprocess_image(image, spacing, cfg)
+    pre, new_spacing = preprocess_image(image, spacing, ckpt.preprocess)
     original = Case(case_id=case.case_id, image=pre, label=None, spacing=tuple(new_spacing),
                     original_spacing=tuple(spacing), original_shape=tuple(image.shape[1:]), affine=affine)
     del image
     try:
         result = predict_tta(
-            model, pre, policy, spacing=new_spacing, top_k=top_k, window=ckpt["patch_size"], batch_size=batch_size,
+            model, pre, policy, spacing=new_spacing, top_k=top_k, window=ckpt.patch_size, batch_size=batch_size,
             device=device, overlap=overlap, aggregate=aggregate, return_uncertainty=uncertainty, pad_to_window=True,
         )
     except AugsearchError as err:
@@ -226,9 +224,9 @@ def predict_case(
         entropy_map = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(0).astype(np.float32)
         variance_map = _resample(result.variance.cpu().numpy(), original.original_shape)
         entropy, variance = entropy_map.reshape(file_shape), variance_map.reshape(file_shape)
-        summary = _summary_row(case.case_id, probs.argmax(0), entropy_map, spacing, ckpt["label_names"],
+        summary = _summary_row(case.case_id, probs.argmax(0), entropy_map, spacing, ckpt.label_names,
                                result.view_volumes.cpu().numpy())
-    quality = None if estimator is None else quality_rows(case.case_id, probs, estimator, ckpt["label_names"])
+    quality = None if estimator is None else quality_rows(case.case_id, probs, estimator, ckpt.label_names)
     return CasePrediction(case.case_id, labels, entropy, variance, header, affine, summary, quality)
 
 
@@ -318,6 +316,7 @@ def predict_files(
     keep_largest: Sequence[str] = (),
     progress: bool | None = None,
     estimate: str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Predict every case under `input_path` into `output_dir`; returns the written files.
 
@@ -326,29 +325,30 @@ def predict_files(
     policy, input files' headers) before the first case is predicted. progress: tqdm bar over the cases (None: only
     on a terminal). min_component_mm3 / keep_largest (class names): connected-component clean-up of each label map on
     its file's grid (`augsearch.predict.postprocess`). estimate: estimator name for quality.csv (estimated Dice per
-    class and case, `augsearch.predict.calibration`); None: the default of the model's estimator.json, if it has one.
+    class and case, `augsearch.predict.calibration`); None: the default of the model's estimator.json, if it has one. An output folder that holds files is refused unless
+    `overwrite`, so two models' predictions never mix.
     """
     from tqdm import tqdm
 
+    check_output_dir(Path(output_dir), overwrite=overwrite, option="--output")
 
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
-    config = ckpt["model_config"]
     loaded = None
     if policy is not None:
         # Presets are built for the model's labels; a file is bound to them (background/foreground groups fit any).
-        loaded = policy_from_file_or_preset(policy, int(config["dims"]), ckpt["label_names"])
-        if len(loaded.label_names) != config["num_classes"]:
+        loaded = policy_from_file_or_preset(policy, ckpt.dims, ckpt.label_names)
+        if len(loaded.label_names) != ckpt.num_classes:
             raise PredictError(
                 f"policy {policy} has {len(loaded.label_names)} labels {dict(loaded.label_names)} but the model in "
-                f"{checkpoint} outputs {config['num_classes']} classes; use the policy learned with this model"
+                f"{checkpoint} outputs {ckpt.num_classes} classes; use the policy learned with this model"
             )
         loaded.tea_selected(top_k)  # a bad --top-k fails here, before any output
-    estimator = estimator_for_model(checkpoint, estimate, ckpt["label_names"])
-    postprocess = postprocess_from_options(min_component_mm3, keep_largest, ckpt["label_names"])
+    estimator = estimator_for_model(checkpoint, estimate, ckpt.label_names)
+    postprocess = postprocess_from_options(min_component_mm3, keep_largest, ckpt.label_names)
     inputs = find_inputs(input_path, cases)
-    check_inputs(inputs, int(config["dims"]), int(config["in_channels"]))
-    model = build_model(ckpt).to(torch_device)
+    check_inputs(inputs, ckpt.dims, ckpt.in_channels)
+    model = ckpt.build_model().to(torch_device)
     output_dir = Path(output_dir)
     written: list[Path] = []
     rows: list[dict[str, Any]] = []

@@ -60,7 +60,7 @@ from fastapi.responses import JSONResponse, Response  # noqa: E402
 from ray import serve  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
-from augsearch.artifacts.checkpoint import build_model, load_checkpoint  # noqa: E402
+from augsearch.artifacts.checkpoint import load_checkpoint  # noqa: E402
 from augsearch.artifacts.layout import CHECKPOINT_NAME, POLICY_NAME  # noqa: E402
 from augsearch.devices import resolve_device  # noqa: E402
 from augsearch.errors import AugsearchError, DatasetError  # noqa: E402
@@ -217,18 +217,17 @@ def load_model_info(spec: str) -> ModelInfo:
         raise ServeError(f"model id {model_id!r} (from {path}) must be letters, digits, '.', '_' or '-' and start "
                          f"with a letter or digit; name it explicitly as ID={path}")
     ckpt = load_checkpoint(path / CHECKPOINT_NAME)
-    config = ckpt["model_config"]
-    dims, labels = int(config["dims"]), {str(k): int(v) for k, v in ckpt["label_names"].items()}
+    dims, labels = ckpt.dims, ckpt.label_names
     policies = tta_policies(path, dims, labels)
     learned = policies["learned"]
-    if len(learned.label_names) != int(config["num_classes"]):
+    if len(learned.label_names) != ckpt.num_classes:
         raise ServeError(f"{path / POLICY_NAME} has {len(learned.label_names)} labels but the model outputs "
-                         f"{config['num_classes']} classes; export the policy learned with this model")
-    spacing = ckpt["preprocess"].get("target_spacing")
+                         f"{ckpt.num_classes} classes; export the policy learned with this model")
+    spacing = ckpt.preprocess.target_spacing
     return ModelInfo(
-        id=model_id, path=str(path.resolve()), dims=dims, in_channels=int(config["in_channels"]), labels=labels,
+        id=model_id, path=str(path.resolve()), dims=dims, in_channels=ckpt.in_channels, labels=labels,
         spacing_mm=[float(s) for s in spacing] if spacing is not None else None,
-        patch_size=[int(p) for p in ckpt["patch_size"]], policy_summary=learned.summary(),
+        patch_size=ckpt.patch_size, policy_summary=learned.summary(),
         views={mode: _views(policy, dims) for mode, policy in policies.items()},
         max_top_k={mode: int(policy.tea_available.sum()) for mode, policy in policies.items() if policy is not None},
         provenance=read_policy_document(path / POLICY_NAME).get("provenance") or {},
@@ -367,9 +366,9 @@ class LoadedModel:
         path = Path(info.path)
         self.info, self.device = info, device
         self.ckpt = load_checkpoint(path / CHECKPOINT_NAME)
-        self.model = build_model(self.ckpt).to(device)
+        self.model = self.ckpt.build_model().to(device)
         self.policies = tta_policies(path, info.dims, info.labels)
-        self.estimator = estimator_for_model(path / CHECKPOINT_NAME, None, self.ckpt["label_names"])
+        self.estimator = estimator_for_model(path / CHECKPOINT_NAME, None, self.ckpt.label_names)
 
     def predict(self, upload: Upload, options: PredictOptions, batch_size: int) -> Prediction:
         """`augsearch predict --batch-size BATCH_SIZE` of the upload with this model, its files read back."""

@@ -32,6 +32,15 @@ def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, di
     rows = {trial["trial"]: trial_row(trial["trial"], "PENDING", trial["params"], {}, None, None, {})
             for trial in manifest["trials"]}
     rows.update(finished)
+    try:
+        _run_trials(run_dir, manifest, cfg, rows, finished, crash_marker, server)
+    except KeyboardInterrupt:
+        return finish_search(run_dir, list(rows.values()), cfg, interrupted=True)
+    return finish_search(run_dir, list(rows.values()), cfg)
+
+
+def _run_trials(run_dir: Path, manifest: dict[str, Any], cfg: Any, rows: dict[str, dict[str, Any]],
+                finished: dict[str, dict[str, Any]], crash_marker: str | None, server: Any) -> None:
     for trial in manifest["trials"]:
         trial_id, params = trial["trial"], trial["params"]
         if trial_id in finished:
@@ -47,7 +56,7 @@ def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, di
             resume = fit_dir / CHECKPOINT_NAME if (fit_dir / CHECKPOINT_NAME).is_file() else None
             try:
                 run_trial(trial_id=trial_id, run_dir=run_dir, base=manifest["config"], params=params,
-                            cpus=cfg.search.cpus_per_trial, resume=resume, crash_marker=crash_marker, report=report,
+                          cpus=cfg.search.cpus_per_trial, resume=resume, crash_marker=crash_marker, report=report,
                           policy_server=server)
                 error = None
                 break
@@ -71,4 +80,3 @@ def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, di
         status = "ERROR" if error else finished_status(last, cfg)
         rows[trial_id] = trial_row(trial_id, status, params, last, checkpoint, error, timing)
         write_summary(run_dir, list(rows.values()), cfg)
-    return finish_search(run_dir, list(rows.values()), cfg)

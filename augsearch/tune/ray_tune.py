@@ -10,6 +10,7 @@ each time it starts.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ from augsearch.config import ExperimentConfig, config_from_dict
 from augsearch.errors import SearchError
 from augsearch.learn.server import RayPolicyServer, actor_name, start_ray_server
 from augsearch.tune.reaper import Reaper
+from augsearch.tune.space import expand_trials
 from augsearch.tune.summary import (
     SearchResult,
     finish_search,
@@ -237,11 +239,37 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if search.scheduler == "pbt" else 2),
             ),
         )
-    grid = tuner.fit()
+    with _tune_stop_events() as stop_events:
+        grid = tuner.fit()
     del server  # the actor ends with the search (its state file stays for --resume)
     rows = [_ray_row(result, run_dir, cfg) for result in grid]
     rows.sort(key=lambda row: row["trial"])
-    return finish_search(run_dir, rows, cfg)
+    expected = len(expand_trials(search.space, search.num_samples, cfg.seed))
+    interrupted = any(event.is_set() for event in stop_events) or len(grid) < expected
+    return finish_search(run_dir, rows, cfg, interrupted=interrupted)
+
+
+@contextlib.contextmanager
+def _tune_stop_events() -> Iterator[list[threading.Event]]:
+    """The events Tune sets when Ctrl-C (SIGINT) stops `Tuner.fit`, one per fit.
+
+    On Ctrl-C Tune saves its state, stops every trial (their status then reads TERMINATED, like finished ones) and
+    returns normally; the only record of the interruption is the event its signal handler sets, which Tune keeps to
+    itself. This wraps Tune's `_setup_signal_catching` (ray/tune/tune.py) to keep a reference to it.
+    """
+    tune_run = importlib.import_module("ray.tune.tune")
+    setup = tune_run._setup_signal_catching
+    events: list[threading.Event] = []
+
+    def recording_setup() -> threading.Event:
+        events.append(setup())
+        return events[-1]
+
+    tune_run._setup_signal_catching = recording_setup
+    try:
+        yield events
+    finally:
+        tune_run._setup_signal_catching = setup
 
 
 def _scheduler(cfg: ExperimentConfig) -> Any:

@@ -82,12 +82,15 @@ def run_trial(
         if crash_marker and rep.checkpoint_path is not None and _claim(crash_marker):
             raise SimulatedCrash(f"{CRASH_ENV} test hook: trial {trial_id} crashes after epoch {rep.epoch}")
 
-    fit(cfg, run_dir / trial_id / FIT_DIR, callbacks=[on_epoch], resume=resume, policy_server=policy_server)
+    # The trial's folder belongs to the search: a restart without a checkpoint starts it afresh. PBT continues
+    # from a donor's checkpoint under the trial's own perturbed values, so only the data must match there.
+    fit(cfg, run_dir / trial_id / FIT_DIR, callbacks=[on_epoch], resume=resume, policy_server=policy_server,
+        overwrite=resume is None, check_config_on_resume=cfg.search.scheduler != "pbt")
 
 
 def _checkpoint_epoch(path: Path) -> int:
 
-    return int(load_checkpoint(path)["epoch"])
+    return load_checkpoint(path).epoch
 
 
 def _claim(marker: str) -> bool:

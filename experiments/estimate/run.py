@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+from augsearch.artifacts.checkpoint import load_checkpoint
 from augsearch.config import PreprocessConfig, SplitConfig
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import read_dataset_info
@@ -92,19 +92,18 @@ def run_seed(seed: int, mode: str, work: Path, data: Path) -> dict:
         subprocess.run([sys.executable, "-m", "augsearch", "train", str(HERE / "model.toml"), "--out", str(out),
                         "--quiet", "--set", f"seed={seed}", "--set", f"data.root={data}"], check=True)
     ckpt = load_checkpoint(out)
-    model = build_model(ckpt)
+    model = ckpt.build_model()
     policy = MODES[mode]
     _, val_probs, val_labels = validation_probabilities(ckpt, policy=policy, batch_size=4, device="cpu")
     estimators = {name: fit_estimator(name, val_probs, val_labels) for name in ESTIMATORS}
     validation_dice = [float(np.nanmean([dice(p.argmax(0) == v, y == v) for p, y in zip(val_probs, val_labels)]))
                        for v in CLASSES]
-    loaded = None if policy is None else policy_from_file_or_preset(policy, 2, dict(ckpt["label_names"]))
-    fields = PreprocessConfig.model_fields
-    preprocess = PreprocessConfig.model_validate({k: v for k, v in ckpt["preprocess"].items() if k in fields})
+    loaded = None if policy is None else policy_from_file_or_preset(policy, 2, dict(ckpt.label_names))
+    preprocess = ckpt.preprocess
     rows = []
     for condition, cases in test_sets(data, work, preprocess).items():
         for index, (image, label) in enumerate(cases):
-            probs = predict_tta(model, image, loaded, window=ckpt["patch_size"], batch_size=4, device="cpu")
+            probs = predict_tta(model, image, loaded, window=ckpt.patch_size, batch_size=4, device="cpu")
             p = probs.probabilities.numpy().astype(np.float64)
             pred = p.argmax(0)
             estimates = {est_name: est.estimate(p) for est_name, est in estimators.items()}

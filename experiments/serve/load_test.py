@@ -91,17 +91,17 @@ def window_batching(export: Path, batches=(1, 4, 8, 16, 32), repeats: int = 3, d
     """ms per sliding window of the export's segmenter by batch size (CPU: one thread)."""
     import torch
 
-    from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+    from augsearch.artifacts.checkpoint import load_checkpoint
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(export / "checkpoint.pt")
-    model = build_model(ckpt).to(device)
-    patch = ckpt["patch_size"]
+    model = ckpt.build_model().to(device)
+    patch = ckpt.patch_size
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = {}
     with torch.inference_mode():
         for batch in batches:
-            x = torch.randn(batch, int(ckpt["model_config"]["in_channels"]), *patch, device=device)
+            x = torch.randn(batch, ckpt.in_channels, *patch, device=device)
             model(x)
             times = []
             for _ in range(repeats):
@@ -121,14 +121,14 @@ def request_anatomy(export: Path, volume: Path, device: str, repeats: int = 3) -
     outside `predict_tta` (read, preprocess, resample back), which runs on the CPU whatever the device."""
     import torch
 
-    from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+    from augsearch.artifacts.checkpoint import load_checkpoint
     from augsearch.policy.presets import policy_from_file_or_preset
     from augsearch.predict import files
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(export / "checkpoint.pt")
-    model = build_model(ckpt).to(device)
-    policy = policy_from_file_or_preset(export / "policy.json", int(ckpt["model_config"]["dims"]), ckpt["label_names"])
+    model = ckpt.build_model().to(device)
+    policy = policy_from_file_or_preset(export / "policy.json", ckpt.dims, ckpt.label_names)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     state = {"windows": 0, "model_s": 0.0, "tta_s": 0.0, "start": 0.0}
 
