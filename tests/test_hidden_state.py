@@ -2,31 +2,16 @@
 model's mode, meta_every counts global iterations, and a preset's TEA top-k has one owner."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from test_train import data_root, tiny  # noqa: F401  (the smoke benchmark fixture and config)
 
-from augsearch.config import load_config
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.learn.tea_update import tea_view_losses
 from augsearch.model import UNet
 from augsearch.predict.validation import validate
 from augsearch.train import fit
-
-SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data") / "smoke2d"
-
-
-def tiny(data_root, **overrides):
-    base = {"data.root": str(data_root), "train.epochs": 1, "train.iterations": 2, "train.batch_size": 2,
-            "train.val_batch_size": 2, "augment.tea.views": 3}
-    base.update(overrides)
-    return load_config(SMOKE, [f"{k}={json.dumps(v)}" for k, v in base.items()])
 
 
 def test_fit_leaves_the_global_rng_and_thread_count_alone(data_root, tmp_path):
