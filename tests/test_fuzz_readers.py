@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_predict import _checkpoint
 
-from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+from augsearch.artifacts.checkpoint import load_checkpoint
 from augsearch.config import apply_overrides, config_from_dict, load_config
 from augsearch.data.check import check_dataset
 from augsearch.data.dataset import read_dataset_info
