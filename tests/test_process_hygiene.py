@@ -161,11 +161,13 @@ def test_sigterm_of_a_search_stops_it_like_ctrl_c(tmp_path, data_root):
     noted = ray_descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert "Stack trace" not in err and "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
-    # Tune's own Ctrl-C path: state saved, each trial stopped, the run folder resumable
-    assert "Resume experiment with" in err or "interrupted" in err, err[-3000:]
-    rows = json.loads((out / "summary.json").read_text())["trials"]
-    assert rows and all(row["status"] != "TERMINATED" for row in rows)
+    # Ray forwards its workers' output prefixed "(name pid=...)": a worker ended while importing may print its own
+    # SystemExit there. The driver's own lines are what the user is shown.
+    driver = "\n".join(line for line in err.splitlines() if not line.startswith("("))
+    assert "Stack trace" not in driver and "SIGTERM received" not in driver and "Traceback" not in driver, driver[-3000:]
+    # Tune's own Ctrl-C path: state saved, the search reported as interrupted with the resume command
+    assert proc.returncode == 130 and "interrupted; resume with" in driver, driver[-3000:]
+    assert json.loads((out / "summary.json").read_text()).get("interrupted") is True
     assert not survivors(noted)
 
 
