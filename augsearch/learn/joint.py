@@ -317,6 +317,7 @@ class JointStep:
             return
         tra_mean = _mean(self._pending_tra)
         tea_mean = _mean(self._pending_tea)
+        drawn = {"tra": len(self._pending_tra)}
         self._pending_tra, self._pending_tea, self._pending_iterations = [], [], 0
         if self.policy_sync is not None:
             self.policy_sync.exchange(self.policy, tra_mean, tea_mean)
@@ -325,7 +326,9 @@ class JointStep:
                                               ("tea", self.runtime.tea_optimizer, self.policy.tea_logits, tea_mean)):
             if optimizer is not None and grad is not None:
                 logits.grad = grad
-                self.guard.record(kind, guarded_step(optimizer, [logits]), self.iteration)
+                kept = self.guard.record(kind, guarded_step(optimizer, [logits]), self.iteration)
+                if kind == "tra" and not kept:
+                    self.stats.meta_steps -= drawn["tra"]  # meta/steps counts the meta-gradients that reached the policy
                 logits.grad = None
 
 
