@@ -191,7 +191,7 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
     test = {}
     for column, policy in zip(TTA, (None, "flips-tta", str(learned_policy)), strict=True):
         _, summary = comparison.evaluate_run(run_dir / "checkpoint.pt", policy, info.root, dict(info.labels),
-                                             test_cases, run_dir / f"tta_{column}", gt_dir)
+                                             test_cases, run_dir / f"tta_{column}", gt_dir, pad_to_window=True)
         test[column] = {name: {metric: stats["mean"] for metric, stats in metrics.items()}
                         | {"hd95_defined": metrics["hd95"]["n"]} for name, metrics in summary.items()}
     wall["eval"] = time.perf_counter() - started
