@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,10 +12,27 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def check_writable(path: str | Path, *, folder: bool = False) -> None:
+    """OSError with a plain message (the CLI prints it) unless PATH (a file, or a folder with `folder=True`) can be
+    created or replaced: no ancestor is a regular file and PATH itself is not the wrong kind. Commands call it
+    before any work."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        error = IsADirectoryError if path.is_dir() else NotADirectoryError
+        raise error(f"cannot write {path}: it is {'a folder' if path.is_dir() else 'a file'}; "
+                    f"give a {'folder' if folder else 'file'} path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder; choose another path")
+            return
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file next to `path`; on clean exit it replaces `path`, on error it is removed."""
     path = Path(path)
+    check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -34,8 +52,24 @@ def write_text(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
+def finite_json(data: Any) -> Any:
+    """`data` with every NaN or infinite float replaced by None (JSON null), through dicts, lists and tuples."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(value) for value in data]
+    return data
+
+
+def dumps_json(data: Any, indent: int | None = None) -> str:
+    """Strict JSON text (no NaN/Infinity literals, which strict parsers reject): non-finite floats become null."""
+    return json.dumps(finite_json(data), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text(path, dumps_json(data, indent=2) + "\n")
 
 
 def torch_save(obj: Any, path: str | Path) -> None:

@@ -19,7 +19,7 @@ import torch
 from augsearch.ops.base import OpInputError, make_generator
 from augsearch.ops.intensity import image_statistics
 from augsearch.ops.registry import ROTATIONS, apply_params, get_op
-from augsearch.ops.spatial import PLANES, rotation_matrix
+from augsearch.ops.spatial import PLANES, rotation_matrix, voxel_matrices
 
 
 def unavailable_bins(op_name: str, patch_size: Sequence[int]) -> list[int]:
@@ -37,7 +37,7 @@ def unavailable_bins(op_name: str, patch_size: Sequence[int]) -> list[int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _margin(patch: tuple[int, ...], affine_ops: tuple[str, ...]) -> int:
+def _margin(patch: tuple[int, ...], affine_ops: tuple[str, ...], spacing: tuple[float, ...] | None) -> int:
     d = len(patch)
     half = torch.tensor([(n - 1) / 2 for n in patch], dtype=torch.float64)
     reach = 1.0  # largest factor by which a sampling matrix stretches coordinates (scale "down" bins)
@@ -53,20 +53,21 @@ def _margin(patch: tuple[int, ...], affine_ops: tuple[str, ...]) -> int:
     m = torch.eye(d, dtype=torch.float64).repeat(combos.shape[0], 1, 1)
     for j, name in enumerate(planes):
         m = m @ rotation_matrix(combos[:, j], PLANES[name.split("_")[1]], d)
-    sample = torch.linalg.inv(m) * reach
+    sample = torch.linalg.inv(voxel_matrices(m, spacing)) * reach
     # The farthest a corner of the patch reads along axis i is sum_j |M_ij| half_j.
     far = (sample.abs() @ half).amax(0)
     # +1 covers the angle grid's discretisation and float error; reading at exactly the last voxel is inside.
     return max(0, math.ceil(float((far - half).max()) - 1e-9) + 1) if (planes or reach > 1) else 0
 
 
-def required_margin(patch_size: Sequence[int], op_names: Sequence[str]) -> int:
-    """Crop margin (voxels per side, all axes) so that the largest scale and rotations of `op_names` never read
-    outside a crop of patch_size + 2 * margin."""
+def required_margin(patch_size: Sequence[int], op_names: Sequence[str], spacing: Sequence[float] | None = None) -> int:
+    """Crop margin (voxels per side, all axes) so that the largest scale and rotations of `op_names` (rotations of
+    the patient on a grid of `spacing` mm) never read outside a crop of patch_size + 2 * margin."""
     for name in op_names:
         get_op(name)
     affine = tuple(sorted(n for n in op_names if n == "scale" or n in ROTATIONS))
-    return _margin(tuple(int(p) for p in patch_size), affine)
+    grid = None if spacing is None else tuple(float(s) for s in spacing)
+    return _margin(tuple(int(p) for p in patch_size), affine, grid)
 
 
 def _validate(image, mask, bins, op_names, patch) -> None:
@@ -96,11 +97,13 @@ def _validate(image, mask, bins, op_names, patch) -> None:
 def augment_batch(image: torch.Tensor, mask: torch.Tensor, bins: torch.Tensor, op_names: Sequence[str],
                   patch_size: Sequence[int], *, generator: torch.Generator | None = None,
                   reference_signs: bool = False,
-                  image_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  image_stats: torch.Tensor | None = None,
+                  spacing: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment an enlarged batch and cut the central patch.
 
     image (B, C, *E) float, mask (B, *E) int64, bins (B, n_ops) int64 over `op_names`, E = patch_size + 2 * margin.
-    image_stats (B, C, 4): image-level (min, max, mean, std); default: those of the enlarged crop.
+    image_stats (B, C, 4): image-level (min, max, mean, std); default: those of the enlarged crop. spacing: the grid's
+    mm per axis, so that rotations turn the patient (None: the voxel grid; required_margin must be given the same).
     Returns (image (B, C, *P), mask (B, *P)). `generator` must live on the tensors' device.
     """
     patch = tuple(int(p) for p in patch_size)
@@ -111,4 +114,4 @@ def augment_batch(image: torch.Tensor, mask: torch.Tensor, bins: torch.Tensor, o
     params = {name: get_op(name).sample(bins[:, j], gen, reference_signs) for j, name in enumerate(op_names)}
     stats = image_statistics(image) if image_stats is None else image_stats.to(image.device, image.dtype)
 
-    return apply_params(image, mask, params, patch, stats)
+    return apply_params(image, mask, params, patch, stats, spacing)

@@ -13,17 +13,19 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveFloat,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from augsearch.errors import AugsearchError
+from augsearch.errors import AugsearchError, brief
+from augsearch.textfiles import MalformedText, parse_toml, read_text
 
 
 class ConfigError(AugsearchError):
@@ -31,11 +33,12 @@ class ConfigError(AugsearchError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is no number and `1` no boolean (an int still fills a float field); numbers are finite
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class SynthConfig(_Section):
-    """How to generate the bundled benchmark when `data.root` does not exist yet."""
+    """The bundled benchmark that `data.generate = true` writes at `data.root` when it has no dataset.json yet."""
 
     dims: Literal[2, 3] = 2
     cases: int = Field(24, ge=4, description="Total cases: training, validation and test together.")
@@ -48,8 +51,12 @@ class SynthConfig(_Section):
 class PreprocessConfig(_Section):
     """Resampling and intensity normalisation, applied identically at training and prediction time."""
 
-    target_spacing: list[float] | None = Field(None, description="mm per voxel axis; None keeps each case's own.")
-    normalization: Literal["zscore", "ct", "none"] = "zscore"
+    target_spacing: list[PositiveFloat] | None = Field(
+        None, min_length=2, max_length=3, description="mm per voxel axis; None keeps each case's own."
+    )
+    normalization: Literal["auto", "zscore", "ct", "none"] = Field(
+        "auto", description="'auto': 'ct' when dataset.json names every channel CT (as nnU-Net), else 'zscore'."
+    )
     ct_clip: list[float] | None = Field(None, description="[low, high] HU window for normalization='ct'.")
     ct_mean: float | None = None
     ct_std: float | None = None
@@ -58,15 +65,16 @@ class PreprocessConfig(_Section):
 class SplitConfig(_Section):
     """Which cases train, validate (the search learns from these) and test.
 
-    Precedence: explicit lists, then `splits_file` (nnU-Net `splits_final.json`, fold `fold`), then the benchmark's
-    own `splits.json` when present, then seeded fractions of `imagesTr`.
+    Precedence: explicit lists, then `splits_file` (nnU-Net `splits_final.json`, fold `fold`; when unset, the
+    dataset's own `splits_final.json`, as nnU-Net does), then the benchmark's own `splits.json` when present, then
+    seeded fractions of `imagesTr`. Test cases come from imagesTs/labelsTs when the dataset has them.
     """
 
     train: list[str] | None = None
     val: list[str] | None = None
     test: list[str] | None = None
-    splits_file: str | None = None
-    fold: int = 0
+    splits_file: str | None = Field(None, description="nnU-Net splits file; None uses <root>/splits_final.json if any.")
+    fold: int = Field(0, ge=0, description="Fold of the splits file.")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     train_fraction: float = Field(1.0, gt=0, le=1, description="Use this share of the training cases (5-50% regimes).")
     seed: int = 0
@@ -75,9 +83,19 @@ class SplitConfig(_Section):
 class DataConfig(_Section):
     root: str = "runs/data/bench2d"
     cache_dir: str | None = Field(None, description="Preprocessed arrays; None means <root>/.augsearch_cache.")
-    synth: SynthConfig | None = Field(None, description="Generate the benchmark at `root` when it is missing.")
+    generate: bool = Field(
+        False, description="Write the benchmark of [data.synth] at `root` when it has no dataset.json; otherwise a "
+        "missing dataset is an error (a mistyped root never turns into a generated dataset).",
+    )
+    synth: SynthConfig | None = Field(None, description="The benchmark `generate` writes.")
     preprocess: PreprocessConfig = PreprocessConfig()
     split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _generate_needs_synth(self) -> DataConfig:
+        if self.generate and self.synth is None:
+            raise ValueError("data.generate = true needs a [data.synth] section describing the benchmark to write")
+        return self
 
 
 class ModelConfig(_Section):
@@ -86,6 +104,9 @@ class ModelConfig(_Section):
     base_features: int = Field(16, ge=1)
     max_features: int = Field(320, ge=1)
     depth: int = Field(4, ge=1, description="Number of resolution levels (poolings + 1).")
+    pool_kernels: list[list[int]] | None = Field(
+        None, description="Per downsampling, one stride per axis (e.g. [[2, 2, 1], [2, 2, 2]]); None is 2 everywhere."
+    )
     deep_supervision: bool = False
 
 
@@ -94,7 +115,7 @@ class TrainConfig(_Section):
     iterations: int = Field(50, ge=1, description="Iterations per epoch.")
     batch_size: int = Field(8, ge=1)
     val_batch_size: int = Field(8, ge=1, description="Validation patches per TRA meta-step.")
-    patch_size: list[int] = Field(default_factory=lambda: [64, 64])
+    patch_size: list[PositiveInt] = Field(default_factory=lambda: [64, 64], min_length=2, max_length=3)
     fg_fraction: float = Field(0.5, ge=0, le=1, description="Share of patches centred on a foreground voxel.")
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(1e-2, gt=0)
@@ -109,6 +130,9 @@ class TrainConfig(_Section):
     sliding_window_batch: int = Field(8, ge=1)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default.")
+    max_nonfinite_in_a_row: int = Field(
+        20, ge=1, description="Stop when this many segmenter, TRA or TEA updates in a row are non-finite (skipped)."
+    )
 
 
 class LossConfig(_Section):
@@ -138,8 +162,18 @@ class TraSearchConfig(_Section):
     backend: Literal["jvp", "higher", "functional", "fd"] = "jvp"
     inner_lr: float | None = Field(None, gt=0, description="Inner SGD step; None uses the segmenter's current lr.")
     baseline: bool = Field(True, description="Centre per-sample meta-gradients within each class group.")
+    baseline_decay: float = Field(
+        0.9, ge=0, lt=1, description="Decay of each group's running mean of meta-gradients over recent steps, the "
+        "baseline of a group with fewer than 2 samples in a batch (its own mean would cancel it: no learning)."
+    )
     count_normalization: bool = Field(True, description="Divide by how many same-group samples chose each bin.")
     outer_loss: Literal["ce_dice", "ce", "dice"] = "ce_dice"
+    outer_rare_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of the outer-loss batch centred on a rare class (loss.rare_labels); 0 is off."
+    )
+    precondition: bool = Field(
+        False, description="Inner step and JVP tangent in the segmenter's Adam geometry (P * grad, P * v) instead of SGD's."
+    )
 
 
 class TeaSearchConfig(_Section):
@@ -149,7 +183,19 @@ class TeaSearchConfig(_Section):
     lr: float = Field(5e-2, gt=0)
     views: int = Field(8, ge=2, description="Z transformed views per TEA step.")
     groups_per_step: int = Field(1, ge=1, description="Foreground-centred validation patches per TEA step.")
-    top_k: int = Field(4, ge=1, description="Entries exported for inference.")
+    top_k: int | None = Field(
+        None, ge=1,
+        description="TTA entries selected for inference; None keeps the policy's own (a preset's or a file's, 4 for a "
+        "learned TEA). A value that differs from the policy's replaces it and is logged.",
+    )
+    init: Literal["flips", "single-flips", "identity", "uniform"] | None = Field(
+        None,
+        description="TEA start (METHOD 3.4): 'flips' (identity, flips, half turns at 0.1 each), 'single-flips' "
+        "(identity and single flips share 0.8), 'identity' (0.99), 'uniform'; None keeps the policy's own start.",
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="TEA pool entries never drawn nor exported, by name (e.g. 'rot90_xz+')."
+    )
     class1_only: bool = Field(False, description="Reproduce the reference: TEA loss on label 1 only.")
     augment_outer_batch: bool = Field(
         True, description="When TEA is learned, apply its views to the TRA outer-loss batch (the joint coupling)."
@@ -161,10 +207,16 @@ class AugmentConfig(_Section):
 
     mode: Literal["none", "policy"] = "policy"
     policy: str = "uniform-0.1"
+    ops: list[str] | None = Field(
+        None, description="Registry ops that TRA draws and the TEA pool holds (with the identity); None is all."
+    )
     randaugment_n: int = Field(2, ge=1)
     randaugment_m: int = Field(2, ge=1)
     reference_signs: bool = Field(False, description="Random sign inside each bin, as the reference code does.")
     meta_every: int = Field(1, ge=1, description="Run the TRA meta-step and the TEA step every k iterations.")
+    accumulate: int = Field(
+        1, ge=1, description="Step the policy once per k meta-iterations, on the mean of their gradients."
+    )
     warmup_iterations: int = Field(
         0, ge=0, description="Segmenter iterations under the initial policy before the first meta-step and TEA step."
     )
@@ -188,6 +240,16 @@ class SearchConfig(_Section):
     gpus_per_trial: float = Field(0.0, ge=0)
     cpus_per_trial: float = Field(1.0, gt=0)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    policy_sharing: Literal["independent", "shared"] = Field(
+        "independent",
+        description="'independent': each trial learns its own policy; 'shared': num_workers trials (workers) push "
+        "their policy gradients to one policy server that averages them and steps one policy.",
+    )
+    num_workers: int = Field(1, ge=1, description="Workers of a shared search; worker i has seed seed+i and shard i.")
+    worker: int = Field(0, ge=0, description="This worker's index (set per trial by a shared search).")
+    sync_timeout_s: float = Field(
+        120.0, gt=0, description="Shared search: how long a policy round waits for the slowest live worker."
+    )
 
 
 class ExperimentConfig(_Section):
@@ -213,6 +275,9 @@ class ExperimentConfig(_Section):
             raise ValueError("augment.mode='none' cannot learn a policy; set augment.mode='policy' or learn=false")
         if not self.train.update_model and self.augment.tra.learn:
             raise ValueError("augment.tra.learn needs a segmenter that trains; set train.update_model=true")
+        if self.search.worker >= self.search.num_workers:
+            raise ValueError(f"search.worker {self.search.worker} must be below search.num_workers "
+                             f"{self.search.num_workers}")
         return self
 
     @property
@@ -231,8 +296,8 @@ class ExperimentConfig(_Section):
 def parse_override_value(text: str) -> Any:
     """Parse the right-hand side of `key=value` as a TOML value; a bare word stays a string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        return parse_toml(f"v = {text}")["v"]
+    except MalformedText:
         return text
 
 
@@ -280,7 +345,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> Experiment
             if e["type"] == "extra_forbidden":
                 lines.append(f"  {key}: unknown key; check its spelling against `augsearch config show`")
             else:
-                lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+                lines.append(f"  {key}: {e['msg']} (got {brief(e.get('input'))})")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
 
 
@@ -290,7 +355,7 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a TOML file such as experiments/smoke.toml")
     try:
-        tree = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        tree = parse_toml(read_text(path))
+    except MalformedText as err:
+        raise ConfigError(f"{path}: {err}") from None
     return config_from_dict(apply_overrides(tree, overrides), source=str(path))

@@ -5,7 +5,18 @@ Each message says what was expected, what came, and how to fix it. Subclasses na
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
+from typing import Any
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 2, 60, 60
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 6
+
+
+def brief(value: Any) -> str:
+    """repr of a value a user wrote, cut to a line: a message quotes what came, not kilobytes of it."""
+    return _BRIEF.repr(value)
 
 
 class AugsearchError(ValueError):

@@ -9,12 +9,14 @@ Conventions (each function returns NaN where its ratio is undefined, never raise
   of one mask, its distance in mm (Euclidean, voxel spacing applied) to the nearest surface voxel of the other mask;
   hd95 is the 95th percentile (numpy linear interpolation) of the union of both directed distance sets. NaN when
   either mask is empty.
-Summaries average over cases ignoring NaN and report how many were NaN.
+Lesion-wise detection metrics (lesions, detected, missed, false-positive components, lesion-wise Dice) come from
+`augsearch.lesion_metrics`. Summaries average over cases ignoring NaN and report how many were NaN.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,11 @@ from scipy import ndimage
 
 from augsearch.data.nifti import NIFTI_SUFFIXES
 from augsearch.errors import AugsearchError
+from augsearch.lesion_metrics import LESION_METRICS, lesion_metrics
 
-METRICS = ("dice", "sensitivity", "precision", "hd95")
+logger = logging.getLogger(__name__)
+
+METRICS = ("dice", "sensitivity", "precision", "hd95", *LESION_METRICS)
 
 
 class EvaluationError(AugsearchError):
@@ -83,9 +88,10 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] | list[flo
 
 
 def evaluate_case(
-    pred_labels: np.ndarray, gt_labels: np.ndarray, spacing, label_names: dict[str, int]
+    pred_labels: np.ndarray, gt_labels: np.ndarray, spacing, label_names: dict[str, int], *,
+    lesion_dilation: int = 1, min_lesion_mm3: float = 0.0,
 ) -> dict[str, dict[str, float]]:
-    """{class name: {metric: value}} for every non-background label, on the masks `labels == value`."""
+    """{class name: {metric: value}} for every non-background label, on the masks `labels == value` (METRICS)."""
     pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
     if pred_labels.shape != gt_labels.shape:
         raise EvaluationError(f"prediction shape {pred_labels.shape} differs from ground truth {gt_labels.shape}")
@@ -99,6 +105,7 @@ def evaluate_case(
             "sensitivity": sensitivity(p, g),
             "precision": precision(p, g),
             "hd95": hd95(p, g, spacing),
+            **lesion_metrics(p, g, spacing, dilation=lesion_dilation, min_volume_mm3=min_lesion_mm3),
         }
     return result
 
@@ -127,6 +134,13 @@ def _case_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def _holds_floats(path: Path) -> bool:
+    """True for a NIfTI whose stored data type is floating point (read from the header only)."""
+    import nibabel as nib
+
+    return nib.load(str(path)).get_data_dtype().kind == "f"
+
+
 def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     import nibabel as nib
 
@@ -138,12 +152,13 @@ def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
 
 
 def evaluate_folders(
-    pred_dir: str | Path, gt_dir: str | Path, label_names: dict[str, int] | None = None
+    pred_dir: str | Path, gt_dir: str | Path, label_names: dict[str, int] | None = None, *,
+    lesion_dilation: int = 1, min_lesion_mm3: float = 0.0,
 ) -> tuple[list[dict], dict[str, dict[str, dict[str, float]]]]:
     """Compare every ground-truth NIfTI in gt_dir with the same-named file in pred_dir.
 
     Spacing comes from the ground-truth header. label_names None names each non-zero value found by its number.
-    Returns rows [{case, class, dice, sensitivity, precision, hd95}] and
+    Returns rows [{case, class, dice, sensitivity, precision, hd95, lesion metrics}] and
     summary {class: {metric: {mean, std, n, nan}}} (mean/std over cases ignoring NaN, n = finite values).
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
@@ -151,6 +166,12 @@ def evaluate_folders(
     if not gts:
         raise EvaluationError(f"{gt_dir} holds no .nii/.nii.gz files")
     missing, extra = sorted(set(gts) - set(preds)), sorted(set(preds) - set(gts))
+    maps = [case for case in extra if _holds_floats(preds[case])]
+    if maps:
+        # Uncertainty maps or probabilities beside the segmentations: not labels, so not compared.
+        logger.warning("evaluate: ignored %d file(s) in %s that are not segmentations (floating-point data, e.g. "
+                       "uncertainty maps): %s", len(maps), pred_dir, ", ".join(preds[c].name for c in maps))
+        extra = [case for case in extra if case not in maps]
     if missing or extra:
         raise EvaluationError(
             f"prediction folder {pred_dir} and ground-truth folder {gt_dir} must hold the same case names; "
@@ -171,7 +192,9 @@ def evaluate_folders(
         label_names = {str(v): int(v) for v in values}
     rows = []
     for case, pred, gt, spacing in cases:
-        for name, metrics in evaluate_case(pred, gt, spacing, label_names).items():
+        per_class = evaluate_case(pred, gt, spacing, label_names, lesion_dilation=lesion_dilation,
+                                  min_lesion_mm3=min_lesion_mm3)
+        for name, metrics in per_class.items():
             rows.append({"case": case, "class": name, **metrics})
     return rows, summarise(rows)
 

@@ -117,3 +117,28 @@ def test_export_of_a_directory_that_is_neither(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "neither a training run" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _strict_json(path: Path) -> dict:
+    """Parse as strict JSON parsers do: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_export_breaks_metric_ties_by_mean_foreground_dice_and_writes_strict_json(search_dir, tmp_path, capsys):
+    # Both trials miss the rare class; the first listed is worse on the other foreground class.
+    source = planted(search_dir, tmp_path, {
+        "trial_00000": {"val/dice_rare": 0.0, "val/dice_mean": 0.385, "val/dice_organ": 0.77, "val/hd95": float("nan")},
+        "trial_00001": {"val/dice_rare": 0.0, "val/dice_mean": 0.478, "val/dice_organ": 0.956, "val/hd95": float("inf")},
+    })
+    out = tmp_path / "best"
+    assert main(["export", str(source), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tied with trial_00000" in printed and "val/dice_mean = 0.478" in printed
+    assert (out / "checkpoint.pt").read_bytes() == (source / "trial_00001" / "fit" / "checkpoint.pt").read_bytes()
+    export = _strict_json(out / "policy.json")["provenance"]["export"]
+    assert export["trial"] == "trial_00001" and "mean foreground validation Dice" in export["selection"]
+    assert export["metrics"]["val/hd95"] is None  # written as null, read back as None
+    assert load_policy(out / "policy.json").op_names

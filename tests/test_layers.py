@@ -9,11 +9,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "augsearch"
 # data/, policy/, ...) may import each other. DESIGN.md's floor list is written from this table
 # (tests/test_design_floors.py holds them equal).
 FLOORS = [
-    ("augsearch", "augsearch.errors", "augsearch.atomic"),
+    ("augsearch", "augsearch.errors", "augsearch.atomic", "augsearch.textfiles"),
     ("augsearch.config", "augsearch.devices", "augsearch.schedules"),
     ("augsearch.ops",),
     ("augsearch.augment", "augsearch.model", "augsearch.losses", "augsearch.data"),
-    ("augsearch.regularizers", "augsearch.metrics", "augsearch.artifacts"),
+    ("augsearch.lesion_metrics", "augsearch.regularizers", "augsearch.artifacts"),
+    ("augsearch.metrics",),
     ("augsearch.policy",),
     ("augsearch.learn",),
     ("augsearch.predict",),
@@ -25,6 +26,24 @@ FLOORS = [
     ("augsearch.__main__",),
 ]
 LAYERS = {module: floor for floor, modules in enumerate(FLOORS) for module in modules}
+
+
+DESIGN = PACKAGE.parent / "DESIGN.md"
+
+
+def render_floors() -> str:
+    """DESIGN.md's floor list, written from FLOORS (top floor first)."""
+    lines = [f"{len(FLOORS) - 1 - i:2d}  " + "  ".join(m.removeprefix("augsearch.") if m != "augsearch" else "augsearch"
+                                                 for m in modules)
+             for i, modules in enumerate(reversed(FLOORS))]
+    return "\n".join(lines)
+
+
+def test_design_md_lists_the_floors_of_this_table():
+    text = DESIGN.read_text()
+    block = text.split("<!-- floors -->\n```\n", 1)[1].split("\n```\n<!-- /floors -->", 1)[0]
+    assert block == render_floors(), "regenerate DESIGN.md's floor list: python -c 'import tests.test_layers as t; " \
+        "print(t.render_floors())'"
 
 
 def layer(module: str) -> int:

@@ -154,7 +154,7 @@ def test_cli_on_trained_smoke_model(smoke_run, tmp_path):
     # Independent recount of the voxels per class in the train and val cases the checkpoint's split config names.
     ckpt = load_checkpoint(ckpt_path)
     info = read_dataset_info(data_dir)
-    splits = resolve_splits(info, SplitConfig.model_validate(ckpt["config"]["data"]["split"]))
+    splits = resolve_splits(info, SplitConfig.model_validate(ckpt.config["data"]["split"]))
     assert report["cases"] == {"train": splits.train, "unseen": splits.val}
     for side, ids in (("train", splits.train), ("unseen", splits.val)):
         labels = np.concatenate([c.label.ravel() for c in load_cases(info, ids, PreprocessConfig())])

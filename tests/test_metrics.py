@@ -9,6 +9,7 @@ import pytest
 from augsearch.cli import main
 from augsearch.errors import AugsearchError
 from augsearch.metrics import (
+    METRICS,
     dice,
     evaluate_case,
     evaluate_folders,
@@ -89,7 +90,9 @@ def test_evaluate_case_per_class():
     assert list(result) == ["a", "b", "c"]
     assert result["a"]["dice"] == pytest.approx(2 / 3) and result["a"]["precision"] == 1.0
     assert result["b"]["sensitivity"] == pytest.approx(0.5)
-    assert all(math.isnan(v) for k, v in result["c"].items() if k != "precision") and math.isnan(result["c"]["precision"])
+    assert all(math.isnan(result["c"][k]) for k in ("dice", "sensitivity", "precision", "hd95", "lesion_dice"))
+    assert result["c"]["lesions"] == result["c"]["false_positives"] == 0
+    assert (result["b"]["lesions"], result["b"]["detected"], result["b"]["lesion_dice"]) == (1, 1, pytest.approx(2 / 3))
 
 
 def _write(folder, name, data, zooms):
@@ -147,7 +150,7 @@ def test_evaluate_cli_side_by_side(tmp_path, capsys):
     assert any(line.startswith("tumour") and "hd95" in line and "(1 NaN)" in line for line in printed.splitlines())
     with out.open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 12 and rows[0].keys() == {"prediction", "case", "class", "dice", "sensitivity", "precision", "hd95"}
+    assert len(rows) == 12 and rows[0].keys() == {"prediction", "case", "class", *METRICS}
     tta_kidney = [float(r["dice"]) for r in rows if r["prediction"] == "tta" and r["class"] == "kidney"]
     assert tta_kidney == [1.0, 1.0, 1.0]
     assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt", str(gt_dir)]) == 2

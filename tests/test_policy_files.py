@@ -11,7 +11,7 @@ from augsearch.policy.init import make_policy
 from augsearch.policy.io import load_policy, policy_json_schema, save_policy
 from augsearch.policy.presets import PRESETS, preset_document, preset_file_name
 
-POLICIES = Path(__file__).resolve().parents[1] / "policies"
+POLICIES = Path(__file__).resolve().parents[1] / "augsearch" / "policies"
 
 
 def test_every_policy_file_validates():
@@ -24,14 +24,14 @@ def test_every_policy_file_validates():
 
 def test_schema_json_matches_the_code():
     on_disk = json.loads((POLICIES / "schema.json").read_text())
-    assert on_disk == policy_json_schema(), "regenerate: augsearch policy schema > policies/schema.json"
+    assert on_disk == policy_json_schema(), "regenerate: augsearch policy schema > augsearch/policies/schema.json"
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 @pytest.mark.parametrize("dims", [2, 3])
 def test_preset_files_match_the_code(name, dims):
     on_disk = json.loads((POLICIES / "presets" / preset_file_name(name, dims)).read_text())
-    assert on_disk == preset_document(name, dims), "regenerate: augsearch policy presets --write policies/presets"
+    assert on_disk == preset_document(name, dims), "regenerate: augsearch policy presets --write augsearch/policies/presets"
 
 
 def test_flips_tta_preset_selects_identity_and_single_flips():

@@ -29,7 +29,7 @@ LABELS = {"background": 0, "organ": 1, "lesion": 2}
 def _checkpoint(path, dims, *, in_channels=1, target_spacing=None, patch=None, seed=0):
     torch.manual_seed(seed)
     model = UNet(dims, in_channels, len(LABELS), base_features=4, depth=2)
-    preprocess = PreprocessConfig(target_spacing=target_spacing).model_dump(mode="json")
+    preprocess = PreprocessConfig(normalization="zscore", target_spacing=target_spacing).model_dump(mode="json")
     return save_checkpoint(
         path, model=model, model_config=model_config(model), config={}, label_names=LABELS, preprocess=preprocess,
         patch_size=list(patch or (16,) * dims), epoch=1, step=1, optimizers={}, policy=None, metrics={},
@@ -75,13 +75,13 @@ def _flips_policy(path, dims, labels=LABELS):
 
 def _reference(ckpt_path, files, dims, window):
     """Independent pipeline: read, preprocess, one sliding window, restore, argmax."""
-    from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+    from augsearch.artifacts.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     image, spacing, affine, _ = read_image(files, dims)
-    cfg = PreprocessConfig(**ckpt["preprocess"])
+    cfg = PreprocessConfig(**ckpt.preprocess_fields)
     pre, new_spacing = preprocess_image(image, spacing, cfg)
-    probs = sliding_window_predict(build_model(ckpt), torch.from_numpy(pre)[None], window)[0].numpy()
+    probs = sliding_window_predict(ckpt.build_model(), torch.from_numpy(pre)[None], window)[0].numpy()
     case = Case("c", pre, None, tuple(new_spacing), tuple(spacing), tuple(image.shape[1:]), affine)
     return restore_to_original(probs, case).argmax(0).astype(np.uint8)
 
@@ -158,10 +158,11 @@ def test_uncertainty_maps_and_summary(tmp_path, dims):
     src = _write(tmp_path / "case7.nii.gz", _volume(shape, 4), affine)
     assert main(["predict", "--model", str(ckpt), "--policy", str(policy), "--input", str(src), "--output",
                  str(tmp_path / "out"), "--device", "cpu", "--uncertainty"]) == 0
-    out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "case7.nii.gz", "case7_entropy.nii.gz", "case7_variance.nii.gz", "uncertainty.csv"]
-    seg = np.asarray(nib.load(str(out / "case7.nii.gz")).dataobj)
+    # Segmentations alone in the output folder (ready for evaluate), the maps and summary in uncertainty/.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case7.nii.gz", "uncertainty"]
+    seg = np.asarray(nib.load(str(tmp_path / "out" / "case7.nii.gz")).dataobj)
+    out = tmp_path / "out" / "uncertainty"
+    assert sorted(p.name for p in out.iterdir()) == ["case7_entropy.nii.gz", "case7_variance.nii.gz", "uncertainty.csv"]
     entropy = np.asarray(nib.load(str(out / "case7_entropy.nii.gz")).dataobj)
     variance = np.asarray(nib.load(str(out / "case7_variance.nii.gz")).dataobj)
     for path in ("case7_entropy.nii.gz", "case7_variance.nii.gz"):
@@ -270,23 +271,18 @@ def test_presets_bind_to_the_model_labels(tmp_path):
     np.testing.assert_array_equal(read["identity"], read["plain"])
 
 
-def test_volume_smaller_than_window_refused_unless_padding_asked(tmp_path, capsys):
+def test_volume_smaller_than_window_is_padded_as_in_training(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path / "ckpt.pt", 2)
     (tmp_path / "in").mkdir()
-    big = _write(tmp_path / "in" / "a_big.nii.gz", _volume((20, 20), 0), np.eye(4))
+    _write(tmp_path / "in" / "a_big.nii.gz", _volume((20, 20), 0), np.eye(4))
     _write(tmp_path / "in" / "b_small.nii.gz", _volume((12, 30), 1), np.eye(4))
-    code, err = _run_cli(["--model", str(ckpt), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
-                         capsys)
-    assert code == 2 and "b_small" in err and "smaller than the sliding window" in err and "--pad-small" in err
-    # The case before the bad one is complete; nothing of the bad case exists.
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_big.nii.gz"]
     assert main(["predict", "--model", str(ckpt), "--input", str(tmp_path / "in"), "--output",
-                 str(tmp_path / "padded"), "--device", "cpu", "--pad-small"]) == 0
+                 str(tmp_path / "padded"), "--device", "cpu"]) == 0
     small = nib.load(str(tmp_path / "padded" / "b_small.nii.gz"))
     assert small.shape == (12, 30)
     expected = _reference(ckpt, [tmp_path / "in" / "b_small.nii.gz"], 2, (16, 16))
     np.testing.assert_array_equal(np.asarray(small.dataobj), expected)
-    assert big.is_file()
+    assert (tmp_path / "padded" / "a_big.nii.gz").is_file()
 
 
 def test_failure_while_writing_leaves_no_partial_case(tmp_path, monkeypatch):
@@ -306,7 +302,7 @@ def test_failure_while_writing_leaves_no_partial_case(tmp_path, monkeypatch):
     monkeypatch.setattr(predict_module, "atomic_open", failing_open)
     with pytest.raises(OSError, match="disk full"):
         predict_files(ckpt, src, tmp_path / "out", uncertainty=True, device="cpu", progress=False)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+    assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
 
 
 def test_find_inputs_errors(tmp_path):

@@ -127,14 +127,26 @@ def test_bad_arguments(tmp_path):
 
 
 def test_ensure_dataset(tmp_path):
-    cfg = DataConfig(root=str(tmp_path / "gen"), synth=SynthConfig(dims=2, cases=5, train_cases=2, size=32, seed=3))
+    synth = SynthConfig(dims=2, cases=5, train_cases=2, size=32, seed=3)
+    cfg = DataConfig(root=str(tmp_path / "gen"), generate=True, synth=synth)
     root = ensure_dataset(cfg)
     assert (root / "dataset.json").is_file() and len(list((root / "imagesTr").iterdir())) == 5
     stamp = (root / "imagesTr" / "case_000_0000.nii.gz").stat().st_mtime_ns
     assert ensure_dataset(cfg) == root
     assert (root / "imagesTr" / "case_000_0000.nii.gz").stat().st_mtime_ns == stamp  # not regenerated
-    with pytest.raises(DatasetError, match=r"data\.synth"):
+    with pytest.raises(DatasetError, match=r"data\.generate"):
         ensure_dataset(DataConfig(root=str(tmp_path / "missing")))
+
+
+def test_a_mistyped_root_is_an_error_not_a_generated_dataset(tmp_path):
+    """[data.synth] describes the benchmark; only data.generate = true writes it."""
+    synth = SynthConfig(dims=2, cases=5, train_cases=2, size=32, seed=3)
+    with pytest.raises(DatasetError) as err:
+        ensure_dataset(DataConfig(root=str(tmp_path / "typo"), synth=synth))
+    assert str(tmp_path / "typo" / "dataset.json") in str(err.value) and "no such folder" in str(err.value)
+    assert not (tmp_path / "typo").exists()
+    with pytest.raises(ValueError, match=r"data\.synth"):
+        DataConfig(root=str(tmp_path / "x"), generate=True)
 
 
 def _lesion_dice(net, cases, flip_back):

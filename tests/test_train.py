@@ -36,10 +36,10 @@ def test_joint_fit_writes_checkpoint_policy_metrics_and_tensorboard(data_root, t
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     assert 0.0 <= lines[-1]["val/dice_rare"] <= 1.0
-    assert lines[-1]["meta/steps"] == 4 and lines[-1]["meta/skipped_nonfinite"] == 0
+    assert lines[-1]["meta/steps"] == 4 and lines[-1]["nonfinite/tra"] == 0
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     ckpt = load_checkpoint(result.checkpoint_path)
-    assert ckpt["epoch"] == 2 and ckpt["label_names"] == {"background": 0, "organ": 1, "lesion": 2}
+    assert ckpt.epoch == 2 and ckpt.label_names == {"background": 0, "organ": 1, "lesion": 2}
     policy = load_policy(result.policy_path)
     provenance = json.loads(result.policy_path.read_text())["provenance"]
     assert provenance["config_sha256"] == cfg.fingerprint()
@@ -61,10 +61,10 @@ def test_resume_continues_exactly_where_the_run_stopped(data_root, tmp_path):
         fit(tiny(data_root), tmp_path / "killed", callbacks=[_stop_after_epoch(1)], progress=False)
     resumed = fit(tiny(data_root), tmp_path / "resumed", resume=tmp_path / "killed", progress=False)
     a, b = load_checkpoint(straight.checkpoint_path), load_checkpoint(resumed.checkpoint_path)
-    assert b["epoch"] == 2
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
-    assert a["policy"]["tra"] == b["policy"]["tra"] and a["policy"]["tea"] == b["policy"]["tea"]
+    assert b.epoch == 2
+    for key in a.model_state:
+        torch.testing.assert_close(a.model_state[key], b.model_state[key], rtol=0, atol=0)
+    assert a.policy["tra"] == b.policy["tra"] and a.policy["tea"] == b.policy["tea"]
 
 
 class _Stop(Exception):
@@ -108,9 +108,9 @@ def test_tea_only_search_on_a_frozen_model_keeps_the_weights(data_root, tmp_path
     tea = fit(tiny(data_root, **{"train.update_model": False, "train.init_checkpoint": str(trained.checkpoint_path),
                                  "augment.tra.learn": False, "train.epochs": 1}), tmp_path / "tea", progress=False)
     before, after = load_checkpoint(trained.checkpoint_path), load_checkpoint(tea.checkpoint_path)
-    for key in before["model"]:
-        torch.testing.assert_close(before["model"][key], after["model"][key], rtol=0, atol=0)
-    assert after["policy"]["tea"]["logits"] != load_policy_initial(data_root).tea_logits.tolist()
+    for key in before.model_state:
+        torch.testing.assert_close(before.model_state[key], after.model_state[key], rtol=0, atol=0)
+    assert after.policy["tea"]["logits"] != load_policy_initial(data_root).tea_logits.tolist()
 
 
 def test_bad_config_is_rejected_with_the_key(tmp_path, capsys):

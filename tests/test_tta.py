@@ -207,12 +207,17 @@ def test_top_k_overrides_the_policy():
 
 def test_policy_file_gives_the_same_prediction(tmp_path):
     from augsearch.policy.io import save_policy
+    from augsearch.policy.presets import policy_from_file_or_preset
 
     policy = _policy(3, ["identity", "flip_z", "rot180_xy"], [0.6, 0.3, 0.1])
     save_policy(policy, tmp_path / "policy.json")
     model, image = _unet(3), _image(3)
     direct = predict_tta(model, image, policy, window=16)
-    from_file = predict_tta(model, image, tmp_path / "policy.json", window=16)
+    loaded = policy_from_file_or_preset(tmp_path / "policy.json", 3, dict(policy.label_names))
+    from_file = predict_tta(model, image, loaded, window=16)
+    # Loading lives in one place: a path is refused with the function to call.
+    with pytest.raises(TTAError, match="policy_from_file_or_preset"):
+        predict_tta(model, image, tmp_path / "policy.json", window=16)
     assert from_file.views == direct.views
     torch.testing.assert_close(from_file.probabilities, direct.probabilities, atol=1e-6, rtol=0)
 

@@ -4,8 +4,11 @@ A training run (`augsearch train`, or a trial's `fit/`):
     checkpoint.pt  policy.json  metrics.jsonl  config.json  tb/
 A search (`augsearch search`):
     search.json  summary.csv  summary.json  <trial>/fit/ (a training run)  <trial>/checkpoint_NNNNNN/ (Ray's copies)
-An export (`augsearch export`): checkpoint.pt and policy.json side by side (one folder per trial with --all).
-Predictions (`augsearch predict`): one NIfTI per case, and uncertainty.csv with --uncertainty.
+An export (`augsearch export`): checkpoint.pt and policy.json side by side (one folder per trial with --all), and
+    estimator.json once `augsearch calibrate` has fitted the Dice estimators.
+Predictions (`augsearch predict`): one NIfTI per case; with --uncertainty, uncertainty/ holds <case>_entropy.nii.gz,
+    <case>_variance.nii.gz and uncertainty.csv (apart, so the folder holds segmentations only); quality.csv
+    (estimated Dice per case and class) when the model folder has an estimator.json.
 """
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -17,4 +20,7 @@ MANIFEST_NAME = "search.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
 FIT_DIR = "fit"
+UNCERTAINTY_DIR = "uncertainty"
 UNCERTAINTY_CSV = "uncertainty.csv"
+ESTIMATOR_NAME = "estimator.json"
+QUALITY_CSV = "quality.csv"

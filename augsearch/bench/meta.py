@@ -44,8 +44,8 @@ def _case(dims: int, args: argparse.Namespace, device) -> dict[str, Any]:
 
     from augsearch.augment import required_margin
     from augsearch.bench import peak_memory_mb, time_round_robin
-    from augsearch.config import LossConfig
-    from augsearch.learn.joint import JointStep
+    from augsearch.config import AugmentConfig, LossConfig, TeaSearchConfig, TrainConfig, TraSearchConfig
+    from augsearch.learn.joint import JointRuntime, JointStep
     from augsearch.losses import batch_loss, deep_supervision_loss
     from augsearch.model import UNet
     from augsearch.ops.tea import tea_margin, tea_pool
@@ -67,16 +67,18 @@ def _case(dims: int, args: argparse.Namespace, device) -> dict[str, Any]:
         torch.manual_seed(0)
         model = UNet(dims, 1, 3, base_features=width, depth=depth).to(device)
         policy = make_policy(dims, labels, init="nnunet", patch_size=patch).to(device)
-        step = JointStep(
+        runtime = JointRuntime(
             model=model, policy=policy,
             optimizer=torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True),
             tra_optimizer=torch.optim.Adam([policy.tra_logits], lr=1e-2) if backend else None,
             tea_optimizer=torch.optim.Adam([policy.tea_logits], lr=1e-2) if backend else None,
             per_sample_loss=lambda logits, y: deep_supervision_loss(logits, y, loss_cfg, rare),
             outer_loss=lambda logits, y: batch_loss(logits, y, "ce_dice", [1, 2]),
-            patch_size=patch, num_classes=3, fg_classes=[1, 2], tea_fg_classes=[1, 2],
-            meta_backend=backend or "jvp", tea_views=args.tea_views,
+            num_classes=3, fg_classes=[1, 2],
         )
+        augment = AugmentConfig(tra=TraSearchConfig(backend=backend or "jvp"),
+                                tea=TeaSearchConfig(learn=True, views=args.tea_views))
+        step = JointStep(runtime, augment, TrainConfig(patch_size=patch), loss_cfg)
         return step, policy
 
     train = _random_batch(patch, batch_size, required_margin(patch, build(None)[1].op_names), device, generator)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
+import threading
 
 from augsearch.errors import AugsearchError
 
@@ -27,19 +29,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_like_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM runs the current SIGINT handler: Tune saves its state and stops, train ends with a resume hint."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_like_ctrl_c) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
     except AugsearchError as err:
         print(f"augsearch {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except OSError as err:  # a path the user gave: missing, not writable, a file where a folder belongs
         print(f"augsearch {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"augsearch {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a command may say how to continue: KeyboardInterrupt("resume with ...")
+        hint = f"; {err}" if str(err) else ""
+        print(f"augsearch {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(module, args: argparse.Namespace) -> int:
-    from augsearch.atomic import write_json
+    from augsearch.atomic import check_writable, write_json
 
+    if args.json_out:
+        check_writable(args.json_out)  # before the measurements, not after
     results = module.run(args)
     text = json.dumps(results, indent=2)
     print(text)

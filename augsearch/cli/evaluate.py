@@ -10,20 +10,24 @@ from pathlib import Path
 
 from augsearch.errors import AugsearchError
 
-COLUMNS = ("prediction", "case", "class", "dice", "sensitivity", "precision", "hd95")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="Dice, sensitivity, precision, HD95 (mm) of predicted NIfTI label folders against ground truth",
+        help="Dice, sensitivity, precision, HD95 (mm) and lesion-wise detection of predicted NIfTI label folders",
         description="Compare one or more prediction folders with a ground-truth folder (files matched by name); "
-        "several --pred folders are summarised side by side.",
+        "several --pred folders are summarised side by side. A prediction folder with quality.csv (from a calibrated "
+        "model) adds estimated_dice and abs_error columns and their mean absolute error per class.",
     )
     parser.add_argument("--pred", action="append", required=True, metavar="DIR", help="prediction folder (repeatable)")
     parser.add_argument("--gt", required=True, metavar="DIR", help="ground-truth label folder")
     parser.add_argument("--labels", metavar="JSON", help="dataset.json naming the labels (default: label numbers)")
     parser.add_argument("--out", metavar="CSV", help="write per-case rows to this CSV file")
+    parser.add_argument("--lesion-dilation", type=int, default=1, metavar="VOXELS",
+                        help="a ground-truth lesion is detected by a predicted component touching it dilated by this "
+                        "many voxels (default 1)")
+    parser.add_argument("--min-lesion-mm3", type=float, default=0.0, metavar="MM3",
+                        help="ignore ground-truth lesions smaller than this volume in lesion-wise metrics (default 0)")
     parser.set_defaults(func=run)
 
 
@@ -64,19 +68,32 @@ def summary_table(summaries: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from augsearch.artifacts.layout import QUALITY_CSV
     from augsearch.atomic import write_text
-    from augsearch.metrics import evaluate_folders, read_label_names
+    from augsearch.metrics import METRICS, evaluate_folders, read_label_names
+    from augsearch.predict.calibration import attach_estimates
 
     label_names = read_label_names(args.labels) if args.labels else None
     names = _names(args.pred)
     rows, summaries = [], {}
     for name, pred_dir in zip(names, args.pred, strict=True):
-        pred_rows, summaries[name] = evaluate_folders(pred_dir, args.gt, label_names)
+        pred_rows, summaries[name] = evaluate_folders(pred_dir, args.gt, label_names,
+                                                      lesion_dilation=args.lesion_dilation,
+                                                      min_lesion_mm3=args.min_lesion_mm3)
+        if (Path(pred_dir) / QUALITY_CSV).is_file():
+            attach_estimates(pred_rows, Path(pred_dir) / QUALITY_CSV)
         rows.extend({"prediction": name, **row} for row in pred_rows)
     print(summary_table(summaries))
+    estimated = [row for row in rows if row.get("abs_error") is not None and not math.isnan(row["abs_error"])]
+    for key in dict.fromkeys((row["prediction"], row["class"]) for row in estimated):
+        errors = [row["abs_error"] for row in estimated if (row["prediction"], row["class"]) == key]
+        print(f"estimated Dice {key[0]} {key[1]}: mean absolute error {sum(errors) / len(errors):.4f} "
+              f"over {len(errors)} case(s)")
     if args.out:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        extra = ("estimated_dice", "abs_error") if any("estimated_dice" in row for row in rows) else ()
+        writer = csv.DictWriter(buffer, fieldnames=("prediction", "case", "class", *METRICS, *extra),
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         write_text(args.out, buffer.getvalue())

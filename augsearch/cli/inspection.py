@@ -55,7 +55,7 @@ def run_logits(args: argparse.Namespace) -> int:
     if not Path(args.out).suffix.lower() == ".png":
         raise AugsearchError(f"--out must name a .png file, got {args.out!r}")
     ckpt = load_checkpoint(args.model)
-    dataset = args.dataset or ckpt["config"]["data"]["root"]
+    dataset = args.dataset or ckpt.config["data"]["root"]
     try:
         device = torch.device(args.device)
     except RuntimeError:

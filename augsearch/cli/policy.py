@@ -44,7 +44,8 @@ def _validate(args: argparse.Namespace) -> int:
             policy = load_policy(path)
         except PolicyFileError as err:
             failed += 1
-            print(f"INVALID {path}: {err}")
+            # the error names the file itself when it comes from the file's content
+            print(f"INVALID {err}" if str(err).startswith(str(path)) else f"INVALID {path}: {err}")
         else:
             print(f"OK {path}: {policy.dims}D, {len(policy.op_names)} ops, groups {', '.join(policy.group_names)}")
     return 1 if failed else 0
@@ -55,8 +56,11 @@ def _fmt(p: float) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from augsearch.atomic import check_writable
     from augsearch.policy.io import load_policy
 
+    if args.png:
+        check_writable(args.png)
     policy = load_policy(args.file)
     probs = policy.tra_probs().detach().cpu()
     lines = [policy.summary(), f"dims {policy.dims}, sampling {policy.sampling}, temperature {policy.tau:g}"]
@@ -77,36 +81,17 @@ def _show(args: argparse.Namespace) -> int:
         lines.append(f"  {i:>3} {policy.tea_entries[i].name:<24} {_fmt(weight)}  {_fmt(float(tea[i]))}")
     print("\n".join(lines))
     if args.png:
-        _heatmap(policy, probs, args.png)
+        _heatmap(policy, args.png)
         print(f"wrote {args.png}")
     return 0
 
 
-def _heatmap(policy, probs, out: str) -> None:
-    """One panel per class group: ops (rows) x bins (columns), unavailable and padded bins blank."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+def _heatmap(policy, out: str) -> None:
     from augsearch.atomic import atomic_open
+    from augsearch.service.figures import png_bytes, policy_heatmap
 
-    n_groups = len(policy.group_names)
-    values = probs.numpy().astype(float)
-    values[:, ~policy.available.cpu().numpy()] = np.nan
-    fig, axes = plt.subplots(1, n_groups, figsize=(1.0 + 4.2 * n_groups, 0.35 * len(policy.op_names) + 1.5),
-                             squeeze=False)
-    for g, ax in enumerate(axes[0]):
-        image = ax.imshow(values[g], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_title(policy.group_names[g])
-        ax.set_xlabel("bin (0 = off)")
-        ax.set_yticks(range(len(policy.op_names)))
-        ax.set_yticklabels(policy.op_names if g == 0 else [])
-    fig.colorbar(image, ax=axes[0].tolist(), label="probability")
     with atomic_open(out, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+        handle.write(png_bytes(policy_heatmap(policy)))
 
 
 def _diff(args: argparse.Namespace) -> int:

@@ -1,9 +1,13 @@
-"""`augsearch train CONFIG [--out RUN_DIR] [--resume CKPT] [--set key=value ...]`."""
+"""`augsearch train CONFIG [--out RUN_DIR] [--resume CKPT [--resume-anyway] | --overwrite] [--set key=value ...]`."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
+
+from augsearch.artifacts.layout import CHECKPOINT_NAME
+from augsearch.errors import AugsearchError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser)
     parser.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     parser.add_argument("--resume", default=None, help="continue from this checkpoint.pt or run directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run directory that holds a run, removing its files")
+    parser.add_argument("--resume-anyway", action="store_true",
+                        help="resume even when the checkpoint's config or dataset differ from this run's")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     parser.set_defaults(func=run)
 
@@ -31,7 +39,17 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out or Path("runs") / cfg.name)
-    result = fit(cfg, run_dir, resume=args.resume, progress=not args.quiet)
+    if args.resume_anyway and not args.resume:
+        raise AugsearchError("--resume-anyway only applies together with --resume CKPT")
+    try:
+        result = fit(cfg, run_dir, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite,
+                     resume_anyway=args.resume_anyway)
+    except KeyboardInterrupt:
+        if not (run_dir / CHECKPOINT_NAME).is_file():
+            raise
+        sets = [arg for item in args.overrides for arg in ("--set", item)]
+        again = shlex.join(["augsearch", "train", args.config, *sets, "--out", str(run_dir), "--resume", str(run_dir)])
+        raise KeyboardInterrupt(f"continue from the last checkpoint with {again}") from None
     rare = result.metrics.get("val/dice_rare", float("nan"))
     print(f"run directory: {result.run_dir}")
     print(f"checkpoint:    {result.checkpoint_path}")

@@ -43,8 +43,8 @@ def load_case(info: DatasetInfo, case_id: str, preprocess: PreprocessConfig, spl
     files = info.image_files(case_id, split)
     image, spacing, affine, _ = read_image(files, info.dims)
     label = None
-    if split == "Tr":
-        label_path = info.label_file(case_id)
+    if info.has_label(case_id, split):
+        label_path = info.label_file(case_id, split)
         label, label_spacing, label_affine = read_label(label_path, info.dims, info.labels)
         errors = check_pair(files[0], label_path, image.shape[1:], spacing, affine, label.shape, label_spacing,
                             label_affine)
@@ -62,7 +62,7 @@ def load_cases(info: DatasetInfo, case_ids: list[str], preprocess: PreprocessCon
                cache_dir: str | Path | None = None, split: str = "Tr") -> list[Case]:
     """Preprocessed cases, read from `cache_dir` when an entry matches (no NIfTI read), else from disk and cached.
 
-    `split` is "Tr" (image + label) or "Ts" (image only, label None). `cache_dir=None` disables caching. Missing CT
+    `split` is "Tr" (image + label) or "Ts" (image, and its label when labelsTs has it; else None). `cache_dir=None` disables caching. Missing CT
     statistics are measured first (`complete_preprocess`).
     """
     preprocess = complete_preprocess(info, preprocess, cache_dir)
@@ -77,7 +77,8 @@ def load_cases(info: DatasetInfo, case_ids: list[str], preprocess: PreprocessCon
             cases.append(load_case(info, case_id, preprocess, split))
             continue
         cache = Path(cache_dir)
-        files = info.image_files(case_id, split) + ([info.label_file(case_id)] if split == "Tr" else [])
+        files = info.image_files(case_id, split) + (
+            [info.label_file(case_id, split)] if info.has_label(case_id, split) else [])
         stem = cache / f"{case_id}.{split}.{_cache_key(info, case_id, files, preprocess)}"
         case = _read_cache(stem, case_id)
         if case is None:

@@ -3,7 +3,9 @@
 Layout under a dataset root:
     dataset.json            labels (nnU-Net v2 `{"background": 0, ...}` or MSD `{"0": "background", ...}`),
                             `channel_names` (v2) or `modality` (MSD), `file_ending` (default ".nii.gz")
-    imagesTr/ labelsTr/     training images and labels; imagesTs/ unlabelled test images (optional)
+    imagesTr/ labelsTr/     training images and labels
+    imagesTs/ labelsTs/     test images (optional) and their labels (optional; a labelled imagesTs is the test split)
+    splits_final.json       optional nnU-Net folds `[{"train": [...], "val": [...]}, ...]`, used by default
     splits.json             optional `{"train": [...], "val": [...], "test": [...]}` (the bundled benchmark writes it)
 A case's channels are either separate files `<case>_0000<ending>`, `<case>_0001<ending>`, ... (nnU-Net v2) or one
 file `<case><ending>` whose last axis holds the channels when it has one more axis than the spatial dims (MSD 4D).
@@ -18,8 +20,7 @@ In memory an image is `(C, *S)` float32 channel-first with S in NIfTI voxel orde
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from augsearch.data.nifti import load_nifti, missing_channel_files, scan_images
 from augsearch.errors import DatasetError
+from augsearch.textfiles import MalformedText, read_json
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class DatasetInfo:
     dims: int
     training: list[str]  # case ids with image + label
     test: list[str]  # case ids in imagesTs
+    test_labelled: list[str] = field(default_factory=list)  # imagesTs case ids with a label in labelsTs
 
     def image_files(self, case_id: str, split: str = "Tr") -> list[Path]:
         """Channel files of one case: `[<case><ending>]` (MSD) or `[<case>_0000<ending>, ...]` (nnU-Net v2)."""
@@ -48,8 +51,11 @@ class DatasetInfo:
             return [single]
         return [folder / f"{case_id}_{c:04d}{self.file_ending}" for c in range(len(self.channel_names))]
 
-    def label_file(self, case_id: str) -> Path:
-        return self.root / "labelsTr" / f"{case_id}{self.file_ending}"
+    def label_file(self, case_id: str, split: str = "Tr") -> Path:
+        return self.root / f"labels{split}" / f"{case_id}{self.file_ending}"
+
+    def has_label(self, case_id: str, split: str = "Tr") -> bool:
+        return split == "Tr" or case_id in self.test_labelled
 
 
 @dataclass
@@ -71,15 +77,16 @@ def read_dataset_json(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(root, "a dataset folder", "no such folder",
-                           "point data.root at a folder holding dataset.json, or set data.synth to generate one")
+                           "point data.root at a folder holding dataset.json, or set data.generate = true with a [data.synth] "
+                           "section to write the bundled benchmark there")
     path = root / "dataset.json"
     if not path.is_file():
         raise DatasetError(path, "a dataset.json file", "no such file",
                            "add dataset.json (nnU-Net v2 or MSD format) or generate one with `augsearch data synth`")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(path, "valid JSON", f"a parse error ({err})", "repair the file") from None
+        meta = read_json(path)
+    except MalformedText as err:
+        raise DatasetError(path, "valid JSON", str(err), "repair the file") from None
     if not isinstance(meta, dict):
         raise DatasetError(path, "a JSON object", type(meta).__name__, "write dataset.json as an object")
     return meta
@@ -120,9 +127,13 @@ def parse_channel_names(meta: dict[str, Any], path: Path) -> list[str]:
     return [str(raw[str(k)]) for k in keys]
 
 
-def infer_dims(meta: dict[str, Any], first_image: Path | None) -> int:
-    if meta.get("dims") in (2, 3):
-        return int(meta["dims"])
+def infer_dims(meta: dict[str, Any], first_image: Path | None, path: Path | None = None) -> int:
+    if "dims" in meta:
+        dims = meta["dims"]
+        if type(dims) is not int or dims not in (2, 3):
+            raise DatasetError(path or "dataset.json", '"dims" 2 or 3 (a number)', repr(dims),
+                               'write "dims": 2 or "dims": 3, or leave it out to infer it from the images')
+        return dims
     size = str(meta.get("tensorImageSize", "")).upper()
     if size == "2D":
         return 2
@@ -168,25 +179,26 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
                 raise DatasetError(missing[0], f"{len(channels)} channel file(s) for test case {case_id}",
                                    f"{len(files)}", "add the missing channel file")
     first = next(iter(images.values()))[0]
+    labelled = sorted(c for c in test if (root / "labelsTs" / f"{c}{file_ending}").is_file())
     return DatasetInfo(root=root, name=str(meta.get("name", root.name)), labels=labels, channel_names=channels,
-                       file_ending=file_ending, dims=infer_dims(meta, first), training=sorted(images),
-                       test=sorted(test))
+                       file_ending=file_ending, dims=infer_dims(meta, first, path), training=sorted(images),
+                       test=sorted(test), test_labelled=labelled)
 
 
 def read_json_file(path: Path) -> Any:
     if not path.is_file():
         raise DatasetError(path, "a JSON split file", "no such file", "fix data.split.splits_file")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatasetError(path, "valid JSON", f"a parse error ({err})", "repair the file") from None
+        return read_json(path)
+    except MalformedText as err:
+        raise DatasetError(path, "valid JSON", str(err), "repair the file") from None
 
 
 def dataset_fingerprint(info: DatasetInfo) -> str:
     """sha256 over dataset.json's bytes and the sorted (relative path, size) of every file in the case folders."""
     digest = hashlib.sha256((info.root / "dataset.json").read_bytes())
     entries = []
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         folder = info.root / sub
         if folder.is_dir():
             entries += [(f"{sub}/{p.name}", p.stat().st_size) for p in folder.iterdir() if p.is_file()]

@@ -5,6 +5,7 @@ predict.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,9 @@ def _to_channel_first(data: np.ndarray, zooms: tuple[float, ...], dims: int, pat
             raise DatasetError(path, "a 3D image (X, Y, Z) or (X, Y, Z, C)", f"shape {data.shape}",
                                "store 3D cases with three spatial axes, channels last")
     spacing = tuple(zooms[:dims]) if len(zooms) >= dims else tuple(zooms) + (1.0,) * (dims - len(zooms))
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise DatasetError(path, "a positive, finite voxel spacing", f"spacing {spacing}",
+                           "write the voxel size (pixdim) into the header and re-save")
     return arr, spacing
 
 
@@ -122,12 +126,17 @@ def read_image(path_or_paths: str | Path | list, dims: int | None = None
         elif not np.allclose(aff, affine, rtol=1e-3, atol=1e-3):
             raise DatasetError(path, f"the affine (origin/direction) of {paths[0].name}", "a different affine",
                                "register the channels and write them with one header")
-        if not np.isfinite(arr).all():
-            bad = int((~np.isfinite(arr)).sum())
-            raise DatasetError(path, "finite voxel values", f"{bad} NaN/inf voxels",
-                               "replace the non-finite voxels (e.g. with the background value) and re-save")
-        channels.append(arr)
-    return np.concatenate(channels, axis=0).astype(np.float32, copy=False), spacing, affine, header
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr32 = arr.astype(np.float32, copy=False)  # what training sees: float64 beyond 3.4e38 becomes inf
+        if not np.isfinite(arr32).all():
+            bad = int((~np.isfinite(arr32)).sum())
+            found = (f"{bad} voxel(s) beyond the float32 range (|value| > 3.4e38)" if np.isfinite(arr).all()
+                     else f"{bad} NaN/inf voxels")
+            raise DatasetError(path, "finite voxel values", found,
+                               "replace the non-finite voxels (e.g. with the background value) or rescale the "
+                               "volume, and re-save")
+        channels.append(arr32)
+    return np.concatenate(channels, axis=0), spacing, affine, header
 
 
 def read_label(path: str | Path, dims: int, labels: dict[str, int]) -> tuple[np.ndarray, tuple, np.ndarray]:

@@ -1,5 +1,8 @@
 """Preprocessing: resampling to the target spacing and intensity normalisation (per case and channel z-score, or CT
 clip then global z-score with statistics measured on the training foreground), and the way back to the file's grid.
+
+Normalisation "auto" (the default) follows dataset.json's channel names as nnU-Net does: CT when every channel is
+named CT, else z-score; `complete_preprocess` resolves it and `describe_normalisation` says what was chosen.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ def target_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tup
 
 def normalize_image(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """(C, *S) -> (C, *S) float32: per-channel z-score, CT clip + global mean/std, or unchanged."""
+    if cfg.normalization == "auto":
+        raise DatasetError("data.preprocess.normalization", "a resolved scheme (zscore, ct or none)", "'auto'",
+                           "pass the config through complete_preprocess() with the dataset, which reads the channel "
+                           "names, or set the scheme explicitly")
     if cfg.normalization == "none":
         return image.astype(np.float32)
     if cfg.normalization == "ct":
@@ -104,6 +111,10 @@ def ct_statistics(info: DatasetInfo, case_ids: list[str], clip_percentiles=(0.5,
         label, _, _ = read_label(info.label_file(case_id), info.dims, info.labels)
         values.append(image[0][label > 0])
     fg = np.concatenate(values) if values else np.zeros(1, np.float32)
+    if fg.size == 0:
+        raise DatasetError(info.root / "labelsTr", "foreground voxels to measure CT statistics on",
+                           f"only background in all {len(case_ids)} label maps",
+                           "check the label files with `augsearch data check`")
     low, high = np.percentile(fg, clip_percentiles)
     clipped = np.clip(fg, low, high)
     return {"ct_clip": [float(low), float(high)], "ct_mean": float(clipped.mean()), "ct_std": float(clipped.std())}
@@ -111,11 +122,15 @@ def ct_statistics(info: DatasetInfo, case_ids: list[str], clip_percentiles=(0.5,
 
 def complete_preprocess(info: DatasetInfo, cfg: PreprocessConfig, cache_dir: str | Path | None = None
                         ) -> PreprocessConfig:
-    """`cfg` with missing CT statistics (normalization='ct') measured on all labelled cases; others unchanged.
+    """`cfg` with normalization 'auto' resolved from the channel names (CT if every channel is CT, else zscore) and
+    missing CT statistics (normalization='ct') measured on all labelled cases; others unchanged.
 
     The measurement is cached in `cache_dir` under the dataset fingerprint. Keep the returned config with the model,
     so that prediction normalises with the same numbers.
     """
+    if cfg.normalization == "auto":
+        all_ct = all(name.strip().upper() == "CT" for name in info.channel_names)
+        cfg = cfg.model_copy(update={"normalization": "ct" if all_ct else "zscore"})
     missing = {k: None for k in ("ct_clip", "ct_mean", "ct_std") if getattr(cfg, k) is None}
     if cfg.normalization != "ct" or not missing:
         return cfg
@@ -127,3 +142,19 @@ def complete_preprocess(info: DatasetInfo, cfg: PreprocessConfig, cache_dir: str
         if stats_path is not None:
             write_json(stats_path, stats)
     return cfg.model_copy(update={k: stats[k] for k in missing})
+
+
+def describe_normalisation(cfg: PreprocessConfig, channel_names: list[str]) -> str:
+    """One line per channel saying how it is normalised, e.g. `channel 0 (CT): CT clip [-100, 240] HU, ...`."""
+    lines = []
+    for index, name in enumerate(channel_names):
+        if cfg.normalization == "ct":
+            low, high = cfg.ct_clip or (float("nan"), float("nan"))
+            how = (f"CT: clip to [{low:g}, {high:g}], then (x - {cfg.ct_mean:g}) / {cfg.ct_std:g} (training "
+                   "foreground statistics)")
+        elif cfg.normalization == "zscore":
+            how = "z-score per case (its own mean and standard deviation)"
+        else:
+            how = {"none": "none (intensities as stored)", "auto": "auto (not resolved yet)"}[cfg.normalization]
+        lines.append(f"channel {index} ({name}): {how}")
+    return "; ".join(lines)

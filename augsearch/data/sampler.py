@@ -14,6 +14,7 @@ mask 0 = background) where they leave the volume. The number of foreground patch
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,8 +68,12 @@ class PatchSampler:
         self._bg_cases = np.array([i for i, idx in enumerate(self._index) if 0 in idx], np.int64)
 
     def sample(self, batch_size: int, *, fg_fraction: float | None = None,
-               generator: np.random.Generator | None = None) -> Batch:
-        """A batch of `batch_size` crops; `generator` replaces the sampler's own stream for this call."""
+               generator: np.random.Generator | None = None, anchor_classes: Sequence[int] | None = None) -> Batch:
+        """A batch of `batch_size` crops; `generator` replaces the sampler's own stream for this call.
+
+        anchor_classes: foreground patches are centred only on these label values (drawn among the cases that have
+        one; a case list without any falls back to all foreground classes).
+        """
         rng = self._rng if generator is None else generator
         f = self.fg_fraction if fg_fraction is None else float(fg_fraction)
         n_fg = int(np.floor(f * batch_size))
@@ -81,7 +86,7 @@ class PatchSampler:
         anchor_class = np.zeros(batch_size, np.int64)
         case_index = np.zeros(batch_size, np.int64)
         for b in range(batch_size):
-            ci, flat_index = self._draw_anchor(bool(want_fg[b]), rng)
+            ci, flat_index = self._draw_anchor(bool(want_fg[b]), rng, anchor_classes)
             case = self.cases[ci]
             centre = np.unravel_index(flat_index, case.label.shape)
             self._crop(case, centre, image[b], mask[b], dims)
@@ -90,7 +95,16 @@ class PatchSampler:
         return Batch(image=torch.from_numpy(image), mask=torch.from_numpy(mask),
                      anchor_class=torch.from_numpy(anchor_class), case_index=torch.from_numpy(case_index))
 
-    def _draw_anchor(self, foreground: bool, rng: np.random.Generator) -> tuple[int, int]:
+    def _draw_anchor(self, foreground: bool, rng: np.random.Generator,
+                     anchor_classes: Sequence[int] | None = None) -> tuple[int, int]:
+        if foreground and anchor_classes is not None:
+            wanted = set(anchor_classes)
+            cases = [i for i, idx in enumerate(self._index) if wanted & set(idx)]
+            if cases:
+                ci = cases[rng.integers(len(cases))]
+                classes = sorted(wanted & set(self._index[ci]))
+                voxels = self._index[ci][classes[rng.integers(len(classes))]]
+                return ci, int(voxels[rng.integers(len(voxels))])
         if foreground and len(self._fg_cases):
             ci = int(self._fg_cases[rng.integers(len(self._fg_cases))])
             classes = sorted(v for v in self._index[ci] if v != 0)
@@ -113,3 +127,8 @@ class PatchSampler:
             dst.append(slice(lo - start, hi - start))
         out_image[(slice(None), *dst)] = case.image[(slice(None), *src)]
         out_mask[tuple(dst)] = case.label[tuple(src)]
+
+
+def concat_batches(*batches: Batch) -> Batch:
+    """One batch of the given batches' samples, in order."""
+    return Batch(**{f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(Batch)})

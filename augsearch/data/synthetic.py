@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -254,13 +255,18 @@ def write_benchmark(out: str | Path, *, dims: int, cases: int, train_cases: int,
 
 
 def ensure_dataset(cfg) -> Path:
-    """Return `cfg.root` (a `DataConfig`), generating the benchmark from `cfg.synth` when it has no dataset.json."""
+    """Return `cfg.root` (a `DataConfig`); when it has no dataset.json, write the benchmark of `cfg.synth` there if
+    `cfg.generate` asks for it, else refuse naming the path."""
     root = Path(cfg.root)
     if (root / "dataset.json").is_file():
         return root
-    if cfg.synth is None:
-        raise DatasetError(root / "dataset.json", "an existing dataset", "no dataset.json",
-                           "point data.root at a dataset, or add a [data.synth] section to generate the benchmark")
+    if not cfg.generate:
+        found = "no dataset.json in that folder" if root.is_dir() else "no such folder"
+        raise DatasetError(root / "dataset.json", "a dataset (data.root)", found,
+                           "check data.root for a typo; to write the bundled benchmark there instead, set "
+                           "data.generate = true with a [data.synth] section")
+    print(f"data.root {root} has no dataset.json: writing the benchmark of [data.synth] there (data.generate = true)",
+          file=sys.stderr, flush=True)
     s = cfg.synth
     return write_benchmark(root, dims=s.dims, cases=s.cases, train_cases=s.train_cases, size=s.size, seed=s.seed,
                            shift=s.shift)

@@ -8,6 +8,8 @@ per-sample weights (value 1), scaled by detached coefficients (METHOD 3.1, 4.2 s
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,17 +17,24 @@ import torch
 from torch import Tensor
 
 from augsearch.augment import augment_batch
+from augsearch.config import AugmentConfig, LossConfig, TrainConfig
 from augsearch.data.sampler import Batch
+from augsearch.learn.guard import NonFiniteGuard, guarded_step
 from augsearch.learn.meta import (
     centre_and_normalise,
+    group_means,
     tea_coefficients,
     tra_meta_coefficients,
 )
+from augsearch.learn.server import PolicySync
 from augsearch.learn.tea_update import tea_apply_mask, tea_view_losses
 from augsearch.ops.spatial import centre_crop
 from augsearch.ops.tea import tea_apply
 from augsearch.policy.core import Policy
 from augsearch.regularizers import asymmetric_augment_mask
+
+logger = logging.getLogger(__name__)
+WARN_EVERY = 50  # empty group updates between two warnings
 
 
 @dataclass
@@ -33,7 +42,7 @@ class StepStats:
     """Counters and last values of one epoch, for logs and TensorBoard."""
 
     meta_steps: int = 0
-    meta_skipped_nonfinite: int = 0
+    empty_group_updates: int = 0  # (meta-step, class group) pairs whose policy update was exactly zero
     tea_steps: int = 0
     last_val_loss: float = float("nan")
     last_tea_loss: float = float("nan")
@@ -41,8 +50,13 @@ class StepStats:
 
 
 @dataclass
-class JointStep:
-    """Holds the policy, its optimisers and the loss functions; `run` performs one iteration."""
+class JointRuntime:
+    """The objects a joint step works on, built once by `fit` (or a benchmark) from the config.
+
+    optimizer: the segmenter's (None freezes it); tra_optimizer / tea_optimizer: Adam on the policy's logits (None
+    skips that step). per_sample_loss(model output, target) -> (B,); outer_loss(model output, target) -> scalar.
+    fg_classes: the foreground label values. regularizers: extra segmenter steps after the main one (METHOD 7).
+    """
 
     model: torch.nn.Module
     policy: Policy | None
@@ -51,20 +65,41 @@ class JointStep:
     tea_optimizer: torch.optim.Optimizer | None
     per_sample_loss: Callable[[Tensor | list[Tensor], Tensor], Tensor]
     outer_loss: Callable[[Tensor, Tensor], Tensor]
-    patch_size: list[int]
     num_classes: int
     fg_classes: list[int]
-    tea_fg_classes: list[int]
-    meta_backend: str = "jvp"
-    baseline: bool = True
-    count_normalization: bool = True
-    grad_clip: float | None = 12.0
-    reference_signs: bool = False
-    bg_augment_prob: float = 1.0
-    tea_views: int = 8
-    couple_tea_to_outer: bool = True
     regularizers: Callable[[Tensor, Tensor, Tensor], dict[str, float]] | None = None
-    stats: StepStats = field(default_factory=StepStats)
+    spacing: tuple[float, ...] | None = None  # mm per axis of the patches' grid; None: rotations of the voxel grid
+
+
+class JointStep:
+    """One iteration of the joint search over a `JointRuntime`, configured by the config's sections.
+
+    `policy_sync` (a `PolicySync` of augsearch.learn.server) sends the policy gradients to a policy server that
+    steps one shared policy; without it the runtime's own optimisers step the logits.
+    """
+
+    def __init__(self, runtime: JointRuntime, augment: AugmentConfig, train: TrainConfig, loss: LossConfig,
+                 policy_sync: PolicySync | None = None):
+        self.runtime = runtime
+        self.augment_cfg = augment
+        self.train_cfg = train
+        self.loss_cfg = loss
+        self.policy_sync = policy_sync
+        self.stats = StepStats()
+        self.model = runtime.model
+        self.policy = runtime.policy
+        self.patch_size = list(train.patch_size)
+        self.tea_fg_classes = [1] if augment.tea.class1_only else list(runtime.fg_classes)
+        self.couple_tea_to_outer = augment.tea.learn and augment.tea.augment_outer_batch
+        self._pending_tra: list[Tensor] = []
+        self._pending_tea: list[Tensor] = []
+        self._pending_iterations = 0
+        self.guard = NonFiniteGuard(train.max_nonfinite_in_a_row)
+        self.iteration = 0  # counts `run` calls, for messages
+        # Per-group exponential running mean of the meta-gradients (G,): the baseline of a group with one sample in a
+        # batch; `_baseline_seen` (G,) marks groups that have had samples (before that, the baseline is 0).
+        self._running_baseline: Tensor | None = None
+        self._baseline_seen: Tensor | None = None
 
     # --- sampling and augmentation -------------------------------------------------------------------------
 
@@ -81,13 +116,12 @@ class JointStep:
         group = self.policy.group_index(batch.anchor_class)
         bins = self.policy.sample_tra(group, generator)
         learnable = torch.ones_like(group, dtype=torch.bool)
-        if self.bg_augment_prob < 1.0:
-
-            learnable = asymmetric_augment_mask(batch.anchor_class, self.bg_augment_prob, generator)
+        if self.loss_cfg.bg_augment_prob < 1.0:
+            learnable = asymmetric_augment_mask(batch.anchor_class, self.loss_cfg.bg_augment_prob, generator)
             bins = bins * learnable.unsqueeze(1)
         image, mask = augment_batch(
             batch.image, batch.mask, bins, self.policy.op_names, self.patch_size,
-            generator=generator, reference_signs=self.reference_signs,
+            generator=generator, reference_signs=self.augment_cfg.reference_signs, spacing=self.runtime.spacing,
         )
         return image, mask, group, bins, learnable
 
@@ -96,10 +130,20 @@ class JointStep:
         if self.policy is None or not self.couple_tea_to_outer:
             return centre_crop(batch.image, self.patch_size), centre_crop(batch.mask, self.patch_size)
         ids = self.policy.sample_tea(batch.image.shape[0], generator)
-        image = tea_apply(batch.image, ids, len(self.patch_size))
+        image = tea_apply(batch.image, ids, len(self.patch_size), spacing=self.runtime.spacing)
         spatial = torch.tensor([entry.spatial for entry in self.policy.tea_entries], device=ids.device)
-        mask = tea_apply_mask(batch.mask, ids, self.num_classes, spatial)
+        mask = tea_apply_mask(batch.mask, ids, self.runtime.num_classes, spatial, self.runtime.spacing)
         return centre_crop(image, self.patch_size), centre_crop(mask, self.patch_size)
+
+    def state_dict(self) -> dict[str, Tensor | None]:
+        """The step's own state beyond the model, policy and optimisers: the running baselines."""
+        return {"running_baseline": self._running_baseline, "baseline_seen": self._baseline_seen}
+
+    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+        device = self.policy.tra_logits.device if self.policy is not None else None
+        self._running_baseline, self._baseline_seen = (
+            None if state[key] is None else state[key].to(device) for key in ("running_baseline", "baseline_seen")
+        )
 
     # --- the three steps ----------------------------------------------------------------------------------
 
@@ -112,69 +156,205 @@ class JointStep:
         inner_lr: float,
         generator: torch.Generator,
     ) -> float:
-        """One iteration; `val_batch` triggers step A, `tea_batch` step B. Returns the training loss."""
+        """One iteration; `val_batch` triggers step A, `tea_batch` step B. Returns the training loss.
+
+        The policy gradients of A and B are applied together after B (B reads only the TEA logits, so the order
+        does not matter); with `augment.accumulate` = k they are averaged over k such iterations first.
+        """
+        self.iteration += 1
         image, mask, group, bins, learnable = self.augment(batch, generator)
+        params, loss = self._train_backward(image, mask)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):  # a diverged segmenter: no step of any kind can use this iteration
+            self.guard.record("segmenter", False, self.iteration)
+            return loss_value
+        tra_grad = tea_grad = None
+        if val_batch is not None:
+            tra_grad = self.tra_gradient(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
+        if tea_batch is not None:
+            tea_grad = self.tea_gradient(tea_batch, generator)
+        if val_batch is not None or tea_batch is not None:
+            self._policy_update(tra_grad, tea_grad)
+        if self.runtime.optimizer is not None and self.segmenter_update(params):
+            if self.runtime.regularizers is not None:
+                self.stats.extra.update(self.runtime.regularizers(image, mask, batch.anchor_class))
+        return loss_value
+
+    def segmenter_update(self, params: list[Tensor]) -> bool:
+        """Clip and apply the segmenter's gradient, or skip it (counted) when the gradient is not finite."""
+        optimizer = self.runtime.optimizer
+        assert optimizer is not None
+        if self.train_cfg.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        ok = math.isfinite(float(norm))
+        if ok:
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        return self.guard.record("segmenter", ok, self.iteration)
+
+    def _train_backward(self, image: Tensor, mask: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Forward and backward of the training loss in train mode: `.grad` holds the inner gradient."""
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.grad = None
-        losses = self.per_sample_loss(self.model(image), mask)
-        loss = losses.mean()
+        loss = self.runtime.per_sample_loss(self.model(image), mask).mean()
         loss.backward()
-        if val_batch is not None:
-            self._tra_meta_step(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
-        if tea_batch is not None:
-            self._tea_step(tea_batch, generator)
-        if self.optimizer is not None:
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            self.optimizer.step()
-            if self.regularizers is not None:
-                self.stats.extra.update(self.regularizers(image, mask, batch.anchor_class))
-        return float(loss.detach())
+        return params, loss
 
-    def _tra_meta_step(self, image, mask, group, bins, learnable, val_batch, inner_lr, generator) -> None:
-        assert self.policy is not None and self.tra_optimizer is not None
+    def meta_gradient_draw(self, batch: Batch, val_batch: Batch, *, inner_lr: float,
+                           generator: torch.Generator) -> Tensor | None:
+        """One TRA meta-gradient (G, n_ops, max_bins) at the current segmenter and policy; nothing is stepped.
+
+        For measurements of the signal (augsearch bench signal): the same draw as step A of `run`.
+        """
+        image, mask, group, bins, learnable = self.augment(batch, generator)
+        self._train_backward(image, mask)
+        return self.tra_gradient(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
+
+    def tra_gradient(self, image, mask, group, bins, learnable, val_batch, inner_lr, generator) -> Tensor | None:
+        """d L_val / d tra_logits (G, n_ops, max_bins) of one meta-step on the augmented batch (image, mask, group,
+        bins, learnable from `augment`); None when the meta-gradient is not finite (counted, no update).
+
+        Reads the segmenter's inner gradient from `.grad` (the caller's backward of the training loss).
+        """
+        assert self.policy is not None
+        tra = self.augment_cfg.tra
         inner_grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
         val_image, val_mask = self.tea_outer_batch(val_batch, generator)
         result = tra_meta_coefficients(
             self.model, image, mask, val_image, val_mask,
-            inner_lr=inner_lr, per_sample_loss_fn=self.per_sample_loss, val_loss_fn=self.outer_loss,
-            backend=self.meta_backend, inner_grads=inner_grads,
+            inner_lr=inner_lr, per_sample_loss_fn=self.runtime.per_sample_loss, val_loss_fn=self.runtime.outer_loss,
+            backend=tra.backend, inner_grads=inner_grads,
+            preconditioner=adam_preconditioner(self.runtime.optimizer, self.model) if tra.precondition else None,
         )
         self.stats.last_val_loss = result.val_loss
         if not result.finite:
-            self.stats.meta_skipped_nonfinite += 1
-            return
+            self.guard.record("tra", False, self.iteration)
+            return None
         coefficients = result.coefficients * learnable
         grad_weights = centre_and_normalise(
-            coefficients, group, bins, baseline=self.baseline, count_normalization=self.count_normalization
+            coefficients, group, bins, baseline=tra.baseline, count_normalization=tra.count_normalization,
+            running_baseline=self._update_running_baseline(coefficients, group) if tra.baseline else None,
         ) * learnable.unsqueeze(1)
+        self._count_empty_groups(grad_weights, group)
         weights = self.policy.tra_weights(group, bins, generator)
-        self.tra_optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(weights, grad_tensors=grad_weights.to(weights.dtype))
-        self.tra_optimizer.step()
+        (grad,) = torch.autograd.grad(weights, self.policy.tra_logits, grad_outputs=grad_weights.to(weights.dtype))
         self.stats.meta_steps += 1
+        return grad
 
-    def _tea_step(self, tea_batch: Batch, generator: torch.Generator) -> None:
-        assert self.policy is not None and self.tea_optimizer is not None
+    def _update_running_baseline(self, coefficients: Tensor, group: Tensor) -> Tensor:
+        """The running baseline before this step (G,), then this step's group means folded into it."""
+        n_groups = len(self.policy.group_names)
+        if self._running_baseline is None:
+            self._running_baseline = torch.zeros(n_groups, dtype=coefficients.dtype, device=coefficients.device)
+            self._baseline_seen = torch.zeros(n_groups, dtype=torch.bool, device=coefficients.device)
+        before = self._running_baseline.clone()
+        means, counts = group_means(coefficients, group, n_groups)
+        present = counts > 0
+        blended = self.augment_cfg.tra.baseline_decay * self._running_baseline + (1 - self.augment_cfg.tra.baseline_decay) * means
+        self._running_baseline = torch.where(present, torch.where(self._baseline_seen, blended, means), before)
+        self._baseline_seen = self._baseline_seen | present
+        return before
+
+    def _count_empty_groups(self, grad_weights: Tensor, group: Tensor) -> None:
+        """Count the class groups whose policy update is exactly zero this step, and warn every WARN_EVERY."""
+        names = self.policy.group_names
+        moved = torch.zeros(len(names), device=group.device)
+        moved.index_add_(0, group, (grad_weights != 0).any(1).to(moved.dtype))
+        empty = [name for name, count in zip(names, moved.tolist(), strict=True) if count == 0]
+        if not empty:
+            return
+        before = self.stats.empty_group_updates
+        self.stats.empty_group_updates += len(empty)
+        # The first time, then once per WARN_EVERY empty updates: loud, but not one line per step.
+        if before == 0 or before // WARN_EVERY != self.stats.empty_group_updates // WARN_EVERY:
+            logger.warning(
+                "TRA meta-step %d: no policy update for class group(s) %s (%d empty group updates in %d "
+                "meta-steps so far): the batch held no augmented sample of the group, or its gradients cancelled. "
+                "A larger train.batch_size or a train.fg_fraction nearer 0.5 gives every group samples more often.",
+                self.stats.meta_steps + 1, ", ".join(empty), self.stats.empty_group_updates, self.stats.meta_steps + 1,
+            )
+
+    def tea_gradient(self, tea_batch: Batch, generator: torch.Generator) -> Tensor:
+        """d L_tea / d tea_logits (A,) summed over the batch's same-patch groups (METHOD 4.2 B)."""
+        assert self.policy is not None
         was_training = self.model.training
         self.model.eval()
         total_loss = 0.0
-        self.tea_optimizer.zero_grad(set_to_none=True)
+        grad = None
         for index in range(tea_batch.image.shape[0]):
-            ids = self.policy.sample_tea(self.tea_views, generator)
+            ids = self.policy.sample_tea(self.augment_cfg.tea.views, generator)
             losses = tea_view_losses(
                 self.model, tea_batch.image[index : index + 1], tea_batch.mask[index : index + 1], ids,
-                self.patch_size, self.tea_fg_classes,
+                self.patch_size, self.tea_fg_classes, spacing=self.runtime.spacing,
             )
             coefficients = tea_coefficients(
-                losses, ids, baseline=self.baseline, count_normalization=self.count_normalization
+                losses, ids, baseline=self.augment_cfg.tra.baseline,
+                count_normalization=self.augment_cfg.tra.count_normalization,
             )
             weights = self.policy.tea_weights(ids, generator)
-            torch.autograd.backward(weights, grad_tensors=coefficients.to(weights.dtype))
+            (part,) = torch.autograd.grad(weights, self.policy.tea_logits, grad_outputs=coefficients.to(weights.dtype))
+            grad = part if grad is None else grad + part
             total_loss += float(losses.mean())
-        self.tea_optimizer.step()
         self.model.train(was_training)
-        self.stats.tea_steps += 1
         self.stats.last_tea_loss = total_loss / tea_batch.image.shape[0]
+        return grad
+
+    # --- policy update ------------------------------------------------------------------------------------
+
+    def _policy_update(self, tra_grad: Tensor | None, tea_grad: Tensor | None) -> None:
+        """Collect this iteration's gradients; every `augment.accumulate`-th meta-iteration, step on their means."""
+        if tra_grad is not None:
+            self._pending_tra.append(tra_grad)
+        if tea_grad is not None:
+            self._pending_tea.append(tea_grad)
+        self._pending_iterations += 1
+        if self._pending_iterations < self.augment_cfg.accumulate:
+            return
+        tra_mean = _mean(self._pending_tra)
+        tea_mean = _mean(self._pending_tea)
+        self._pending_tra, self._pending_tea, self._pending_iterations = [], [], 0
+        if self.policy_sync is not None:
+            self.policy_sync.exchange(self.policy, tra_mean, tea_mean)
+            return
+        for kind, optimizer, logits, grad in (("tra", self.runtime.tra_optimizer, self.policy.tra_logits, tra_mean),
+                                              ("tea", self.runtime.tea_optimizer, self.policy.tea_logits, tea_mean)):
+            if optimizer is not None and grad is not None:
+                logits.grad = grad
+                self.guard.record(kind, guarded_step(optimizer, [logits]), self.iteration)
+                logits.grad = None
+
+
+def _mean(grads: list[Tensor]) -> Tensor | None:
+    """Mean of equally shaped gradients; the single one as it is (no rounding), None for none."""
+    if not grads:
+        return None
+    return grads[0] if len(grads) == 1 else torch.stack(grads).mean(0)
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer | None, model: torch.nn.Module) -> dict[str, Tensor] | None:
+    """Adam's diagonal preconditioner 1 / (sqrt(v_hat) + eps) of each of `model`'s parameters (by name), rescaled to
+    mean 1 over all parameters: the shape of the step Adam takes, at the inner step's own scale (METHOD 13, lever 5).
+
+    None when the optimiser is not Adam or has not stepped yet (the identity: the SGD geometry of METHOD 4.2).
+    """
+    if not isinstance(optimizer, torch.optim.Adam):
+        return None
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    out: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        state, group = optimizer.state.get(p), group_of.get(id(p))
+        if not p.requires_grad:
+            continue
+        if not state or "exp_avg_sq" not in state or group is None:
+            return None
+        beta2, eps = group["betas"][1], group["eps"]
+        v_hat = (state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]) / (1 - beta2 ** float(state["step"]))
+        out[name] = 1.0 / (v_hat.sqrt() + eps)
+    total = sum(float(t.sum()) for t in out.values())
+    count = sum(t.numel() for t in out.values())
+    return {k: t * (count / total) for k, t in out.items()}

@@ -98,6 +98,7 @@ def tra_meta_coefficients(
     inner_grads: dict[str, Tensor] | None = None,
     fd_epsilon: float = 0.01,
     seed: int = 0,
+    preconditioner: dict[str, Tensor] | None = None,
 ) -> MetaResult:
     """Per-sample meta-gradient c_i = d L_val(theta'(w)) / d w_i at w = 1 (see the module docstring).
 
@@ -109,6 +110,9 @@ def tra_meta_coefficients(
     the inner gradient is computed once; a name absent or None means a zero gradient; None computes it. Used by
     "jvp" and "fd"; "functional" and "higher" need w in the graph and recompute it.
     fd_epsilon: step of "fd" along v / ||v||. seed: dropout seed (module docstring).
+    preconditioner: name -> P (shaped like the parameter), a diagonal geometry for the inner step: theta' = theta -
+    eta P * grad and c_i = -(eta / B) <grad l_i, P * v> (the tangent of "jvp", the direction of "fd"). None is the
+    identity (plain SGD).
     Returns MetaResult with coefficients (B,) in the loss dtype, on the model's device.
     """
     if backend not in BACKENDS:
@@ -119,15 +123,21 @@ def tra_meta_coefficients(
         raise MetaGradientError("model: expected trainable parameters, got none; unfreeze the segmenter.")
     problem = _Problem(model, train_x, train_y, val_x, val_y, per_sample_loss_fn, val_loss_fn, batch, seed)
 
+    if preconditioner is not None and backend not in ("jvp", "fd"):
+        raise MetaGradientError(f"preconditioner: supported by the 'jvp' and 'fd' backends, got backend {backend!r}; "
+                                f"switch the backend or turn augment.tra.precondition off.")
+    scale = (lambda n, t: t * preconditioner[n]) if preconditioner is not None else (lambda n, t: t)
+
     if backend == "functional":
         coefficients, val_loss = _functional(problem, params, inner_lr)
     elif backend == "higher":
         coefficients, val_loss = _higher(problem, inner_lr)
     else:
         grads = problem.inner_grads(params) if inner_grads is None else _check_inner_grads(inner_grads, params)
-        val_loss, v = problem.val_grad({n: p - inner_lr * grads[n] for n, p in params.items()})
+        val_loss, v = problem.val_grad({n: p - inner_lr * scale(n, grads[n]) for n, p in params.items()})
         if not math.isfinite(val_loss):
             return _skipped(batch, params, val_loss)
+        v = {n: scale(n, t) for n, t in v.items()}
         directional = problem.jvp(params, v) if backend == "jvp" else problem.finite_difference(params, v, fd_epsilon)
         coefficients = -(inner_lr / batch) * directional
 
@@ -144,6 +154,7 @@ def centre_and_normalise(
     *,
     baseline: bool = True,
     count_normalization: bool = True,
+    running_baseline: Tensor | None = None,
 ) -> Tensor:
     """Variance control of METHOD 4.2 step 8: per-op gradient coefficients (B, n_ops) for the TRA logits.
 
@@ -151,6 +162,8 @@ def centre_and_normalise(
     bins (B, n_ops) int64: the bin each sample drew for each op.
     baseline: subtract the mean of c within each class group. count_normalization: divide sample i's entry for op k by
     N_{g,k}(a_ik), the number of samples of the same group that drew the same bin of op k.
+    running_baseline (G,): per-group baseline from earlier steps, used for a group with fewer than 2 samples in the
+    batch (its own mean would cancel its single sample exactly, leaving no gradient); None keeps the batch mean.
 
     Usage: with the straight-through weights ``st = policy.tra_weights(group_idx, bins, generator)`` (B, n_ops),
     value 1, ``torch.autograd.backward(st, grad_tensors=centre_and_normalise(c, group_idx, bins))`` puts
@@ -164,11 +177,10 @@ def centre_and_normalise(
         )
     centred = coefficients
     if baseline:
-        n_groups = int(group_idx.max()) + 1
-        sums = torch.zeros(n_groups, dtype=coefficients.dtype, device=coefficients.device)
-        sums.index_add_(0, group_idx, coefficients)
-        counts = torch.bincount(group_idx, minlength=n_groups).to(coefficients.dtype)
-        centred = coefficients - (sums / counts.clamp_min(1))[group_idx]
+        means, counts = group_means(coefficients, group_idx, 0 if running_baseline is None else len(running_baseline))
+        if running_baseline is not None:
+            means = torch.where(counts < 2, running_baseline.to(means), means)
+        centred = coefficients - means[group_idx]
     out = centred[:, None].expand(bins.shape).clone()
     if count_normalization:
         n_ops = bins.shape[1]
@@ -178,6 +190,15 @@ def centre_and_normalise(
         _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
         out = out / counts[inverse].to(out.dtype)
     return out
+
+
+def group_means(values: Tensor, group_idx: Tensor, n_groups: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-group mean of values (B,) and sample count, both (max(n_groups, max group + 1),); 0 for empty groups."""
+    n_groups = max(n_groups, int(group_idx.max()) + 1)
+    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device)
+    sums.index_add_(0, group_idx, values)
+    counts = torch.bincount(group_idx, minlength=n_groups).to(values.dtype)
+    return sums / counts.clamp_min(1), counts
 
 
 def tea_coefficients(

@@ -30,6 +30,7 @@ AFFINE_TOLERANCE on smooth images, central region.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -50,6 +51,7 @@ from augsearch.ops.spatial import (
     RotateOp,
     ScaleOp,
     rot90_where,
+    voxel_matrices,
     warp_image,
     warp_mask,
 )
@@ -136,22 +138,26 @@ def get_spec(name: str) -> OpSpec:
     return get_op(name).spec
 
 
-def affine_matrices(params: dict[str, torch.Tensor], dims: int, batch: int, device: torch.device) -> torch.Tensor:
-    """Forward matrices (B, d, d) = scale @ R_xy @ R_xz @ R_yz of per-op params (identity for absent ops)."""
+def affine_matrices(params: dict[str, torch.Tensor], dims: int, batch: int, device: torch.device,
+                    spacing: Sequence[float] | None = None) -> torch.Tensor:
+    """Voxel-space forward matrices (B, d, d) of scale @ R_xy @ R_xz @ R_yz (identity for absent ops), a rotation of
+    the patient on a grid of `spacing` mm (None: of the voxel grid)."""
     forward = torch.eye(dims, device=device).repeat(batch, 1, 1)
     if "scale" in params:
         forward = forward @ get_op("scale").matrix(params["scale"], dims)
     for name in ROTATIONS:
         if name in params:
             forward = forward @ get_op(name).matrix(params[name], dims)
-    return forward
+    return voxel_matrices(forward, spacing)
 
 
 def apply_params(image: torch.Tensor, mask: torch.Tensor | None, params: dict[str, torch.Tensor],
-                 out_shape: tuple[int, ...], stats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 out_shape: tuple[int, ...], stats: torch.Tensor | None, spacing: Sequence[float] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Compose ops in METHOD order: one affine warp of (B, C, *E) onto the central `out_shape`, rot90, intensity
-    ops, flips. params: op name -> (B, P) for the ops that take part; mask (B, *E) int64 or None."""
-    sample = torch.linalg.inv(affine_matrices(params, len(out_shape), image.shape[0], image.device))
+    ops, flips. params: op name -> (B, P) for the ops that take part; mask (B, *E) int64 or None; spacing: the
+    grid's mm per axis (rotations of the patient), None for the voxel grid."""
+    sample = torch.linalg.inv(affine_matrices(params, len(out_shape), image.shape[0], image.device, spacing))
     out = warp_image(image, sample, out_shape)
     out_mask = None if mask is None else warp_mask(mask, sample, out_shape)
     for name in ROTATIONS:

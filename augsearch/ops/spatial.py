@@ -5,8 +5,11 @@ Conventions (torch dims 2, 3, 4 are x, y, z):
   ((n - 1) / 2 per axis) is fixed. Scale "up" (factor f > 1) magnifies content: A = f I.
 - A rotation by +theta in plane (a, b) turns axis a towards axis b: A[a,a] = A[b,b] = cos, A[b,a] = sin,
   A[a,b] = -sin. `torch.rot90(x, 1, dims=(a, b))` is exactly the +90 degree case.
-- Warps resample with `grid_sample` (align_corners=True, zeros outside): linear for images and predictions, nearest
-  for label masks, so labels stay in their value set. rot90 and flips are exact tensor permutations.
+- Warps resample with kornia's `warp_affine` / `warp_affine3d` (align_corners=True, zeros outside): linear for
+  images and predictions, nearest for label masks, so labels stay in their value set. Rotation matrices come from
+  kornia's `axis_angle_to_rotation_matrix`. rot90 and flips are exact tensor permutations (`torch.rot90`,
+  `torch.flip` under `torch.where` over the batch: kornia's versions act on the whole batch alike); samples whose
+  matrix is exactly the identity bypass the warp, so they stay bit-exact.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
+from kornia.geometry.transform import warp_affine, warp_affine3d
 
 from augsearch.ops.base import Op, OpInputError, OpSpec, spatial_view
 
@@ -23,17 +27,25 @@ PLANES: dict[str, tuple[int, int]] = {"xy": (0, 1), "xz": (0, 2), "yz": (1, 2)} 
 AXES = "xyz"
 
 
+# Axis-angle direction of a positive rotation in each plane (turning the plane's first axis towards its second).
+_PLANE_AXIS = {(0, 1): (0.0, 0.0, 1.0), (0, 2): (0.0, -1.0, 0.0), (1, 2): (1.0, 0.0, 0.0)}
+
+
 def rotation_matrix(angle_deg: torch.Tensor, plane: tuple[int, int], dims: int) -> torch.Tensor:
     """Forward rotation matrices (N, d, d) for angles (N,) in degrees in `plane` (spatial axes a, b)."""
-    a, b = plane
-    rad = angle_deg * (math.pi / 180.0)
-    c, s = torch.cos(rad), torch.sin(rad)
-    m = torch.eye(dims, dtype=angle_deg.dtype, device=angle_deg.device).repeat(angle_deg.shape[0], 1, 1)
-    m[:, a, a] = c
-    m[:, b, b] = c
-    m[:, b, a] = s
-    m[:, a, b] = -s
-    return m
+    axis = torch.tensor(_PLANE_AXIS[plane], dtype=torch.float32, device=angle_deg.device)
+    rad = angle_deg.float() * (math.pi / 180.0)
+    matrix = axis_angle_to_rotation_matrix(rad.unsqueeze(1) * axis)  # (N, 3, 3) in x, y, z
+    return matrix[:, :dims, :dims].to(angle_deg.dtype)
+
+
+def voxel_matrices(forward: torch.Tensor, spacing: tuple[float, ...] | list[float] | None) -> torch.Tensor:
+    """Physical forward matrices (N, d, d) -> the voxel-space maps D^-1 F D on a grid of `spacing` (None: as is)."""
+    if spacing is None:
+        return forward
+    d = forward.shape[-1]
+    s = torch.tensor([float(v) for v in spacing[:d]], dtype=forward.dtype, device=forward.device)
+    return forward * s.view(1, 1, d) / s.view(1, d, 1)
 
 
 def centred_grid(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -52,19 +64,31 @@ def sample_coordinates(sample_matrix: torch.Tensor, in_shape: tuple[int, ...],
 
 
 def warp(x: torch.Tensor, sample_matrix: torch.Tensor, out_shape: tuple[int, ...],
-         mode: Literal["bilinear", "nearest"] = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample x (N, C, *E) at u_in = M u_out on an output grid `out_shape` sharing E's centre.
+         mode: Literal["bilinear", "nearest"] = "bilinear") -> torch.Tensor:
+    """Resample x (N, C, *E) at u_in = M u_out on an output grid `out_shape` sharing E's centre -> (N, C, *out_shape).
 
-    Returns (warped (N, C, *out_shape), inside (N, 1, *out_shape) bool: the sample point lay within E).
+    kornia takes the forward pixel map p_out = A p_in + t (A = M^-1, centres mapped onto centres) with its axes in
+    reverse order (its x is the last torch dim); zeros outside E.
     """
+    d = len(out_shape)
     in_shape = tuple(x.shape[2:])
+    forward = torch.linalg.inv(sample_matrix.double())
+    c_in = torch.tensor([(n - 1) / 2 for n in in_shape], dtype=torch.float64, device=x.device)
+    c_out = torch.tensor([(n - 1) / 2 for n in out_shape], dtype=torch.float64, device=x.device)
+    shift = c_out - forward @ c_in
+    reverse = list(range(d))[::-1]
+    matrix = torch.cat([forward[:, reverse][:, :, reverse], shift[:, reverse].unsqueeze(-1)], dim=-1).to(x.dtype)
+    if d == 3:
+        return warp_affine3d(x, matrix, tuple(out_shape), flags=mode, padding_mode="zeros", align_corners=True)
+    return warp_affine(x, matrix, tuple(out_shape), mode=mode, padding_mode="zeros", align_corners=True)
+
+
+def inside_mask(sample_matrix: torch.Tensor, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> torch.Tensor:
+    """(N, 1, *out_shape) bool: the point u_in = M u_out that each output voxel reads lies within the input grid."""
     coords = sample_coordinates(sample_matrix, in_shape, out_shape)
-    last = torch.tensor([n - 1 for n in in_shape], dtype=torch.float32, device=x.device)
-    grid = (coords / last.clamp_min(1) * 2 - 1).flip(-1)  # grid_sample wants the last spatial dim first
-    out = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    last = torch.tensor([n - 1 for n in in_shape], dtype=torch.float32, device=sample_matrix.device)
     eps = 1e-4  # float error of the grid; a sample point this close to the border reads the border voxel
-    inside = ((coords >= -eps) & (coords <= last + eps)).all(-1)
-    return out, inside.unsqueeze(1)
+    return ((coords >= -eps) & (coords <= last + eps)).all(-1).unsqueeze(1)
 
 
 def centre_crop(x: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
@@ -85,14 +109,14 @@ def is_identity(matrix: torch.Tensor) -> torch.Tensor:
 def warp_image(x: torch.Tensor, sample_matrix: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
     """Linear warp of x (N, C, *E) reading u_in = M u_out, onto the central `out_shape`; samples whose matrix is
     exactly the identity are passed through unresampled."""
-    warped, _ = warp(x, sample_matrix, out_shape)
+    warped = warp(x, sample_matrix, out_shape)
     return torch.where(is_identity(sample_matrix).view(spatial_view(x)), centre_crop(x, out_shape), warped)
 
 
 def warp_mask(mask: torch.Tensor, sample_matrix: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
     """Nearest-neighbour warp of a label mask (N, *E) int64 (values kept exactly; background 0 outside)."""
     moved = ~is_identity(sample_matrix)
-    warped, _ = warp(mask.unsqueeze(1).float(), sample_matrix, out_shape, mode="nearest")
+    warped = warp(mask.unsqueeze(1).float(), sample_matrix, out_shape, mode="nearest")
     warped = warped.squeeze(1).round().to(mask.dtype)
     return torch.where(moved.view((-1,) + (1,) * len(out_shape)), warped, centre_crop(mask, out_shape))
 
@@ -105,7 +129,8 @@ def rot90_where(x: torch.Tensor, k: torch.Tensor, plane: tuple[int, int], first_
     if x.shape[dims[0]] != x.shape[dims[1]]:
         if bool((k != 0).any()):
             raise OpInputError(f"rot90 in the plane of torch dims {dims} needs equal extents, got shape "
-                               f"{tuple(x.shape)}; disable the rot90 bins there (augment.unavailable_bins)")
+                               f"{tuple(x.shape)}; give the rot90 bins of that plane probability zero (a policy built with "
+                               "this patch size does: make_policy(patch_size=...) or Policy.with_patch_size)")
         return x
     view = (-1,) + (1,) * (x.dim() - 1)
     k = torch.remainder(k, 4)

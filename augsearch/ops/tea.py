@@ -43,7 +43,7 @@ from augsearch.ops.registry import (
     get_op,
     list_ops,
 )
-from augsearch.ops.spatial import PLANES, is_identity, rot90_where, warp
+from augsearch.ops.spatial import PLANES, inside_mask, is_identity, rot90_where, warp
 
 NOISE_SEED_BASE = 104729  # noise entry seed = base * (id + 1)
 
@@ -165,16 +165,18 @@ def _check(x: torch.Tensor, ids: torch.Tensor, dims: int, what: str) -> None:
 
 
 def tea_apply(image: torch.Tensor, ids: torch.Tensor, dims: int,
-              image_stats: torch.Tensor | None = None) -> torch.Tensor:
+              image_stats: torch.Tensor | None = None, spacing: Sequence[float] | None = None) -> torch.Tensor:
     """Apply entry ids[b] to image[b]: (B, C, *S) -> (B, C, *S) on the same grid, zeros outside.
-    image_stats (B, C, 4) as in augment_batch (default: each image's own)."""
+    image_stats (B, C, 4) as in augment_batch (default: each image's own); spacing: the grid's mm per axis, so that
+    rotations turn the patient (None: the voxel grid)."""
     _check(image, ids, dims, "image")
     params = _params(ids, dims, image.device)
-    out, _ = apply_params(image, None, params, tuple(image.shape[2:]), image_stats)
+    out, _ = apply_params(image, None, params, tuple(image.shape[2:]), image_stats, spacing)
     return out
 
 
-def tea_invert(pred: torch.Tensor, ids: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tea_invert(pred: torch.Tensor, ids: torch.Tensor, dims: int,
+               spacing: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Map predictions (B, K, *S) (probabilities or logits) of tea_apply-ed inputs back to the original grid.
 
     Returns (pred (B, K, *S), valid (B, 1, *S) bool: False where the inverse warp read outside the grid).
@@ -188,20 +190,23 @@ def tea_invert(pred: torch.Tensor, ids: torch.Tensor, dims: int) -> tuple[torch.
     for name in ROTATIONS[::-1]:
         if name in params:
             out = rot90_where(out, -params[name][:, 1].round().long(), PLANES[name.split("_")[1]], 2)
-    forward = affine_matrices(params, dims, pred.shape[0], pred.device)
-    warped, inside = warp(out, forward, tuple(pred.shape[2:]))  # inverse warp: read at u_in = A u_out
+    forward = affine_matrices(params, dims, pred.shape[0], pred.device, spacing)
+    shape = tuple(pred.shape[2:])
+    warped = warp(out, forward, shape)  # inverse warp: read at u_in = A u_out
+    inside = inside_mask(forward, shape, shape)
     still = is_identity(forward).view((-1,) + (1,) * (pred.dim() - 1))
     return torch.where(still, out, warped), inside | still
 
 
-def tea_margin(dims: int, ids: Sequence[int] | torch.Tensor, shape: Sequence[int]) -> int:
+def tea_margin(dims: int, ids: Sequence[int] | torch.Tensor, shape: Sequence[int],
+               spacing: Sequence[float] | None = None) -> int:
     """Padding (voxels per side) so that the affine entries among `ids` keep all content of an image of spatial
     `shape` inside the grid (and so inside the inverse warp's reach)."""
     if len(shape) != dims:
         raise OpInputError(f"shape must have {dims} entries, got {tuple(shape)}")
     ids = torch.as_tensor(ids).long().cpu()
     params = _params(ids, dims, torch.device("cpu"))
-    forward = affine_matrices(params, dims, ids.shape[0], torch.device("cpu")).double()
+    forward = affine_matrices(params, dims, ids.shape[0], torch.device("cpu"), spacing).double()
     moved = ~is_identity(forward)
     if not bool(moved.any()):
         return 0

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from augsearch.errors import PolicyError
-from augsearch.ops.geometry import rot90_unavailable
+from augsearch.ops.geometry import rot90_unavailable, tea_turns_unavailable
 from augsearch.policy.groups import (
     AGNOSTIC_GROUP,
     DEFAULT_GROUPS,
@@ -472,12 +472,17 @@ class Policy(torch.nn.Module):
             groups = {group: list(names) for group, names in by_name.items()}
         return self.replace(label_names=labels, group_labels=resolve_groups(labels, groups, class_specific=True))
 
-    def with_patch_size(self, patch_size: Sequence[int]) -> Policy:
-        """This policy with rot90 bins made unavailable in planes where `patch_size` is not square."""
-        blocked = rot90_unavailable(self.op_specs, patch_size)
-        if not blocked:
+    def with_patch_size(self, patch_size: Sequence[int] | None, spacing: Sequence[float] | None = None) -> Policy:
+        """This policy with the rotations a patch of `patch_size` on a grid of `spacing` mm cannot take made
+        unavailable (ops/geometry.py: quarter turns in non-square planes or planes of unequal spacing, large tilts of
+        a coarse axis on strongly anisotropic grids), for TRA and TEA alike."""
+        blocked = rot90_unavailable(self.op_specs, patch_size, spacing)
+        turns = tea_turns_unavailable(self.tea_entries, patch_size, spacing)
+        if not blocked and not turns:
             return self
         available = self.available.cpu().clone()
         for op, index in blocked:
             available[self.op_names.index(op), index] = False
-        return self.replace(available=available)
+        tea_available = self.tea_available.cpu().clone()
+        tea_available[turns] = False
+        return self.replace(available=available, tea_available=tea_available)

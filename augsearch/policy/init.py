@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from augsearch.errors import PolicyError
-from augsearch.ops.geometry import rot90_unavailable
+from augsearch.ops.geometry import rot90_unavailable, tea_turns_unavailable
 from augsearch.ops.registry import get_op, list_ops
 from augsearch.ops.tea import tea_pool
 from augsearch.policy.core import ZERO_LOGIT, Policy, Sampling, TeaEntryLike
@@ -98,6 +98,25 @@ def tea_init_probs(entries: Sequence[TeaEntryLike], dims: int, tea_init: str) ->
     return [each if i in chosen_set else other for i in range(n)]
 
 
+def tea_available_mask(entries: Sequence[TeaEntryLike], ops: Sequence[str] | None = None,
+                       exclude: Sequence[str] = ()) -> torch.Tensor:
+    """(A,) bool: the pool entries kept when TRA is limited to `ops` (None: all) and the entries named in `exclude`
+    are left out. The identity always stays; flip_all needs every flip of the pool among `ops`."""
+    names = [e.name for e in entries]
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        raise PolicyError(f"TEA entries {unknown} are not in the {len(names)}-entry pool; valid names: "
+                          f"{', '.join(names)}.")
+    if names[0] in exclude:
+        raise PolicyError("the TEA identity (entry 0) cannot be excluded; every TEA distribution needs it.")
+    flips = {e.op for e in entries if e.op.startswith("flip_") and e.op != "flip_all"}
+    kept = set(ops) if ops is not None else {e.op for e in entries}
+    if flips <= kept:
+        kept.add("flip_all")
+    kept.add(entries[0].op)
+    return torch.tensor([e.op in kept and e.name not in exclude for e in entries], dtype=torch.bool)
+
+
 def _is_flip_or_half_turn(entry: TeaEntryLike) -> bool:
     if entry.op.startswith("flip_"):
         return True
@@ -119,6 +138,7 @@ def make_policy(
     tea_top_k: int = 4,
     tau: float = 1.0,
     ops: Sequence[str] | None = None,
+    tea_exclude: Sequence[str] = (),
 ) -> Policy:
     """A policy over the registry's ops for `dims`, every group starting from the same probabilities.
 
@@ -126,7 +146,9 @@ def make_policy(
     "deepmedic" (--org 3), "uniform" (equal logits); P(on) is split evenly over an op's available bins and logits are
     log(p), so softmax reproduces the probabilities. With a baseline `sampling` ("randaugment", "trivialaugment",
     "none") the logits are set to that sampler's per-op marginals instead (they describe it; sampling ignores them).
-    patch_size makes rot90 bins unavailable in non-square planes. ops restricts the op set (registry order kept).
+    patch_size makes rot90 bins and TEA quarter/half turns unavailable in non-square planes. ops restricts the op set
+    (registry order kept) and the TEA pool to the entries of those ops; tea_exclude removes further TEA entries by name
+    (`tea_available_mask`).
     """
 
     if dims not in (2, 3):
@@ -154,6 +176,8 @@ def make_policy(
 
     entries = tea_pool(dims)
     tea_logits = torch.tensor(logits_from_probs(tea_init_probs(entries, dims, tea_init)), dtype=torch.float32)
+    tea_available = tea_available_mask(entries, ops, tea_exclude)
+    tea_available[tea_turns_unavailable(entries, patch_size)] = False
     policy = Policy(
         dims=dims,
         op_specs=specs,
@@ -162,6 +186,7 @@ def make_policy(
         tea_entries=entries,
         tea_logits=tea_logits,
         available=available,
+        tea_available=tea_available,
         sampling=sampling,
         randaugment_n=randaugment_n,
         randaugment_m=randaugment_m,

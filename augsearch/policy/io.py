@@ -9,7 +9,6 @@ meaning: known ops with the registry's bins, probabilities that sum to one, the 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,10 +18,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from augsearch.atomic import write_json
-from augsearch.errors import AugsearchError, PolicyFileError
+from augsearch.errors import AugsearchError, PolicyFileError, brief
 from augsearch.ops.registry import FLIPS, INTENSITY_ORDER, ROTATIONS, get_op, list_ops
 from augsearch.ops.tea import tea_pool
 from augsearch.policy.core import Policy, PolicyError
+from augsearch.textfiles import MalformedText, parse_json, read_text
 
 FORMAT = "augsearch-policy"
 
@@ -172,7 +172,7 @@ def migrate(data: dict, source: str) -> dict:
     """Bring a document of an older schema_version up to SCHEMA_VERSION."""
     version = data.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise PolicyFileError(f"{source}: schema_version must be an integer, got {version!r}.")
+        raise PolicyFileError(f"{source}: schema_version must be an integer, got {brief(version)}.")
     if version > SCHEMA_VERSION:
         raise PolicyFileError(
             f"{source}: schema_version {version} is newer than this augsearch reads (version <= {SCHEMA_VERSION}); "
@@ -305,7 +305,7 @@ def _structure_errors(err: ValidationError) -> list[str]:
         elif e["type"] == "extra_forbidden":
             lines.append(f"unknown field '{where}' (remove it; see policies/schema.json)")
         else:
-            lines.append(f"field '{where}': {e['msg']}, got {e.get('input')!r}")
+            lines.append(f"field '{where}': {e['msg']}, got {brief(e.get('input'))}")
     return lines
 
 
@@ -361,7 +361,7 @@ def policy_from_dict(data: Any, source: str = "<policy document>") -> Policy:
         raise PolicyFileError(f"{source}: expected a JSON object at the top level, got {type(data).__name__}.")
     if data.get("format") != FORMAT:
         raise PolicyFileError(
-            f"{source}: 'format' must be {FORMAT!r}, got {data.get('format')!r}; this is not an augsearch policy file."
+            f"{source}: 'format' must be {FORMAT!r}, got {brief(data.get('format'))}; this is not an augsearch policy file."
         )
     if "schema_version" not in data:
         raise PolicyFileError(f"{source}: missing field 'schema_version' (this augsearch writes {SCHEMA_VERSION}).")
@@ -389,7 +389,7 @@ def policy_from_dict(data: Any, source: str = "<policy document>") -> Policy:
         for name, value in zip(g.labels, g.values):
             if labels.get(name) != value:
                 problems.append(
-                    f"groups.{g.name}: label {name!r} has value {labels.get(name)!r} in label_names, not {value}"
+                    f"groups.{g.name}: label {brief(name)} has value {brief(labels.get(name))} in label_names, not {value}"
                 )
         group_labels[g.name] = list(g.values)
 
@@ -404,13 +404,13 @@ def policy_from_dict(data: Any, source: str = "<policy document>") -> Policy:
         try:
             spec = get_op(op.name).spec
         except AugsearchError:
-            problems.append(f"{where}: unknown op {op.name!r}; valid ops in {doc.dims}D: {', '.join(valid)}")
+            problems.append(f"{where}: unknown op {brief(op.name)}; valid ops in {doc.dims}D: {', '.join(valid)}")
             continue
         if op.name not in valid:
-            problems.append(f"{where}: op {op.name!r} is not available in {doc.dims}D (it works in {spec.dims}D)")
+            problems.append(f"{where}: op {brief(op.name)} is not available in {doc.dims}D (it works in {spec.dims}D)")
             continue
         if op.kind != spec.kind:
-            problems.append(f"{where}: kind {op.kind!r}, but the registry says {spec.kind!r}")
+            problems.append(f"{where}: kind {brief(op.kind)}, but the registry says {brief(spec.kind)}")
         if len(op.bins) != len(spec.bins) or not all(_bins_equal(a, b) for a, b in zip(op.bins, spec.bins)):
             ours = [(b.label, b.low, b.high, b.sign) for b in spec.bins]
             problems.append(
@@ -429,7 +429,7 @@ def policy_from_dict(data: Any, source: str = "<policy document>") -> Policy:
             )
             continue
         for g in group_names:
-            _check_categorical(problems, f"{where} group {g!r}", op.probs[g], op.logits[g], op.available)
+            _check_categorical(problems, f"{where} group {brief(g)}", op.probs[g], op.logits[g], op.available)
         specs.append(spec)
 
     tea = doc.tea
@@ -494,17 +494,17 @@ def read_policy_document(path: str | Path) -> dict:
     """The parsed JSON of a policy file, with clear errors for a missing file or malformed JSON."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except FileNotFoundError:
         raise PolicyFileError(f"no policy file at {path}; give an existing .json file or a preset name.") from None
     except IsADirectoryError:
         raise PolicyFileError(f"{path} is a directory; give a policy .json file.") from None
+    except MalformedText as err:
+        raise PolicyFileError(f"{path}: {err}.") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PolicyFileError(
-            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the syntax there."
-        ) from None
+        return parse_json(text)
+    except MalformedText as err:
+        raise PolicyFileError(f"{path}: {err}; fix the syntax there.") from None
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -10,13 +10,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from augsearch.errors import PolicyFileError
 from augsearch.policy.core import Policy, PolicyError
 from augsearch.policy.groups import normalise_labels
-from augsearch.policy.init import make_policy
+from augsearch.policy.init import logits_from_probs, make_policy, tea_available_mask, tea_init_probs
 from augsearch.policy.io import load_policy, policy_to_dict
 
-POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
+POLICIES_DIR = Path(__file__).resolve().parents[1] / "policies"  # package data: schema, presets, learned examples
 
 
 PRESET_LABELS = {"background": 0, "foreground": 1}
@@ -92,22 +94,28 @@ def policy_from_file_or_preset(
     class_specific: bool = True,
     groups: Mapping[str, Sequence[str]] | None = None,
     patch_size: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
     randaugment_n: int | None = None,
     randaugment_m: int | None = None,
     top_k: int | None = None,
+    ops: Sequence[str] | None = None,
+    tea_init: str | None = None,
+    tea_exclude: Sequence[str] = (),
 ) -> Policy:
-    """A preset name ('nnunet', or 'nnunet-3d'), a policy file path, or a path under the repository's policies/.
+    """A preset name ('nnunet', or 'nnunet-3d'), a policy file path, or a path under the package's policies/ folder (e.g. 'learned/quickstart/bench2d-joint.json').
 
     Presets are built in code for these labels, groups and patch size. A file keeps its own groups and is bound to
-    the dataset's labels (Policy.with_labels: background/foreground groups fit any dataset); explicit `groups` must
-    then match the file's. patch_size makes rot90 bins unavailable in non-square planes; top_k replaces the TEA K.
+    the dataset's labels (Policy.with_labels: background/foreground groups fit any dataset); explicit `groups` and
+    `ops` must then match the file's. patch_size and spacing (mm) make the rotations such patches cannot take
+    unavailable (`Policy.with_patch_size`); top_k replaces the TEA K; tea_init replaces the TEA start (None keeps the
+    preset's or the file's); tea_exclude removes TEA entries by name.
     """
     labels = normalise_labels(label_names)
     preset, preset_dims = _preset_and_dims(str(name_or_path))
     if preset:
         if preset_dims is not None and preset_dims != dims:
             raise PolicyFileError(f"preset {name_or_path!r} is for {preset_dims}D, but the data are {dims}D.")
-        return preset_policy(
+        policy = preset_policy(
             preset,
             dims,
             labels,
@@ -117,7 +125,11 @@ def policy_from_file_or_preset(
             randaugment_n=randaugment_n,
             randaugment_m=randaugment_m,
             tea_top_k=top_k,
+            ops=ops,
+            tea_init=tea_init,
+            tea_exclude=tuple(tea_exclude),
         )
+        return policy if spacing is None else policy.with_patch_size(patch_size, spacing)
     path = Path(name_or_path)
     if not path.exists() and (POLICIES_DIR / path).exists():
         path = POLICIES_DIR / path
@@ -141,10 +153,21 @@ def policy_from_file_or_preset(
             f"{path}: the config asks for groups {dict(groups)}, the file has {policy.group_label_names()}; drop the "
             "groups from the config (the file decides) or use a file with those groups."
         )
+    if ops is not None and set(ops) != set(policy.op_names):
+        raise PolicyFileError(
+            f"{path}: the config asks for ops {sorted(ops)}, the file has {sorted(policy.op_names)}; drop augment.ops "
+            "(the file decides) or use a file with those ops."
+        )
     try:
         policy = policy.with_labels(labels)
-        if patch_size is not None:
-            policy = policy.with_patch_size(patch_size)
+        if tea_init is not None:
+            probs = tea_init_probs(policy.tea_entries, policy.dims, tea_init)
+            policy = policy.replace(tea_logits=torch.tensor(logits_from_probs(probs), dtype=torch.float32))
+        if tea_exclude:
+            keep = tea_available_mask(policy.tea_entries, exclude=tea_exclude)
+            policy = policy.replace(tea_available=policy.tea_available.cpu() & keep)
+        if patch_size is not None or spacing is not None:
+            policy = policy.with_patch_size(patch_size, spacing)
         if top_k is not None:
             policy = policy.replace(tea_top_k=top_k)
     except PolicyError as err:

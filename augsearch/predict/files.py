@@ -3,7 +3,8 @@
 Each case is read (one file, a 4D MSD file, or nnU-Net `_0000` channel files), preprocessed as at training time (the
 checkpoint's "preprocess" entry: normalisation, target spacing), predicted with `predict_tta`, resampled back to the
 file's grid and written as `<case>.nii.gz` (argmax labels, uint8) with the input's affine and header. With
-uncertainty: `<case>_entropy.nii.gz` (predictive entropy of the aggregate, nats), `<case>_variance.nii.gz` (variance
+uncertainty, in the subfolder `uncertainty/` (so the output folder holds segmentations only, ready for `augsearch
+evaluate`): `<case>_entropy.nii.gz` (predictive entropy of the aggregate, nats), `<case>_variance.nii.gz` (variance
 across views of the foreground probability) and a summary `uncertainty.csv` (mean entropy, volume per class in mL,
 coefficient of variation of the foreground volume across views). A case's files are all written, or none.
 """
@@ -17,22 +18,26 @@ import io
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from augsearch.artifacts.checkpoint import build_model, load_checkpoint
-from augsearch.artifacts.layout import UNCERTAINTY_CSV
+from augsearch.artifacts.checkpoint import Checkpoint, load_checkpoint
+from augsearch.artifacts.layout import QUALITY_CSV, UNCERTAINTY_CSV, UNCERTAINTY_DIR
+from augsearch.artifacts.output import check_output_dir
 from augsearch.atomic import atomic_open, write_text
-from augsearch.config import PreprocessConfig
 from augsearch.data.dataset import Case
 from augsearch.data.nifti import CHANNEL_SUFFIX, nifti_stem, read_image
 from augsearch.data.preprocess import preprocess_image, restore_to_original
 from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError
 from augsearch.policy.presets import policy_from_file_or_preset
+from augsearch.predict.calibration import estimator_for_model, quality_rows
+from augsearch.predict.estimate import Estimator
+from augsearch.predict.postprocess import apply_postprocess, postprocess_from_options
 from augsearch.predict.tta import predict_tta
 
 
@@ -53,6 +58,7 @@ class CasePrediction:
     """A predicted case on the file's grid, ready to write.
 
     labels: (*file spatial shape) uint8. entropy, variance: same shape float32, or None. summary: the CSV row.
+    quality: quality.csv rows (estimated Dice per foreground class), or None.
     """
 
     case_id: str
@@ -62,6 +68,7 @@ class CasePrediction:
     header: Any
     affine: np.ndarray
     summary: dict[str, Any] | None
+    quality: list[dict[str, Any]] | None = None
 
 
 def find_inputs(path: str | Path, cases: list[str] | None = None) -> list[InputCase]:
@@ -138,7 +145,7 @@ def check_inputs(inputs: list[InputCase], dims: int, in_channels: int) -> None:
     import nibabel as nib
 
     for case in inputs:
-        channels = 0
+        channels, shapes = 0, []
         for path in case.paths:
             if not path.is_file():
                 raise PredictError(f"{path} (case {case.case_id}) does not exist; add it or remove the case")
@@ -148,12 +155,18 @@ def check_inputs(inputs: list[InputCase], dims: int, in_channels: int) -> None:
                 raise PredictError(
                     f"{path} is not a readable NIfTI file ({type(err).__name__}: {err}); re-export it as NIfTI"
                 ) from None
+            shapes.append(shape)
             count = _channel_count(shape, dims)
             if count is None:
                 raise PredictError(
                     f"{path} has shape {shape}; the model is {dims}D, so expected {dims} spatial axes, channels last"
                 )
             channels += count
+        if channels != in_channels and dims == 2 and any(len(s) == 3 and s[2] > 1 for s in shapes):
+            raise PredictError(
+                f"case {case.case_id} has shape {shapes[0]}: a 3D volume, or a 2D image with {shapes[0][2]} channels; "
+                f"the model is 2D with {in_channels} channel(s); predict 3D volumes with a model trained in 3D"
+            )
         if channels != in_channels:
             raise PredictError(
                 f"case {case.case_id} has {channels} channel(s) in {[p.name for p in case.paths]}, the model expects "
@@ -173,7 +186,7 @@ def _resample(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def predict_case(
     model: Any,
-    ckpt: dict[str, Any],
+    ckpt: Checkpoint,
     case: InputCase,
     policy: Any,
     *,
@@ -183,23 +196,23 @@ def predict_case(
     overlap: float = 0.5,
     aggregate: Literal["probabilities", "logits"] = "probabilities",
     uncertainty: bool = False,
-    pad_to_window: bool = False,
+    estimator: Estimator | None = None,
 ) -> CasePrediction:
-    """Read, preprocess, predict with TTA and restore one case to its file's grid (nothing is written)."""
+    """Read, preprocess, predict with TTA and restore one case to its file's grid (nothing is written).
 
-    dims = int(ckpt["model_config"]["dims"])
+    A volume smaller than the training patch on some axis is zero-padded to it and cropped back, as training pads.
+    """
+
+    dims = ckpt.dims
     image, spacing, affine, header = read_image(list(case.paths), dims)
-    fields = PreprocessConfig.model_fields
-    cfg = PreprocessConfig.model_validate({k: v for k, v in ckpt["preprocess"].items() if k in fields})
-    pre, new_spacing = preprocess_image(image, spacing, cfg)
+    pre, new_spacing = preprocess_image(image, spacing, ckpt.preprocess)
     original = Case(case_id=case.case_id, image=pre, label=None, spacing=tuple(new_spacing),
                     original_spacing=tuple(spacing), original_shape=tuple(image.shape[1:]), affine=affine)
     del image
     try:
         result = predict_tta(
-            model, pre, policy, spacing=new_spacing, top_k=top_k, window=ckpt["patch_size"], batch_size=batch_size,
-            device=device, overlap=overlap, aggregate=aggregate, return_uncertainty=uncertainty,
-            pad_to_window=pad_to_window,
+            model, pre, policy, spacing=new_spacing, top_k=top_k, window=ckpt.patch_size, batch_size=batch_size,
+            device=device, overlap=overlap, aggregate=aggregate, return_uncertainty=uncertainty, pad_to_window=True,
         )
     except AugsearchError as err:
         raise PredictError(f"case {case.case_id}: {err}") from None
@@ -211,9 +224,10 @@ def predict_case(
         entropy_map = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(0).astype(np.float32)
         variance_map = _resample(result.variance.cpu().numpy(), original.original_shape)
         entropy, variance = entropy_map.reshape(file_shape), variance_map.reshape(file_shape)
-        summary = _summary_row(case.case_id, probs.argmax(0), entropy_map, spacing, ckpt["label_names"],
+        summary = _summary_row(case.case_id, probs.argmax(0), entropy_map, spacing, ckpt.label_names,
                                result.view_volumes.cpu().numpy())
-    return CasePrediction(case.case_id, labels, entropy, variance, header, affine, summary)
+    quality = None if estimator is None else quality_rows(case.case_id, probs, estimator, ckpt.label_names)
+    return CasePrediction(case.case_id, labels, entropy, variance, header, affine, summary, quality)
 
 
 def _summary_row(case_id: str, labels: np.ndarray, entropy: np.ndarray, spacing: tuple[float, ...],
@@ -257,7 +271,7 @@ def write_case(prediction: CasePrediction, output_dir: Path) -> list[Path]:
         prediction.labels, prediction.affine, prediction.header, np.uint8)}
     if prediction.entropy is not None:
         for name, data in (("entropy", prediction.entropy), ("variance", prediction.variance)):
-            blobs[output_dir / f"{prediction.case_id}_{name}.nii.gz"] = _nifti_bytes(
+            blobs[output_dir / UNCERTAINTY_DIR / f"{prediction.case_id}_{name}.nii.gz"] = _nifti_bytes(
                 data, prediction.affine, prediction.header, np.float32)
     written: list[Path] = []
     try:
@@ -298,49 +312,66 @@ def predict_files(
     overlap: float = 0.5,
     aggregate: Literal["probabilities", "logits"] = "probabilities",
     uncertainty: bool = False,
-    pad_to_window: bool = False,
+    min_component_mm3: float = 0.0,
+    keep_largest: Sequence[str] = (),
     progress: bool | None = None,
+    estimate: str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Predict every case under `input_path` into `output_dir`; returns the written files.
 
     policy: a policy file or preset name (e.g. "flips-tta"), bound to the checkpoint's labels; None: no TTA, the
     plain sliding-window prediction. top_k: TEA views (default: the policy's K). Everything is checked (checkpoint,
     policy, input files' headers) before the first case is predicted. progress: tqdm bar over the cases (None: only
-    on a terminal).
+    on a terminal). min_component_mm3 / keep_largest (class names): connected-component clean-up of each label map on
+    its file's grid (`augsearch.predict.postprocess`). estimate: estimator name for quality.csv (estimated Dice per
+    class and case, `augsearch.predict.calibration`); None: the default of the model's estimator.json, if it has one. An output folder that holds files is refused unless
+    `overwrite`, so two models' predictions never mix.
     """
     from tqdm import tqdm
 
+    check_output_dir(Path(output_dir), overwrite=overwrite, option="--output")
 
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
-    config = ckpt["model_config"]
     loaded = None
     if policy is not None:
         # Presets are built for the model's labels; a file is bound to them (background/foreground groups fit any).
-        loaded = policy_from_file_or_preset(policy, int(config["dims"]), ckpt["label_names"])
-        if len(loaded.label_names) != config["num_classes"]:
+        loaded = policy_from_file_or_preset(policy, ckpt.dims, ckpt.label_names)
+        if len(loaded.label_names) != ckpt.num_classes:
             raise PredictError(
                 f"policy {policy} has {len(loaded.label_names)} labels {dict(loaded.label_names)} but the model in "
-                f"{checkpoint} outputs {config['num_classes']} classes; use the policy learned with this model"
+                f"{checkpoint} outputs {ckpt.num_classes} classes; use the policy learned with this model"
             )
         loaded.tea_selected(top_k)  # a bad --top-k fails here, before any output
+    estimator = estimator_for_model(checkpoint, estimate, ckpt.label_names)
+    postprocess = postprocess_from_options(min_component_mm3, keep_largest, ckpt.label_names)
     inputs = find_inputs(input_path, cases)
-    check_inputs(inputs, int(config["dims"]), int(config["in_channels"]))
-    model = build_model(ckpt).to(torch_device)
+    check_inputs(inputs, ckpt.dims, ckpt.in_channels)
+    model = ckpt.build_model().to(torch_device)
     output_dir = Path(output_dir)
     written: list[Path] = []
     rows: list[dict[str, Any]] = []
+    quality: list[dict[str, Any]] = []
     bar = tqdm(inputs, desc="predict", unit="case", disable=None if progress is None else not progress)
     for case in bar:
         bar.set_postfix_str(case.case_id)
         prediction = predict_case(
             model, ckpt, case, loaded, top_k=top_k, batch_size=batch_size, device=torch_device, overlap=overlap,
-            aggregate=aggregate, uncertainty=uncertainty, pad_to_window=pad_to_window,
+            aggregate=aggregate, uncertainty=uncertainty, estimator=estimator,
         )
+        if postprocess.active:
+            spacing = prediction.header.get_zooms()[: prediction.labels.ndim]
+            prediction.labels = apply_postprocess(prediction.labels, spacing, postprocess)
         written += write_case(prediction, output_dir)
         if prediction.summary is not None:
             rows.append(prediction.summary)
-            write_summary(rows, output_dir / UNCERTAINTY_CSV)
+            write_summary(rows, output_dir / UNCERTAINTY_DIR / UNCERTAINTY_CSV)
+        if prediction.quality is not None:
+            quality += prediction.quality
+            write_summary(quality, output_dir / QUALITY_CSV)
     if rows:
-        written.append(output_dir / UNCERTAINTY_CSV)
+        written.append(output_dir / UNCERTAINTY_DIR / UNCERTAINTY_CSV)
+    if quality:
+        written.append(output_dir / QUALITY_CSV)
     return written

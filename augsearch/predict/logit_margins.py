@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augsearch.artifacts.checkpoint import build_model
+from augsearch.artifacts.checkpoint import Checkpoint
 from augsearch.atomic import atomic_open
-from augsearch.config import PreprocessConfig, SplitConfig
+from augsearch.config import SplitConfig
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import Case, read_dataset_info
 from augsearch.data.splits import resolve_splits
@@ -207,7 +207,7 @@ SPLITS = ("train", "val", "test")
 
 
 def checkpoint_margins(
-    ckpt: Mapping,
+    ckpt: Checkpoint,
     dataset: str | Path,
     *,
     split: str | None = None,
@@ -229,13 +229,13 @@ def checkpoint_margins(
         if value is not None and value not in SPLITS:
             raise InspectError(f"{name} must be one of {list(SPLITS)}, got {value!r}")
     info = read_dataset_info(dataset)
-    labels = {str(k): int(v) for k, v in ckpt["label_names"].items()}
+    labels = ckpt.label_names
     if dict(info.labels) != labels:
         raise InspectError(
             f"dataset {dataset} has labels {dict(info.labels)} but the checkpoint was trained with {labels}; "
             "pass the dataset the checkpoint was trained on"
         )
-    data_cfg = ckpt["config"]["data"]
+    data_cfg = ckpt.config["data"]
     splits = resolve_splits(info, SplitConfig.model_validate(data_cfg.get("split", {})))
     if split is None:
         split = "test" if splits.test else "val"
@@ -247,14 +247,14 @@ def checkpoint_margins(
             raise InspectError(
                 f"the {name!r} split of {dataset} has no cases under the checkpoint's split config; pick another split"
             )
-    fields = PreprocessConfig.model_fields
-    preprocess = PreprocessConfig.model_validate({k: v for k, v in ckpt["preprocess"].items() if k in fields})
-    model = build_model(dict(ckpt)).to(device)
-    patch_size = list(ckpt["patch_size"])
+    preprocess = ckpt.preprocess
+    model = ckpt.build_model().to(device)
+    patch_size = ckpt.patch_size
     result: dict = {"split": split, "compare_split": compare_split, "cases": ids,
                     "class_names": {v: k for k, v in labels.items()}, "voxels": {}}
     for side in ("train", "unseen"):
-        cases = load_cases(info, ids[side], preprocess, data_cfg.get("cache_dir"))
+        folder = splits.test_split if (split, compare_split)[side == "train"] == "test" else "Tr"
+        cases = load_cases(info, ids[side], preprocess, data_cfg.get("cache_dir"), split=folder)
         counts = np.bincount(np.concatenate([c.label.ravel() for c in cases]).astype(np.int64))
         result["voxels"][side] = {v: int(n) for v, n in enumerate(counts) if n}
         result[side] = logit_margins(model, cases, patch_size, max_voxels=max_voxels, seed=seed,

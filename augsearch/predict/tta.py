@@ -16,7 +16,6 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -24,13 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from augsearch.errors import AugsearchError
+from augsearch.ops.geometry import is_turn, plane_axes
 from augsearch.ops.tea import tea_apply, tea_invert, tea_margin, tea_pool
 from augsearch.policy.core import Policy
-from augsearch.policy.io import load_policy
 from augsearch.predict.sliding_window import sliding_window_predict
 
-# Spatial axes (0 = x) of each rotation op's plane.
-_PLANE_AXES = {"rotate_yz": (1, 2), "rotate_xz": (0, 2), "rotate_xy": (0, 1)}
 # Floor for log(p) in the entropy: keeps 0 * log 0 = 0 without NaN.
 _TINY = 1e-12
 
@@ -60,14 +57,13 @@ class TTAResult:
     view_volumes: Tensor | None
 
 
-def resolve_policy(policy: Policy | str | Path | None) -> Policy | None:
-    """A Policy as given, or loaded from a policy file; None stays None (no TTA)."""
+def _check_policy(policy: Policy | None) -> Policy | None:
     if policy is None or isinstance(policy, Policy):
         return policy
-    if isinstance(policy, (str, Path)):
-
-        return load_policy(policy)
-    raise TTAError(f"policy must be a Policy, a path to a policy file or None, got {type(policy).__name__}")
+    raise TTAError(
+        f"policy must be a Policy or None, got {type(policy).__name__}; load a file or preset first with "
+        "augsearch.policy.presets.policy_from_file_or_preset(name_or_path, dims, label_names)"
+    )
 
 
 def selected_views(policy: Policy | None, dims: int, top_k: int | None = None) -> tuple[list[int], list[float]]:
@@ -146,16 +142,17 @@ def _window(window: int | Sequence[int] | None, spatial: tuple[int, ...]) -> tup
     return window
 
 
-def view_padding(spatial: Sequence[int], ids: Sequence[int], dims: int) -> tuple[list[int], list[int]]:
+def view_padding(spatial: Sequence[int], ids: Sequence[int], dims: int,
+                 spacing: Sequence[float] | None = None) -> tuple[list[int], list[int]]:
     """Zero padding (before, after) per spatial axis of the grid that all views of `ids` share.
 
     Affine entries need `tea_margin` on every side. Quarter and half turns need equal extents in their plane, so
     those axes grow to the plane's largest extent (split as evenly as possible); the turn is exact on that grid.
     """
-    margin = tea_margin(dims, ids, spatial)
+    margin = tea_margin(dims, ids, spatial, spacing)
     size = [n + 2 * margin for n in spatial]
     pool = tea_pool(dims)
-    planes = {_PLANE_AXES[pool[i].op] for i in ids if _is_quarter_turn(pool[i])}
+    planes = {plane_axes(pool[i].op) for i in ids if is_turn(pool[i])}
     changed = True
     while changed:  # planes can share an axis (xy and xz): grow until every turned plane is square
         changed = False
@@ -168,14 +165,10 @@ def view_padding(spatial: Sequence[int], ids: Sequence[int], dims: int) -> tuple
     return before, after
 
 
-def _is_quarter_turn(entry) -> bool:
-    return entry.op in _PLANE_AXES and entry.value is not None and abs(entry.value) >= 90
-
-
 def predict_tta(
     model: nn.Module,
     image: Tensor | np.ndarray,
-    policy: Policy | str | Path | None,
+    policy: Policy | None,
     *,
     spacing: Sequence[float] | None = None,
     top_k: int | None = None,
@@ -192,8 +185,9 @@ def predict_tta(
     model: any module mapping (B, C, *W) -> logits (B, K, *W) (or a list, first entry used); put in eval mode
         for the call, its own mode restored after.
     image: (C, *S) preprocessed volume, tensor or numpy array, 2D or 3D.
-    policy: a Policy, a policy file path, or None for no TTA (identity alone; gives sliding_window_predict exactly).
-    spacing: mm per spatial axis, for `view_volumes`.
+    policy: a Policy (load files and presets with `policy_from_file_or_preset`), or None for no TTA (identity
+        alone; gives sliding_window_predict exactly).
+    spacing: mm per spatial axis: rotations turn the patient on this grid (as in training), and `view_volumes`.
     top_k: number of TEA entries (the policy's own K when None).
     window: sliding-window size (int or per axis); None predicts each view in one window.
     batch_size: windows per model call; the windows of all views are batched together.
@@ -205,7 +199,7 @@ def predict_tta(
     x = _as_image(image)
     dims = x.dim() - 1
     spatial = tuple(x.shape[1:])
-    policy = resolve_policy(policy)
+    policy = _check_policy(policy)
     if policy is not None and policy.dims != dims:
         raise TTAError(
             f"the policy is for {policy.dims}D volumes but the image {tuple(x.shape)} is {dims}D (C, *S); use a "
@@ -219,7 +213,7 @@ def predict_tta(
     if win is not None and not pad_to_window and any(s < w for s, w in zip(spatial, win, strict=True)):
         raise TTAError(
             f"the volume {spatial} is smaller than the sliding window {win} on some axis; resample it, predict "
-            "with a smaller window, or allow zero padding (pad_to_window=True, CLI --pad-small)"
+            "with a smaller window, or allow zero padding (pad_to_window=True, as `augsearch predict` does)"
         )
     device = _model_device(model, device)
     ids, weights = selected_views(policy, dims, top_k)
@@ -228,11 +222,11 @@ def predict_tta(
     id_tensor = torch.tensor(ids, dtype=torch.long, device=device)
 
     # Enlarged grid: content that affine entries move outward stays on it; cropped again after inversion.
-    before, after = view_padding(spatial, ids, dims)
+    before, after = view_padding(spatial, ids, dims, spacing)
     x = x.to(device)
     if any(before) or any(after):
         x = torch.nn.functional.pad(x, [p for axis in reversed(range(dims)) for p in (before[axis], after[axis])])
-    batch = tea_apply(x.unsqueeze(0).expand(views, *x.shape).contiguous(), id_tensor, dims)
+    batch = tea_apply(x.unsqueeze(0).expand(views, *x.shape).contiguous(), id_tensor, dims, spacing=spacing)
     net = model if policy is None else _OutputCheck(model, len(policy.label_names), dict(policy.label_names))
     output = "logits" if aggregate == "logits" else "probabilities"
     with _eval_mode(model):
@@ -240,7 +234,7 @@ def predict_tta(
             net, batch, win or tuple(batch.shape[2:]), overlap=overlap, batch_size=batch_size, output=output
         )
     del batch
-    maps, valid = tea_invert(maps, id_tensor, dims)
+    maps, valid = tea_invert(maps, id_tensor, dims, spacing=spacing)
     inner = (slice(None), slice(None)) + tuple(slice(b, b + n) for b, n in zip(before, spatial, strict=True))
     maps, valid = maps[inner], valid[inner]
 

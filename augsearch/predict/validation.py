@@ -30,9 +30,18 @@ def validate(
     """Metrics over `cases` on the preprocessed grid.
 
     Keys: `val/dice_<label>`, `val/sensitivity_<label>`, `val/precision_<label>` (means over cases where defined),
-    `val/dice_rare` (mean over the rare labels), `val/dice_mean` (mean over foreground labels).
+    `val/dice_rare` (mean over the rare labels), `val/dice_mean` (mean over foreground labels). The model's
+    training/eval mode is restored on return.
     """
+    was_training = model.training
     model.eval()
+    try:
+        return _metrics(model, cases, patch_size, label_names, rare_labels, batch_size, device)
+    finally:
+        model.train(was_training)
+
+
+def _metrics(model, cases, patch_size, label_names, rare_labels, batch_size, device) -> dict[str, float]:
     per_label: dict[str, dict[str, list[float]]] = {
         name: {"dice": [], "sensitivity": [], "precision": []} for name, value in label_names.items() if value != 0
     }

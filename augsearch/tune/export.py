@@ -1,7 +1,8 @@
 """Export a trained segmenter and its policy file side by side, with the policy's provenance filled in.
 
 Sources: a local run dir (`augsearch train`: checkpoint.pt + policy.json) or a search dir (`augsearch search`),
-whose best trial is chosen by a validation metric (search.metric unless told otherwise), never a test metric.
+whose best trial is chosen by a validation metric (search.metric unless told otherwise), never a test metric; ties go
+to the higher mean foreground validation Dice.
 """
 
 from __future__ import annotations
@@ -15,18 +16,27 @@ from typing import Any
 
 from augsearch.artifacts.checkpoint import load_checkpoint
 from augsearch.artifacts.layout import CHECKPOINT_NAME, MANIFEST_NAME, POLICY_NAME, SUMMARY_JSON
+from augsearch.artifacts.output import check_output_dir
 from augsearch.atomic import atomic_open
 from augsearch.errors import AugsearchError
-from augsearch.policy.io import load_policy, read_policy_document, save_policy
+from augsearch.policy.io import policy_from_dict, save_policy
+
+# Second key when trials tie on the search metric: the mean Dice over the foreground labels on validation.
+TIE_BREAK_METRIC = "val/dice_mean"
 
 
 class ExportError(AugsearchError):
     """A source that is neither a run nor a search directory, or a search with nothing to export."""
 
 
-def export(source: str | Path, out: str | Path, *, all_trials: bool = False, metric: str | None = None) -> list[Path]:
-    """Export from a run or search directory into OUT; returns the directories written (one per exported model)."""
+def export(source: str | Path, out: str | Path, *, all_trials: bool = False, metric: str | None = None,
+           overwrite: bool = False) -> list[Path]:
+    """Export from a run or search directory into OUT; returns the directories written (one per exported model).
+
+    OUT must be new or empty unless `overwrite` (files of the same name are then replaced).
+    """
     source, out = Path(source), Path(out)
+    check_output_dir(out, overwrite=overwrite)
     if (source / MANIFEST_NAME).is_file():
         return export_search(source, out, all_trials=all_trials, metric=metric)
     if (source / CHECKPOINT_NAME).is_file():
@@ -47,7 +57,11 @@ def export_search(run_dir: Path, out: Path, *, all_trials: bool = False, metric:
     if not summary_path.is_file():
         raise ExportError(f"{run_dir} has no {SUMMARY_JSON}: the search has not finished; finish it with "
                           f"augsearch search --resume {run_dir}")
-    rows = json.loads(summary_path.read_text())["trials"]
+    summary = json.loads(summary_path.read_text())
+    if summary.get("interrupted"):
+        raise ExportError(f"the search in {run_dir} was interrupted and its trials are half-trained; finish it with "
+                          f"augsearch search --resume {run_dir}")
+    rows = summary["trials"]
     metric = metric or manifest["metric"]
     if not metric.startswith("val/"):
         raise ExportError(f"export ranks trials by validation metrics ('val/...'), got {metric!r}; test metrics "
@@ -56,10 +70,12 @@ def export_search(run_dir: Path, out: Path, *, all_trials: bool = False, metric:
     base = {"source": "augsearch search", "run_dir": str(run_dir.resolve()), "experiment": manifest["config"]["name"],
             "search_metric": metric, "search_mode": mode}
     if all_trials:
+        chosen = [row for row in rows if row.get("checkpoint")]
+        for row in chosen:  # every name checked before anything is written
+            _inside(run_dir, row)
         done = []
-        for row in rows:
-            if row.get("checkpoint"):
-                done.append(_export_row(run_dir, row, out / row["trial"], base))
+        for row in chosen:
+            done.append(_export_row(run_dir, row, out / row["trial"], base))
         if not done:
             raise ExportError(f"no trial of {run_dir} wrote a checkpoint; nothing to export")
         return done
@@ -68,7 +84,7 @@ def export_search(run_dir: Path, out: Path, *, all_trials: bool = False, metric:
         reported = sorted({k for row in rows for k in row["metrics"] if k.startswith("val/")})
         raise ExportError(f"no trial of {run_dir} with a checkpoint reported {metric!r}; reported validation "
                           f"metrics: {', '.join(reported) or 'none'}")
-    return [_export_row(run_dir, best, out, base)]
+    return [_export_row(run_dir, best, out, {**base, "selection": selection_note(rows, best, metric)})]
 
 
 def metric_mode(metric: str) -> str:
@@ -76,38 +92,80 @@ def metric_mode(metric: str) -> str:
     return "min" if any(word in metric for word in ("loss", "hd95", "distance")) else "max"
 
 
-def best_trial(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The row with the best finite metric among rows with a checkpoint; ties go to the first."""
-    def finite(value: Any) -> bool:
-        return isinstance(value, (int, float)) and math.isfinite(value)
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
-    scored = [row for row in rows if row.get("checkpoint") and finite(row["metrics"].get(metric))]
+
+def best_trial(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The row with the best finite metric among rows with a checkpoint. Ties (common when a rare class is missed
+    by every trial: Dice 0) go to the higher mean foreground validation Dice (TIE_BREAK_METRIC), then to the first."""
+    scored = [row for row in rows if row.get("checkpoint") and _finite(row["metrics"].get(metric))]
     if not scored:
         return None
     sign = 1.0 if mode == "max" else -1.0
-    return max(scored, key=lambda row: sign * float(row["metrics"][metric]))
+
+    def key(row: dict[str, Any]) -> tuple[float, float]:
+        tie = row["metrics"].get(TIE_BREAK_METRIC)
+        return sign * float(row["metrics"][metric]), float(tie) if _finite(tie) else -math.inf
+
+    return max(scored, key=key)
+
+
+def selection_note(rows: list[dict[str, Any]], best: dict[str, Any], metric: str) -> str:
+    """One sentence on why `best` was chosen, naming the tie-break when other trials had the same metric."""
+    value = best["metrics"][metric]
+    tied = [row["trial"] for row in rows if row is not best and row.get("checkpoint")
+            and row["metrics"].get(metric) == value]
+    note = f"trial {best['trial']}: best of {len(rows)} by {metric} = {value:.4g}"
+    if tied:
+        tie = best["metrics"].get(TIE_BREAK_METRIC)
+        shown = f"{tie:.4g}" if _finite(tie) else "not reported"
+        note += (f"; tied with {', '.join(tied)}, broken by the mean foreground validation Dice "
+                 f"({TIE_BREAK_METRIC} = {shown})")
+    return note
+
+
+def _inside(run_dir: Path, row: dict[str, Any]) -> Path:
+    """The row's checkpoint folder, refused when its trial or checkpoint name leads out of RUN_DIR.
+
+    summary.json is data from the folder being exported: a crafted one must not read or write elsewhere.
+    """
+    trial, checkpoint = row.get("trial"), row.get("checkpoint")
+    if not isinstance(trial, str) or not trial or trial in (".", "..") or "/" in trial or "\\" in trial:
+        raise ExportError(f"{run_dir / SUMMARY_JSON}: trial name {trial!r} is not a plain folder name; this summary "
+                          f"was not written by augsearch search")
+    if not isinstance(checkpoint, str) or Path(checkpoint).is_absolute():
+        raise ExportError(f"{run_dir / SUMMARY_JSON}: checkpoint {checkpoint!r} of trial {trial} is not a path "
+                          f"relative to the search folder; this summary was not written by augsearch search")
+    root = run_dir.resolve()
+    resolved = (root / checkpoint).resolve()  # follows symbolic links
+    if not resolved.is_relative_to(root):
+        raise ExportError(f"{run_dir / SUMMARY_JSON}: checkpoint {checkpoint!r} of trial {trial} leads out of "
+                          f"{root} (to {resolved}); refusing to export it")
+    return resolved
 
 
 def _export_row(run_dir: Path, row: dict[str, Any], out: Path, base: dict[str, Any]) -> Path:
     provenance = {**base, "trial": row["trial"], "params": row["params"], "status": row["status"],
                   "metrics": {k: v for k, v in row["metrics"].items() if k.startswith("val/") or k == "epoch"}}
-    export_checkpoint_dir(run_dir / row["checkpoint"], out, provenance)
+    export_checkpoint_dir(_inside(run_dir, row), out, provenance)
     return out
+
 
 
 def export_checkpoint_dir(src: Path, out: Path, provenance: dict[str, Any]) -> None:
     """Copy SRC/checkpoint.pt to OUT and re-save SRC/policy.json there with provenance (both atomic)."""
 
     ckpt = load_checkpoint(src / CHECKPOINT_NAME)
-    export = {**provenance, "epoch": int(ckpt["epoch"]), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    policy_path = src / POLICY_NAME
-    if not policy_path.is_file():
-        raise ExportError(f"{src} has {CHECKPOINT_NAME} but no {POLICY_NAME}; export needs both (a run with "
+    export = {**provenance, "epoch": ckpt.epoch, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if ckpt.policy is None:
+        raise ExportError(f"{src / CHECKPOINT_NAME} holds no policy; export needs one (a run with "
                           f"augment.mode='none' has no policy to export)")
-    policy = load_policy(policy_path)
+    # The checkpoint's own copy of the policy: policy.json beside it may be a step ahead after a kill.
+    policy = policy_from_dict(ckpt.policy, source=f"policy stored in {ckpt.path}")
     # The run's own provenance (config hash, seed, data fingerprint, versions, validation metrics) stays; the
     # export adds where it came from.
-    training = read_policy_document(policy_path).get("provenance") or {}
+    training = ckpt.policy.get("provenance") or {}
     out.mkdir(parents=True, exist_ok=True)
     with open(src / CHECKPOINT_NAME, "rb") as source, atomic_open(out / CHECKPOINT_NAME, "wb") as target:
         shutil.copyfileobj(source, target)

@@ -11,6 +11,7 @@ from typing import Any
 from augsearch.artifacts.layout import CHECKPOINT_NAME, FIT_DIR, MANIFEST_NAME
 from augsearch.config import config_from_dict
 from augsearch.errors import AugsearchError
+from augsearch.learn.server import STATE_NAME, InProcessPolicyServer
 from augsearch.tune.summary import (
     SearchResult,
     finish_search,
@@ -25,9 +26,21 @@ def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, di
     """Trials one after another in this process, retried from their last checkpoint up to search.max_failures."""
     cfg = config_from_dict(manifest["config"], source=str(run_dir / MANIFEST_NAME))
     crash_marker = os.environ.get(CRASH_ENV)
+    # one worker of a shared search: the in-process server, resumed from its state file when there is one
+    server = (InProcessPolicyServer(cfg.augment, cfg.train, run_dir / STATE_NAME)
+              if cfg.search.policy_sharing == "shared" else None)
     rows = {trial["trial"]: trial_row(trial["trial"], "PENDING", trial["params"], {}, None, None, {})
             for trial in manifest["trials"]}
     rows.update(finished)
+    try:
+        _run_trials(run_dir, manifest, cfg, rows, finished, crash_marker, server)
+    except KeyboardInterrupt:
+        return finish_search(run_dir, list(rows.values()), cfg, interrupted=True)
+    return finish_search(run_dir, list(rows.values()), cfg)
+
+
+def _run_trials(run_dir: Path, manifest: dict[str, Any], cfg: Any, rows: dict[str, dict[str, Any]],
+                finished: dict[str, dict[str, Any]], crash_marker: str | None, server: Any) -> None:
     for trial in manifest["trials"]:
         trial_id, params = trial["trial"], trial["params"]
         if trial_id in finished:
@@ -43,7 +56,8 @@ def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, di
             resume = fit_dir / CHECKPOINT_NAME if (fit_dir / CHECKPOINT_NAME).is_file() else None
             try:
                 run_trial(trial_id=trial_id, run_dir=run_dir, base=manifest["config"], params=params,
-                            cpus=cfg.search.cpus_per_trial, resume=resume, crash_marker=crash_marker, report=report)
+                          cpus=cfg.search.cpus_per_trial, resume=resume, crash_marker=crash_marker, report=report,
+                          policy_server=server)
                 error = None
                 break
             except AugsearchError:
@@ -66,4 +80,3 @@ def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, di
         status = "ERROR" if error else finished_status(last, cfg)
         rows[trial_id] = trial_row(trial_id, status, params, last, checkpoint, error, timing)
         write_summary(run_dir, list(rows.values()), cfg)
-    return finish_search(run_dir, list(rows.values()), cfg)

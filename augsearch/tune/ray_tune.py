@@ -10,11 +10,14 @@ each time it starts.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,9 @@ from augsearch.artifacts.layout import (
 )
 from augsearch.config import ExperimentConfig, config_from_dict
 from augsearch.errors import SearchError
+from augsearch.learn.server import RayPolicyServer, actor_name, start_ray_server
+from augsearch.tune.reaper import Reaper
+from augsearch.tune.space import expand_trials
 from augsearch.tune.summary import (
     SearchResult,
     finish_search,
@@ -76,8 +82,9 @@ def ray_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
                 shutil.copy2(policy_path, Path(tmp) / POLICY_NAME)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
+    server = RayPolicyServer(setup["policy_server"]) if setup.get("policy_server") else None
     run_trial(trial_id=trial_id, run_dir=run_dir, base=setup["base"], params=params, cpus=setup["cpus"],
-                resume=resume, crash_marker=setup.get("crash_marker"), report=report)
+                resume=resume, crash_marker=setup.get("crash_marker"), report=report, policy_server=server)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -90,7 +97,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Fail fast with a SearchError when ADDR (host:port or ray://host:port) does not accept connections."""
+    """Fail fast with a SearchError when ADDR (host:port or ray://host:port) does not accept connections, or when
+    a host:port that does is not a Ray head (its GCS does not answer within `timeout`): `ray.init` would hang."""
     if address == "auto":
         return
     hostport = address.split("://", 1)[-1]
@@ -104,6 +112,28 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
             f"cannot reach a Ray cluster at {address} within {timeout:.0f} s ({err}); start the head with "
             f"workers/start_head.sh and pass the address it prints, or drop --address for a local Ray"
         ) from None
+    if "://" not in address:
+        _check_gcs(address, timeout)
+
+
+def _check_gcs(address: str, timeout: float) -> None:
+    """Ask the GCS at ADDRESS for its cluster id; anything but an answer (or a refusal for want of Ray's auth token)
+    means the port is something else."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout
+            )
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise SearchError(
+                    f"{address} accepts connections but is not the head of a Ray cluster (no answer from a Ray GCS "
+                    f"within {timeout:.0f} s: {err.code().name}); pass the address that `ray start --head` or "
+                    f"workers/start_head.sh prints (its GCS port, 6379 by default)"
+                ) from None
 
 
 @contextlib.contextmanager
@@ -125,20 +155,31 @@ def ray_session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    # Ray installs its own SIGTERM handler (a bare exit); keep ours, which stops a search like Ctrl-C
+    sigterm = signal.getsignal(signal.SIGTERM)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    reaper = None
     if address:
+        kwargs["address"] = address
         if _is_loopback(host):
             kwargs["_node_ip_address"] = "127.0.0.1"
         if (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
             # `ray start` turns token authentication on when a token exists; a joining driver must send it too
             os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
+        # address="local": always a private Ray, never RAY_ADDRESS or another cluster registered on this machine;
+        # the reaper ends it should this process be killed before it can
+        kwargs.update(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1")
+        reaper = Reaper()
     try:
+        ray.init(**kwargs)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
         yield
     finally:
         ray.shutdown()
+        if reaper is not None:
+            reaper.done()
 
 
 def check_resources(cpus: float, gpus: float) -> None:
@@ -170,6 +211,13 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
     search = cfg.search
     setup = {"run_dir": str(run_dir), "base": manifest["config"], "cpus": search.cpus_per_trial,
              "crash_marker": os.environ.get(CRASH_ENV)}
+    space, concurrent, server = _tune_space(search.space), search.max_concurrent_trials, None
+    if search.policy_sharing == "shared":
+        # the workers are the trials; the driver owns the server actor, so it lives exactly as long as the search
+        server = start_ray_server(run_dir, cfg.augment, cfg.train, search.num_workers, search.sync_timeout_s)
+        setup["policy_server"] = actor_name(run_dir)
+        space = {"search.worker": tune.grid_search(list(range(search.num_workers)))}
+        concurrent = search.num_workers  # every worker at once: the rounds wait for each of them
     resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(ray_trial, setup=setup), resources)
     if restore:
@@ -177,11 +225,12 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=_tune_space(search.space),
+            param_space=space,
             tune_config=tune.TuneConfig(
                 metric=search.metric, mode=search.mode, num_samples=search.num_samples,
-                scheduler=_scheduler(cfg), max_concurrent_trials=search.max_concurrent_trials,
-                search_alg=BasicVariantGenerator(random_state=cfg.seed), trial_dirname_creator=trial_dirname,
+                scheduler=_scheduler(cfg), trial_dirname_creator=trial_dirname,
+                # Tune ignores TuneConfig.max_concurrent_trials when given a variant generator: the limit goes here
+                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent or 0),
             ),
             run_config=tune.RunConfig(
                 name=run_dir.name, storage_path=str(run_dir.parent),
@@ -190,10 +239,37 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if search.scheduler == "pbt" else 2),
             ),
         )
-    grid = tuner.fit()
+    with _tune_stop_events() as stop_events:
+        grid = tuner.fit()
+    del server  # the actor ends with the search (its state file stays for --resume)
     rows = [_ray_row(result, run_dir, cfg) for result in grid]
     rows.sort(key=lambda row: row["trial"])
-    return finish_search(run_dir, rows, cfg)
+    expected = len(expand_trials(search.space, search.num_samples, cfg.seed))
+    interrupted = any(event.is_set() for event in stop_events) or len(grid) < expected
+    return finish_search(run_dir, rows, cfg, interrupted=interrupted)
+
+
+@contextlib.contextmanager
+def _tune_stop_events() -> Iterator[list[threading.Event]]:
+    """The events Tune sets when Ctrl-C (SIGINT) stops `Tuner.fit`, one per fit.
+
+    On Ctrl-C Tune saves its state, stops every trial (their status then reads TERMINATED, like finished ones) and
+    returns normally; the only record of the interruption is the event its signal handler sets, which Tune keeps to
+    itself. This wraps Tune's `_setup_signal_catching` (ray/tune/tune.py) to keep a reference to it.
+    """
+    tune_run = importlib.import_module("ray.tune.tune")
+    setup = tune_run._setup_signal_catching
+    events: list[threading.Event] = []
+
+    def recording_setup() -> threading.Event:
+        events.append(setup())
+        return events[-1]
+
+    tune_run._setup_signal_catching = recording_setup
+    try:
+        yield events
+    finally:
+        tune_run._setup_signal_catching = setup
 
 
 def _scheduler(cfg: ExperimentConfig) -> Any:
@@ -222,7 +298,8 @@ def _ray_row(result: Any, run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any
                   "first_report": float(history["time/report"].iloc[0]),
                   "last_report": float(history["time/report"].iloc[-1]),
                   "first_epoch_s": float(history["time/epoch_s"].iloc[0]) if "time/epoch_s" in history else None,
-                  "reports": int(len(history))}
+                  "reports": len(history)}
     status = "ERROR" if result.error is not None else finished_status(metrics, cfg)
-    return trial_row(trial, status, {k: (result.config or {}).get(k) for k in cfg.search.space}, metrics, checkpoint,
+    varied = ["search.worker"] if cfg.search.policy_sharing == "shared" else cfg.search.space
+    return trial_row(trial, status, {k: (result.config or {}).get(k) for k in varied}, metrics, checkpoint,
                 str(result.error) if result.error is not None else None, timing)

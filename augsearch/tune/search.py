@@ -11,7 +11,6 @@ A search directory RUN_DIR holds (names in artifacts/layout.py):
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from augsearch.artifacts.layout import MANIFEST_NAME
 from augsearch.atomic import write_json
 from augsearch.config import ExperimentConfig, config_from_dict
 from augsearch.errors import SearchError
+from augsearch.textfiles import MalformedText, read_json
 from augsearch.tune.local import run_local
 from augsearch.tune.ray_tune import check_resources, ray_session, run_ray
 from augsearch.tune.space import absolute_paths, expand_trials, validate_space
@@ -51,6 +51,8 @@ def new_search(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = No
     if search.scheduler == "pbt" and not any(isinstance(spec, dict) for spec in search.space.values()):
         raise SearchError("search.scheduler='pbt' perturbs the distribution keys of search.space and there is none; "
                           "add one such as 'augment.tra.lr' = {loguniform = [0.01, 0.1]}")
+    if search.policy_sharing == "shared":
+        _check_shared(cfg, use_ray)
     manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "backend": "ray" if use_ray else "local",
                 "config": base, "space": search.space, "metric": search.metric, "mode": search.mode,
                 "config_hash": cfg.fingerprint(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -58,8 +60,9 @@ def new_search(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = No
         if search.scheduler != "none":
             raise SearchError(f"search.scheduler={search.scheduler!r} needs Ray (trials run side by side); "
                               f"drop --no-ray or set search.scheduler=none")
-        manifest["trials"] = [{"trial": f"trial_{i:05d}", "params": p}
-                              for i, p in enumerate(expand_trials(search.space, search.num_samples, cfg.seed))]
+        params = (expand_trials(search.space, search.num_samples, cfg.seed) if search.policy_sharing == "independent"
+                  else [{"search.worker": 0}])
+        manifest["trials"] = [{"trial": f"trial_{i:05d}", "params": p} for i, p in enumerate(params)]
         prepare_data(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / MANIFEST_NAME, manifest)
@@ -70,6 +73,21 @@ def new_search(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = No
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / MANIFEST_NAME, manifest)
         return run_ray(run_dir, manifest, restore=False)
+
+
+def _check_shared(cfg: ExperimentConfig, use_ray: bool) -> None:
+    """A shared search runs search.num_workers workers of one config around one policy server."""
+    search = cfg.search
+    if search.space or search.num_samples != 1 or search.scheduler != "none":
+        raise SearchError("search.policy_sharing='shared' runs num_workers workers of one config (worker i: seed + i, "
+                          "shard i); it takes no search.space, num_samples=1 and scheduler='none'. Empty the space "
+                          "(e.g. --set 'search.space={}') or use policy_sharing='independent'")
+    if not (cfg.augment.tra.learn or cfg.augment.tea.learn):
+        raise SearchError("search.policy_sharing='shared' needs a learned policy (augment.tra.learn or "
+                          "augment.tea.learn); there is nothing to share")
+    if not use_ray and search.num_workers > 1:
+        raise SearchError(f"search.num_workers={search.num_workers} workers run side by side on Ray; drop --no-ray, "
+                          f"or set search.num_workers=1")
 
 
 def resume_search(run_dir: Path, *, address: str | None = None) -> SearchResult:
@@ -94,9 +112,9 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         raise SearchError(f"{run_dir} is not a search directory (no {MANIFEST_NAME}); pass the --out directory of "
                           f"an `augsearch search` run")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SearchError(f"{path} is not valid JSON ({err}); it was not written by augsearch search") from None
+        manifest = read_json(path)
+    except MalformedText as err:
+        raise SearchError(f"{path}: {err}; it was not written by augsearch search") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise SearchError(f"{path} is not an augsearch search manifest (format {MANIFEST_FORMAT!r} expected)")
     return manifest

@@ -13,7 +13,7 @@ from typing import Any
 from augsearch.artifacts.layout import SUMMARY_CSV, SUMMARY_JSON
 from augsearch.atomic import write_json, write_text
 from augsearch.config import ExperimentConfig
-from augsearch.tune.export import best_trial
+from augsearch.tune.export import best_trial, selection_note
 
 
 @dataclass
@@ -21,6 +21,7 @@ class SearchResult:
     run_dir: Path
     rows: list[dict[str, Any]]  # summary rows, see `summary_rows`
     best: dict[str, Any] | None  # the row with the best search.metric, None when no trial reported it
+    interrupted: bool = False  # stopped by Ctrl-C before every trial finished: resume it, export nothing yet
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -40,14 +41,16 @@ def trial_row(trial: str, status: str, params: dict[str, Any], metrics: dict[str
             "node_id": metrics.get("node_id"), "error": error, "timing": timing}
 
 
-def finish_search(run_dir: Path, rows: list[dict[str, Any]], cfg: ExperimentConfig) -> SearchResult:
-    write_summary(run_dir, rows, cfg)
+def finish_search(run_dir: Path, rows: list[dict[str, Any]], cfg: ExperimentConfig, *,
+                  interrupted: bool = False) -> SearchResult:
+    write_summary(run_dir, rows, cfg, interrupted=interrupted)
     print(format_table(rows, cfg.search.metric), flush=True)
+    if interrupted:  # half-trained trials must not look like results
+        return SearchResult(run_dir=run_dir, rows=rows, best=None, interrupted=True)
     best = best_trial(rows, cfg.search.metric, cfg.search.mode)
     if best is not None:
-        print(f"best trial by {cfg.search.metric} ({cfg.search.mode}): {best['trial']} "
-              f"{best['metrics'][cfg.search.metric]:.4f}; export it with: augsearch export {run_dir} --out DIR",
-              flush=True)
+        print(f"best {selection_note(rows, best, cfg.search.metric)} ({cfg.search.mode}); export it with: "
+              f"augsearch export {run_dir} --out DIR", flush=True)
     return SearchResult(run_dir=run_dir, rows=rows, best=best)
 
 
@@ -76,14 +79,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_summary(run_dir: Path, rows: list[dict[str, Any]], cfg: ExperimentConfig) -> None:
+def write_summary(run_dir: Path, rows: list[dict[str, Any]], cfg: ExperimentConfig, *,
+                  interrupted: bool = False) -> None:
     header, body = _table(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
     writer.writerows([["" if v is None else v for v in line] for line in body])
     write_text(run_dir / SUMMARY_CSV, buffer.getvalue())
-    write_json(run_dir / SUMMARY_JSON, {"metric": cfg.search.metric, "mode": cfg.search.mode, "trials": rows})
+    write_json(run_dir / SUMMARY_JSON, {"metric": cfg.search.metric, "mode": cfg.search.mode,
+                                        "interrupted": interrupted, "trials": rows})
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from augsearch.artifacts.checkpoint import load_checkpoint
 from augsearch.artifacts.layout import FIT_DIR
 from augsearch.config import ExperimentConfig, apply_overrides, config_from_dict
 from augsearch.data.synthetic import ensure_dataset
+from augsearch.learn.server import PolicyServer
 from augsearch.train import fit
 
 CRASH_ENV = "AUGSEARCH_TEST_CRASH_ONCE"
@@ -35,8 +36,13 @@ def prepare_data(cfg: ExperimentConfig) -> None:
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], cpus: float) -> ExperimentConfig:
-    """The trial's config: base + varied values, with torch threads set to the trial's CPUs."""
+    """The trial's config: base + varied values, with torch threads set to the trial's CPUs.
+
+    A worker of a shared search (params {"search.worker": i}) runs with seed base seed + i.
+    """
     overrides = {**params, "train.num_threads": max(1, int(cpus))}
+    if "search.worker" in params:
+        overrides["seed"] = int(base.get("seed", 0)) + int(params["search.worker"])
     return config_from_dict(apply_overrides(base, overrides), source="trial config")
 
 
@@ -50,8 +56,11 @@ def run_trial(
     resume: Path | None,
     crash_marker: str | None,
     report: Callable[[dict[str, Any], Path | None, Path | None], None],
+    policy_server: PolicyServer | None = None,
 ) -> None:
-    """One fit of one trial: shared by the Ray trial function and the in-process runner."""
+    """One fit of one trial: shared by the Ray trial function and the in-process runner.
+
+    policy_server: the shared search's server (None for independent trials)."""
     started = time.time()
     import torch
 
@@ -73,12 +82,15 @@ def run_trial(
         if crash_marker and rep.checkpoint_path is not None and _claim(crash_marker):
             raise SimulatedCrash(f"{CRASH_ENV} test hook: trial {trial_id} crashes after epoch {rep.epoch}")
 
-    fit(cfg, run_dir / trial_id / FIT_DIR, callbacks=[on_epoch], resume=resume)
+    # The trial's folder belongs to the search: a restart without a checkpoint starts it afresh. PBT continues
+    # from a donor's checkpoint under the trial's own perturbed values, so only the data must match there.
+    fit(cfg, run_dir / trial_id / FIT_DIR, callbacks=[on_epoch], resume=resume, policy_server=policy_server,
+        overwrite=resume is None, check_config_on_resume=cfg.search.scheduler != "pbt")
 
 
 def _checkpoint_epoch(path: Path) -> int:
 
-    return int(load_checkpoint(path)["epoch"])
+    return load_checkpoint(path).epoch
 
 
 def _claim(marker: str) -> bool:

@@ -152,7 +152,7 @@ def run_one(row: Row, seed: int, out: Path, args: argparse.Namespace, gt_dir: Pa
             train_s, val, reused = previous["train_s"], previous["val"], True
     if checkpoint is None:
         started = time.perf_counter()
-        fitted = fit(cfg, run_dir, progress=False)
+        fitted = fit(cfg, run_dir, progress=False, overwrite=True)  # an unfinished run starts afresh
         train_s = time.perf_counter() - started
         checkpoint, policy_path = fitted.checkpoint_path, fitted.policy_path
         val = {k: v for k, v in fitted.metrics.items() if k.startswith("val/")}

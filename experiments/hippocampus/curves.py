@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augsearch.artifacts.checkpoint import build_model, load_checkpoint
+from augsearch.artifacts.checkpoint import load_checkpoint
 from augsearch.config import ExperimentConfig
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import Case, read_dataset_info
@@ -80,7 +80,7 @@ class CurveRecorder:
         last = report.epoch == self.cfg.train.epochs
         if report.checkpoint_path is None or not (report.epoch % self.every == 0 or last):
             return
-        model = build_model(load_checkpoint(report.checkpoint_path))
+        model = load_checkpoint(report.checkpoint_path).build_model()
         line = {"epoch": report.epoch, "step": report.metrics["step"], "train/loss": report.metrics["train/loss"]}
         for split, cases in (("val", self.cases["val"]), ("train", self.cases["train"][:TRAIN_CURVE_CASES])):
             scores = volume_scores(model, cases, self.cfg.train.patch_size, self.labels,

@@ -41,12 +41,11 @@ def run_dir_for(out: Path, row: str, fraction: float, seed: int) -> Path:
     return out / row / f"f{round(fraction * 100):03d}" / f"s{seed}"
 
 
-def evaluate_test(ckpt: dict, root: Path) -> tuple[list[dict], dict[str, dict[str, float]]]:
+def evaluate_test(ckpt, root: Path) -> tuple[list[dict], dict[str, dict[str, float]]]:
     """Per test case and class: Dice, sensitivity, precision, HD95 (mm); and their means over cases (NaN ignored)."""
     import torch
 
-    from augsearch.artifacts.checkpoint import build_model
-    from augsearch.config import PreprocessConfig, SplitConfig
+    from augsearch.config import SplitConfig
     from augsearch.data.cases import load_cases
     from augsearch.data.dataset import read_dataset_info
     from augsearch.data.splits import resolve_splits
@@ -54,14 +53,13 @@ def evaluate_test(ckpt: dict, root: Path) -> tuple[list[dict], dict[str, dict[st
     from augsearch.predict.sliding_window import sliding_window_predict
 
     info = read_dataset_info(root)
-    splits = resolve_splits(info, SplitConfig.model_validate(ckpt["config"]["data"]["split"]))
-    fields = PreprocessConfig.model_fields
-    preprocess = PreprocessConfig.model_validate({k: v for k, v in ckpt["preprocess"].items() if k in fields})
-    model = build_model(ckpt)
+    splits = resolve_splits(info, SplitConfig.model_validate(ckpt.config["data"]["split"]))
+    preprocess = ckpt.preprocess
+    model = ckpt.build_model()
     rows = []
-    for case in load_cases(info, splits.test, preprocess):
+    for case in load_cases(info, splits.test, preprocess, split=splits.test_split):
         image = torch.from_numpy(case.image).unsqueeze(0)
-        pred = sliding_window_predict(model, image, ckpt["patch_size"], batch_size=9)[0].argmax(0).numpy()
+        pred = sliding_window_predict(model, image, ckpt.patch_size, batch_size=9)[0].argmax(0).numpy()
         for name, value in info.labels.items():
             if value == 0:
                 continue
@@ -97,7 +95,7 @@ def run_one(config: str, fraction: float, seed: int, run_dir: str, overrides: li
     run_dir = Path(run_dir)
     cfg = load_config(config, [*overrides, f"data.split.train_fraction={fraction}", f"seed={seed}"])
     started = time.perf_counter()
-    fit(cfg, run_dir, progress=False)
+    fit(cfg, run_dir, progress=False, overwrite=True)  # an unfinished run starts afresh
     train_s = time.perf_counter() - started
     ckpt = load_checkpoint(run_dir)
     root = Path(cfg.data.root)

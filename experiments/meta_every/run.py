@@ -31,7 +31,7 @@ ITERATIONS_PER_EPOCH = 50
 def _fit(config: str, run_dir: Path, overrides: dict) -> list[dict]:
     """Train unless run_dir holds a finished run; the run's metrics.jsonl lines."""
     if not (run_dir / "checkpoint.pt").is_file():
-        fit(load_config(PLANTED / f"{config}.toml", overrides), run_dir, progress=False)
+        fit(load_config(PLANTED / f"{config}.toml", overrides), run_dir, progress=False, overwrite=True)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -39,7 +39,7 @@ def train(name: str, out: Path, seed: int, threads: int, init: Path | None = Non
         overrides = {"data.root": str(out / "data" / cfg.data.synth.shift), "seed": seed, "train.num_threads": threads}
         if init is not None:
             overrides["train.init_checkpoint"] = str(init / "checkpoint.pt")
-        fit(load_config(PLANTED / f"{name}.toml", overrides), run_dir, progress=False)
+        fit(load_config(PLANTED / f"{name}.toml", overrides), run_dir, progress=False, overwrite=True)
     return run_dir
 
 

@@ -1,0 +1,197 @@
+"""Shared policy: the server's arithmetic, the in-process server inside `fit`, accumulation, sharding, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_controller import local_ray  # noqa: F401  (the loopback-only local Ray fixture)
+
+from augsearch.artifacts.checkpoint import load_checkpoint
+from augsearch.cli import main
+from augsearch.config import AugmentConfig, TrainConfig, load_config
+from augsearch.learn.server import (
+    STATE_NAME,
+    Contribution,
+    InProcessPolicyServer,
+    PolicyServerError,
+    PolicyServerState,
+    _Rounds,
+    worker_shard,
+)
+from augsearch.policy.io import load_policy
+from augsearch.train import _build_policy, fit
+from augsearch.tune.trial import CRASH_ENV
+
+SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data") / "smoke2d"
+
+
+def smoke(data_root: Path, **overrides):
+    sets = {"train.epochs": 2, "train.iterations": 2, "data.root": str(data_root), "train.num_threads": 1, **overrides}
+    return load_config(SMOKE, sets)
+
+
+def policy_logits(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    policy = load_policy(run_dir / "policy.json")
+    return policy.tra_logits.detach(), policy.tea_logits.detach()
+
+
+def test_one_worker_on_the_server_equals_the_independent_search_bit_for_bit(data_root, tmp_path):
+    cfg = smoke(data_root)
+    alone = fit(cfg, tmp_path / "alone", progress=False)
+    shared_cfg = smoke(data_root, **{"search.policy_sharing": "shared"})
+    server = InProcessPolicyServer(shared_cfg.augment, shared_cfg.train, tmp_path / "server" / STATE_NAME)
+    shared = fit(shared_cfg, tmp_path / "shared", progress=False, policy_server=server)
+    tra_a, tea_a = policy_logits(alone.run_dir)
+    tra_s, tea_s = policy_logits(shared.run_dir)
+    assert torch.equal(tra_a, tra_s) and torch.equal(tea_a, tea_s)
+    assert torch.equal(server.state.tra_logits.detach(), tra_s)
+    assert server.state.round == 4  # 2 epochs x 2 iterations, one policy step each
+    # the policy moved, so the equality compares two trajectories, not two unchanged starts
+    start = _build_policy(cfg, load_checkpoint(alone.checkpoint_path).label_names, (1.0, 1.0),  # the smoke grid
+                          log=lambda message: None)
+    assert not torch.equal(start.tra_logits.detach(), tra_a) and not torch.equal(start.tea_logits.detach(), tea_a)
+    assert alone.metrics["val/dice_rare"] == shared.metrics["val/dice_rare"]
+    # the server checkpointed with the validations
+    saved = torch.load(tmp_path / "server" / STATE_NAME, weights_only=False)
+    assert saved["round"] == 4 and torch.equal(saved["tra_logits"], tra_s)
+
+
+def test_server_state_averages_contributions_and_resumes_from_its_file(tmp_path):
+    augment, train = AugmentConfig(), TrainConfig(epochs=2)
+    tra, tea = torch.zeros(2, 3, 4), torch.zeros(5)
+    state = PolicyServerState(augment, train, tra, tea)
+    g1, g2 = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    state.apply([Contribution(0, 0, g1, None), Contribution(1, 0, g2, torch.ones(5))])
+    reference = PolicyServerState(augment, train, tra, tea)
+    reference.apply([Contribution(0, 0, (g1 + g2) / 2, torch.ones(5))])
+    assert torch.allclose(state.tra_logits, reference.tra_logits) and torch.equal(state.tea_logits, reference.tea_logits)
+    assert not torch.equal(state.tra_logits, tra)
+    state.save(tmp_path / STATE_NAME)
+    restarted = PolicyServerState.load(tmp_path / STATE_NAME, augment, train)
+    g3 = torch.randn(2, 3, 4)
+    for s in (state, restarted):
+        s.apply([Contribution(0, 1, g3, None)])
+    assert torch.equal(state.tra_logits, restarted.tra_logits) and restarted.round == 2
+    with pytest.raises(PolicyServerError, match="shape"):
+        state.apply([Contribution(0, 1, torch.zeros(3), None)])
+
+
+def test_rounds_wait_for_every_live_worker_and_drop_an_absent_one_after_the_timeout(tmp_path):
+    async def scenario():
+        rounds = _Rounds(AugmentConfig(), TrainConfig(), tmp_path / STATE_NAME, num_workers=2, timeout_s=0.3)
+        rounds.join(0, torch.zeros(1, 1, 2), torch.zeros(2))
+        grad = torch.ones(1, 1, 2)
+        both = await asyncio.gather(rounds.push(Contribution(0, 0, grad, None)),
+                                    rounds.push(Contribution(1, 0, -grad, None)))
+        assert [s.round for s in both] == [1, 1] and rounds.timeouts == 0
+        alone = await rounds.push(Contribution(0, 0, grad, None))  # worker 1 died: one timeout, then no waiting
+        assert alone.round == 2 and rounds.timeouts == 1 and rounds.state.live == {0}
+        again = await rounds.push(Contribution(0, 0, grad, None))
+        assert again.round == 3 and rounds.timeouts == 1
+        back = await asyncio.gather(rounds.push(Contribution(1, 0, grad, None)),  # worker 1 rejoins
+                                    rounds.push(Contribution(0, 0, grad, None)))
+        assert [s.round for s in back] == [4, 4] and rounds.state.contributions == 1 * 2 + 1 + 1 + 2
+
+    asyncio.run(scenario())
+
+
+def test_accumulate_steps_once_per_k_meta_iterations(data_root, tmp_path):
+    cfg = smoke(data_root, **{"search.policy_sharing": "shared", "augment.accumulate": 2})
+    server = InProcessPolicyServer(cfg.augment, cfg.train, tmp_path / STATE_NAME)
+    fit(cfg, tmp_path / "run", progress=False, policy_server=server)
+    assert server.state.round == 2  # 4 meta-iterations, averaged in pairs
+
+
+def test_workers_train_on_disjoint_shards(data_root, tmp_path):
+    cases = list(range(7))
+    shards = [worker_shard(cases, w, 3) for w in range(3)]
+    assert sorted(sum(shards, [])) == cases and shards[0] == [0, 3, 6]
+    assert worker_shard(cases, 0, 1) == cases
+    with pytest.raises(PolicyServerError, match="num_workers"):
+        worker_shard(cases[:2], 0, 3)
+    cfg = smoke(data_root, **{"search.policy_sharing": "shared", "search.num_workers": 2, "search.worker": 1})
+    result = fit(cfg, tmp_path / "w1", progress=False)
+    trained = json.loads((result.run_dir / "policy.json").read_text())["provenance"]["train_cases"]
+    assert len(trained) == 2  # the smoke benchmark's 4 training cases, every second from position 1
+
+
+# ------------------------------------------------------------------------------------------- shared searches
+
+
+def shared_args(data_root: Path, *extra: str) -> list[str]:
+    sets = ["train.epochs=2", "train.iterations=2", f"data.root={json.dumps(str(data_root))}", "search.space={}",
+            "search.policy_sharing=shared", "search.sync_timeout_s=60", *extra]
+    return [arg for item in sets for arg in ("--set", item)]
+
+
+def rows(run_dir: Path) -> dict[str, dict]:
+    return {row["trial"]: row for row in json.loads((run_dir / "summary.json").read_text())["trials"]}
+
+
+def test_interrupted_shared_search_resumes_to_the_uninterrupted_policy(data_root, tmp_path, monkeypatch, capsys):
+    whole = tmp_path / "whole"
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(whole), *shared_args(data_root)]) == 0
+    monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed"))
+    cut = tmp_path / "cut"
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(cut), *shared_args(data_root, "search.max_failures=0")]) == 1
+    assert torch.load(cut / STATE_NAME, weights_only=False)["round"] == 2  # saved with the epoch-1 validation
+    monkeypatch.delenv(CRASH_ENV)
+    assert main(["search", "--resume", str(cut)]) == 0
+    (row,) = rows(cut).values()
+    assert row["status"] == "TERMINATED" and row["metrics"]["resumed_epoch"] == 1
+    fit_dirs = [run / "trial_00000" / "fit" for run in (whole, cut)]
+    (tra_w, tea_w), (tra_c, tea_c) = (policy_logits(d) for d in fit_dirs)
+    assert torch.equal(tra_w, tra_c) and torch.equal(tea_w, tea_c)
+    assert torch.load(cut / STATE_NAME, weights_only=False)["round"] == 4
+
+
+def test_shared_search_refuses_a_space_and_several_workers_without_ray(data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = shared_args(data_root, "search.num_workers=2")
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(out), *args]) == 2
+    assert "side by side on Ray" in capsys.readouterr().err
+    args = shared_args(data_root)
+    del args[args.index("search.space={}") - 1: args.index("search.space={}") + 1]  # the smoke space: seed = [0, 1]
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(out), *args]) == 2
+    assert "takes no search.space" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_two_workers_share_one_policy_on_ray(local_ray, data_root, tmp_path):
+    out = tmp_path / "search"
+    assert main(["search", str(SMOKE), "--out", str(out), *shared_args(data_root, "search.num_workers=2")]) == 0
+    found = rows(out)
+    assert sorted(r["params"]["search.worker"] for r in found.values()) == [0, 1]
+    assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 2 for r in found.values())
+    fits = [out / trial / "fit" for trial in sorted(found)]
+    seeds = sorted(json.loads((d / "config.json").read_text())["seed"] for d in fits)
+    assert seeds == [0, 1]
+    shards = [set(json.loads((d / "policy.json").read_text())["provenance"]["train_cases"]) for d in fits]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 4
+    (tra_a, tea_a), (tra_b, tea_b) = (policy_logits(d) for d in fits)
+    assert torch.equal(tra_a, tra_b) and torch.equal(tea_a, tea_b)  # the last round's snapshot, the same for both
+    state = torch.load(out / STATE_NAME, weights_only=False)
+    assert state["contributions"] == 8 and state["round"] == 4 and torch.equal(state["tra_logits"], tra_a)
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_rejoins_and_the_shared_policy_loses_nothing(local_ray, data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed"))
+    out = tmp_path / "search"
+    args = shared_args(data_root, "search.num_workers=2", "train.epochs=3")
+    assert main(["search", str(SMOKE), "--out", str(out), *args]) == 0
+    found = rows(out)
+    assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 3 for r in found.values())
+    assert sorted(r["metrics"]["resumed_epoch"] for r in found.values()) == [0, 1]
+    # every meta-iteration of both workers reached the server exactly once: 2 workers x 3 epochs x 2 iterations
+    assert torch.load(out / STATE_NAME, weights_only=False)["contributions"] == 12

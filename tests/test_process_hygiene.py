@@ -1,0 +1,204 @@
+"""Process hygiene: a private local Ray, a clear refusal of a non-Ray address, no Ray process left after a signal,
+SIGTERM handled like Ctrl-C, search.max_concurrent_trials honoured. Everything on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from augsearch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "smoke.toml"
+RAY_PROCESS_NAMES = ("raylet", "gcs_server", "dashboard", "agent", "ray::", "log_monitor", "monitor.py")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data") / "smoke2d"
+
+
+def tiny(data_root: Path, *extra: str) -> list[str]:
+    sets = ["train.iterations=2", "model.depth=2", f"data.root={json.dumps(str(data_root))}", *extra]
+    return [arg for item in sets for arg in ("--set", item)]
+
+
+def process_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, start time, command line), from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            table[int(entry.name)] = (int(fields[1]), fields[19], cmd)
+    return table
+
+
+def ray_descendants(root: int) -> dict[int, str]:
+    """pid -> start time of the Ray processes below ROOT."""
+    table = process_table()
+    found, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, (parent, start, cmd) in table.items():
+            if parent == pid and child not in found:
+                found[child] = (start, cmd)
+                frontier.append(child)
+    return {pid: start for pid, (start, cmd) in found.items() if any(n in cmd for n in RAY_PROCESS_NAMES)}
+
+
+def survivors(noted: dict[int, str], wait_s: float = 20.0) -> dict[int, str]:
+    """The noted processes (same pid and start time) still running after up to WAIT_S seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        table = process_table()
+        left = {pid: table[pid][2] for pid, start in noted.items()
+                if pid in table and table[pid][1] == start and table[pid][2]}  # zombies have no command line
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return subprocess.Popen([sys.executable, "-m", "augsearch", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, timeout_s: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.2)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------- addresses
+
+
+def test_address_that_accepts_tcp_but_is_not_ray_fails_fast(tmp_path, data_root):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    held = []
+    threading.Thread(target=lambda: held.extend(iter(lambda: server.accept()[0], None)), daemon=True).start()
+    out = tmp_path / "out"
+    try:
+        proc = start_cli("search", str(SMOKE), "--address", f"127.0.0.1:{server.getsockname()[1]}",
+                         "--out", str(out), *tiny(data_root))
+        try:
+            _, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("a non-Ray address hangs the search") from None
+    finally:
+        server.close()
+    assert proc.returncode == 2, err
+    assert "is not the head of a Ray cluster" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_local_ray_is_private_whatever_ray_address_says(monkeypatch):
+    import ray
+
+    from augsearch.tune.ray_tune import ray_session
+
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed_port()}")  # another cluster, long gone
+    with ray_session(None):
+        assert ray.is_initialized()
+        gcs = ray.get_runtime_context().gcs_address
+        assert gcs.startswith("127.0.0.1:") and gcs != os.environ["RAY_ADDRESS"]
+        noted = ray_descendants(os.getpid())
+        assert noted
+    assert not ray.is_initialized()
+    assert not survivors(noted)
+
+
+# ----------------------------------------------------------------------------------------------- signals
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_search_leaves_no_ray_process(tmp_path, data_root):
+    out = tmp_path / "s"
+    proc = start_cli("search", str(SMOKE), "--out", str(out), *tiny(data_root, "train.epochs=500"))
+    wait_for(lambda: (out / "tuner.pkl").is_file(), 300, proc)  # Ray up, its agents running, Tune started
+    time.sleep(2)
+    noted = ray_descendants(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # Ray's agents notice a dead raylet on their own only after tens of seconds, if at all
+    assert not survivors(noted, wait_s=5.0), "Ray processes outlived their killed driver"
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_search_stops_it_like_ctrl_c(tmp_path, data_root):
+    out = tmp_path / "s"
+    proc = start_cli("search", str(SMOKE), "--out", str(out), *tiny(data_root, "train.epochs=500"))
+    wait_for(lambda: (out / "tuner.pkl").is_file(), 300, proc)
+    time.sleep(2)
+    noted = ray_descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    # Ray forwards its workers' output prefixed "(name pid=...)": a worker ended while importing may print its own
+    # SystemExit there. The driver's own lines are what the user is shown.
+    driver = "\n".join(line for line in err.splitlines() if not line.startswith("("))
+    assert "Stack trace" not in driver and "SIGTERM received" not in driver and "Traceback" not in driver, driver[-3000:]
+    # Tune's own Ctrl-C path: state saved, the search reported as interrupted with the resume command
+    assert proc.returncode == 130 and "interrupted; resume with" in driver, driver[-3000:]
+    assert json.loads((out / "summary.json").read_text()).get("interrupted") is True
+    assert not survivors(noted)
+
+
+@pytest.mark.slow
+def test_sigterm_of_train_ends_with_a_resume_hint(tmp_path, data_root):
+    out = tmp_path / "run"
+    proc = start_cli("train", str(SMOKE), "--out", str(out), "--quiet", *tiny(data_root, "train.epochs=5000"))
+    wait_for(lambda: (out / "checkpoint.pt").is_file(), 300, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "augsearch train: interrupted; continue from the last checkpoint with augsearch train" in err
+    assert f"--resume {out}" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------- concurrency
+
+
+@pytest.mark.slow
+def test_max_concurrent_trials_one_runs_trials_one_after_another(tmp_path, data_root):
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        out = tmp_path / "s"
+        # two trials of one CPU each on two CPUs: side by side unless the limit holds
+        args = tiny(data_root, "train.epochs=2", "search.max_concurrent_trials=1")
+        assert main(["search", str(SMOKE), "--out", str(out), *args]) == 0
+    finally:
+        ray.shutdown()
+    rows = json.loads((out / "summary.json").read_text())["trials"]
+    spans = sorted((row["timing"]["trial_start"], row["timing"]["last_report"]) for row in rows)
+    assert len(spans) == 2 and spans[0][1] < spans[1][0], spans
