@@ -167,7 +167,11 @@ def test_prepare_reads_the_decathlon_tar_layout(tmp_path, monkeypatch):
     archive = tmp_path / "Task04_Hippocampus.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(task, arcname="Task04_Hippocampus")
-    monkeypatch.setattr(prepare, "split_case_ids", lambda: sorted(CASES))  # three of the 200
+    splits, test_cases = tmp_path / "splits_final.json", tmp_path / "test_cases.json"  # three of the 200 cases
+    splits.write_text(json.dumps([{"train": CASES[:2], "val": CASES[2:]}]))
+    test_cases.write_text("[]")
+    monkeypatch.setattr(prepare, "SPLITS", splits)
+    monkeypatch.setattr(prepare, "TEST_CASES", test_cases)
     out = prepare.prepare(archive, tmp_path / "data" / "hippocampus")
     info = read_dataset_info(out)
     assert info.training == sorted(CASES) and info.labels == LABELS

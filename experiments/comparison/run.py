@@ -93,14 +93,17 @@ def link_ground_truth(root: Path, cases: list[str], gt_dir: Path) -> None:
 
 
 def evaluate_run(checkpoint: Path, policy: str | None, root: Path, labels: dict[str, int], cases: list[str],
-                 run_dir: Path, gt_dir: Path) -> tuple[list[dict], dict]:
-    """Predict the test cases into run_dir/test_pred, score them, write run_dir/evaluation.csv; (rows, summary)."""
+                 run_dir: Path, gt_dir: Path, pad_to_window: bool = False) -> tuple[list[dict], dict]:
+    """Predict the test cases into run_dir/test_pred, score them, write run_dir/evaluation.csv; (rows, summary).
+
+    pad_to_window: zero-pad volumes smaller than the training patch on some axis (as validation does)."""
     from augsearch.atomic import write_text
     from augsearch.metrics import evaluate_folders
     from augsearch.predict.files import predict_files
 
     pred_dir = run_dir / "test_pred"
-    predict_files(checkpoint, root / "imagesTr", pred_dir, policy=policy, cases=cases, device="cpu", progress=False)
+    predict_files(checkpoint, root / "imagesTr", pred_dir, policy=policy, cases=cases, device="cpu", progress=False,
+                  pad_to_window=pad_to_window)
     rows, summary = evaluate_folders(pred_dir, gt_dir, {k: v for k, v in labels.items() if v != 0})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["case", "class", "dice", "sensitivity", "precision", "hd95"],

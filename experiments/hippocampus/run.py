@@ -39,6 +39,7 @@ import torch
 from augsearch.atomic import write_json, write_text
 from augsearch.config import load_config
 from augsearch.data.dataset import read_dataset_info
+from augsearch.metrics import summarise
 from augsearch.train import fit
 
 HERE = Path(__file__).resolve().parent
@@ -140,6 +141,26 @@ def train(cfg, run_dir: Path, curve_every: int | None) -> float:
     return time.perf_counter() - started
 
 
+def add_wall(run_dir: Path, phase: str, seconds: float) -> dict:
+    """Add `seconds` to `phase` in run_dir/wall.json (summed over the invocations that resumed the run); all phases."""
+    path = run_dir / "wall.json"
+    wall = json.loads(path.read_text()) if path.is_file() else {}
+    if seconds > 0:  # a phase found finished adds nothing
+        wall[phase] = wall.get(phase, 0.0) + seconds
+        write_json(path, wall)
+    return wall
+
+
+def scored(run_dir: Path, n_rows: int) -> list[dict] | None:
+    """The per-case rows of a TTA column scored by an earlier invocation (all `n_rows` of them), else None."""
+    path = run_dir / "evaluation.csv"
+    if not path.is_file():
+        return None
+    rows = [{k: v if k in ("case", "class") else float(v) for k, v in row.items()}
+            for row in csv.DictReader(io.StringIO(path.read_text()))]
+    return rows if len(rows) == n_rows else None
+
+
 def epoch_totals(run_dir: Path) -> dict:
     """Steps, meta-steps and the summed epoch times (training alone, no validation) from fit's metrics.jsonl."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -168,9 +189,9 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
     run_dir = run_dir_for(out, size, row.name, seed, results)
     overrides = overrides_for(size, row.name, seed, out, results, extra)
     cfg = load_config(HERE / f"{row.name}.toml", overrides)
-    wall = {"train": train(cfg, run_dir, curve_every)}
+    add_wall(run_dir, "train", train(cfg, run_dir, curve_every))
     totals = epoch_totals(run_dir)
-    tea_totals = {"steps": 0}
+    tea_totals = {"steps": 0, "epoch_s": 0.0}
     if row.own_tea:
         learned_policy = Path(cfg.augment.policy) if row.name == "retrain" else run_dir / "policy.json"
     else:  # a TEA learned post hoc on the frozen segmenter, from the same identity-and-flips start in every row
@@ -180,21 +201,25 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
             *overrides_for(size, "tea_posthoc", seed, out, results, extra),
             f'train.init_checkpoint="{run_dir / "checkpoint.pt"}"',
             f'augment.policy="{start if start.is_file() else "nnunet"}"'])
-        wall["posthoc_tea"] = train(tea_cfg, tea_dir, None)
+        add_wall(run_dir, "posthoc_tea", train(tea_cfg, tea_dir, None))
         tea_totals = epoch_totals(tea_dir)
         learned_policy = tea_dir / "policy.json"
     info = read_dataset_info(cfg.data.root)
     test_cases = json.loads((HERE / "test_cases.json").read_text())[:test_limit]
     gt_dir = out / "gt"
     comparison.link_ground_truth(info.root, test_cases, gt_dir)
-    started = time.perf_counter()
     test = {}
     for column, policy in zip(TTA, (None, "flips-tta", str(learned_policy)), strict=True):
-        _, summary = comparison.evaluate_run(run_dir / "checkpoint.pt", policy, info.root, dict(info.labels),
-                                             test_cases, run_dir / f"tta_{column}", gt_dir)
+        column_dir = run_dir / f"tta_{column}"
+        rows = scored(column_dir, len(test_cases) * len(LABELS))
+        if rows is None:  # predict and score; a column scored before an interruption is read back instead
+            started = time.perf_counter()
+            rows, _ = comparison.evaluate_run(run_dir / "checkpoint.pt", policy, info.root, dict(info.labels),
+                                              test_cases, column_dir, gt_dir, pad_to_window=True)
+            add_wall(run_dir, "eval", time.perf_counter() - started)
+        summary = summarise(rows)
         test[column] = {name: {metric: stats["mean"] for metric, stats in metrics.items()}
                         | {"hd95_defined": metrics["hd95"]["n"]} for name, metrics in summary.items()}
-    wall["eval"] = time.perf_counter() - started
     curve = read_curve(run_dir)
     curve = list({line["epoch"]: line for line in curve}.values())  # a resumed run may repeat an epoch
     n, m, tuned = tuned_randaugment(results, size)
@@ -204,7 +229,8 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
         "randaugment": {"n": n, "m": m, "tuned": tuned} if row.name == "randaugment" else None,
         "segmenter_steps": totals["steps"], "meta_steps": totals["meta_steps"],
         "tea_steps": totals["meta_steps"] if row.name == "joint" else tea_totals["steps"],
-        "train_epoch_s": totals["epoch_s"], "wall_s": wall, "val": totals["val"],
+        "train_epoch_s": totals["epoch_s"], "tea_epoch_s": tea_totals["epoch_s"],
+        "wall_s": add_wall(run_dir, "", 0.0), "val": totals["val"],
         "curve_summary": summarise_curve(curve, list(LABELS)),
         "curve": [{k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()} for line in curve],
         "test": test, "test_cases": len(test_cases),
@@ -370,8 +396,10 @@ def write_tables(results: Path) -> None:
                     low, high = bootstrap_ci(diffs)
                     md.append(f"| {row.name} | {column} | {len(diffs)} | {np.mean(diffs):+.1f} | "
                               f"[{low:+.1f}, {high:+.1f}] | {sum(d > 0 for d in diffs)}/{len(diffs)} |")
-        md += ["", "Per seed, mean Dice without TTA (%), and wall time of each run (training + post-hoc TEA + "
-               "evaluation, minutes):", "", "| row | seed | Dice | val Dice | train min | TEA min | eval min | "
+        md += ["", "Per seed, mean Dice without TTA (%), and the time of each run in minutes (training wall time "
+               "with its curve points and validation; post-hoc TEA as summed epoch time; test prediction and "
+               "scoring of the three TTA columns):", "",
+               "| row | seed | Dice | val Dice | train min | TEA min | eval min | "
                "overfitting (val loss rise; train-val Dice gap) |", "|---|---|---|---|---|---|---|---|"]
         for row in ROWS:
             for r in by_row[row.name]:
@@ -380,8 +408,8 @@ def write_tables(results: Path) -> None:
                 wall, curve = r["wall_s"], r["curve_summary"]
                 md.append(f"| {row.name} | {r['seed']} | {100 * mean_dice(r, 'none'):.1f} | "
                           f"{100 * np.mean([r['val'][f'val/dice_{k}'] for k in LABELS]):.1f} | "
-                          f"{wall['train'] / 60:.0f} | {wall.get('posthoc_tea', 0) / 60:.0f} | "
-                          f"{wall['eval'] / 60:.0f} | "
+                          f"{wall.get('train', math.nan) / 60:.0f} | {r.get('tea_epoch_s', 0) / 60:.0f} | "
+                          f"{wall.get('eval', math.nan) / 60:.0f} | "
                           + (f"{curve['val_loss_rise']:+.3f} from epoch {curve['best_val_loss_epoch']}; "
                              f"{curve['final_gap_dice']:+.3f}" if curve else "–") + " |")
         md.append("")
