@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from augsearch.artifacts.checkpoint import load_checkpoint
 from augsearch.cli import main
 from augsearch.config import load_config
 from augsearch.data.plan import fingerprint, make_plan, plan_toml, pooling, rare_labels, target_spacing
@@ -123,7 +124,7 @@ def test_anisotropic_spacing_gives_an_anisotropic_patch_without_out_of_plane_rot
     assert "rotate_xy" in cfg.augment.ops
     result = _fit_twice(config, tmp_path / "run")
     assert np.isfinite(result.metrics["train/loss"])
-    checkpoint = torch.load(result.checkpoint_path, weights_only=False)
+    checkpoint = load_checkpoint(result.checkpoint_path)
     assert checkpoint.model_config["pool_kernels"] == cfg.model.pool_kernels
 
 
