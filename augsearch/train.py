@@ -279,7 +279,11 @@ class _Run:
         loss = loss_fn()
         loss.backward()
         value = float(loss.detach())
-        self.step.segmenter_update(value, [p for p in self.model.parameters() if p.requires_grad])
+        if math.isfinite(value):
+            self.step.segmenter_update([p for p in self.model.parameters() if p.requires_grad])
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step.guard.record("segmenter", False, self.step.iteration)
         return value
 
     # --- state -------------------------------------------------------------------------------------------

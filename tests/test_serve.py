@@ -42,7 +42,7 @@ def make_export(out: Path, dims: int, *, seed: int, target_spacing=None) -> Path
     weights (so that the learned views differ from flips and from no TTA), with provenance."""
     torch.manual_seed(seed)
     model = UNet(dims, 1, len(LABELS), base_features=4, depth=2)
-    preprocess = PreprocessConfig(target_spacing=target_spacing).model_dump(mode="json")
+    preprocess = PreprocessConfig(target_spacing=target_spacing, normalization="zscore").model_dump(mode="json")
     save_checkpoint(out / "checkpoint.pt", model=model, model_config=model_config(model), config={},
                     label_names=LABELS, preprocess=preprocess, patch_size=[16] * dims, epoch=1, step=1,
                     optimizers={}, policy=None, metrics={}, generators={}, data_fingerprint="test")

@@ -240,8 +240,8 @@ def test_views_invalid_at_a_voxel_are_left_out_there(monkeypatch):
 
     real = tta_module.tea_invert
 
-    def half_invalid(pred, ids, dims):
-        out, valid = real(pred, ids, dims)
+    def half_invalid(pred, ids, dims, spacing=None):
+        out, valid = real(pred, ids, dims, spacing=spacing)
         valid = valid.clone()
         valid[1, :, : valid.shape[2] // 2] = False  # the second view does not reach the lower half of x
         return out, valid
