@@ -323,7 +323,7 @@ def inspect_upload(data: bytes, info: ModelInfo, limits: Limits) -> Upload:
                            f"vox_offset {float(header['vox_offset']):.0f}")
     # Spatial axes come first; a 2D file's singleton third axis keeps its slice thickness (volumes in mm^3).
     spatial = 3 if info.dims == 3 or (len(shape) >= 3 and shape[2] == 1) else 2
-    zooms = tuple(float(z) for z in header.get_zooms()[:spatial])
+    zooms = tuple(float(z) for z in header["pixdim"][1 : 1 + spatial])  # as stored: nibabel would set 0 to 1
     if not all(math.isfinite(z) and z > 0 for z in zooms):
         raise RequestError(422, "voxel size not positive", "positive, finite voxel sizes (pixdim) in mm",
                            f"voxel size {zooms}")
@@ -341,7 +341,7 @@ def _nifti_header(head: bytes) -> Any:
         if size in _NIFTI_MAGIC and len(head) >= size:
             klass = nib.Nifti1Header if size == 348 else nib.Nifti2Header
             try:
-                header = klass(binaryblock=head[:size], check=True)
+                header = klass(binaryblock=head[:size], check=False)
             except Exception:  # nibabel raises several types for inconsistent fields
                 return None
             return header if bytes(header["magic"]).rstrip(b"\0") == _NIFTI_MAGIC[size] else None
