@@ -133,7 +133,7 @@ def test_submit_follow_status_export(head, tmp_path, capsys):
 
     assert main(["jobs", "logs", job, "--follow", "--address", head]) == 0
     followed = capsys.readouterr().out
-    assert "[smoke:" in followed and "best trial by val/dice_rare" in followed  # trial lines and the driver's end
+    assert "[smoke:" in followed and "by val/dice_rare =" in followed  # trial lines and the driver's end
 
     assert main(["jobs", "status", job, "--address", head]) == 0
     status = capsys.readouterr().out

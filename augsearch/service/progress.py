@@ -74,9 +74,9 @@ def search_progress(run_dir: Path, *, running: bool = False) -> SearchProgress:
     metric, mode = manifest["metric"], manifest["mode"]
     epochs = int(manifest["config"]["train"]["epochs"])
     summary = run_dir / SUMMARY_JSON
-    if summary.is_file() and not running:
-        rows = json.loads(summary.read_text())["trials"]
-        return SearchProgress(run_dir, rows, metric, mode, epochs, finished=True)
+    ended = json.loads(summary.read_text()) if summary.is_file() and not running else None
+    if ended is not None and not ended.get("interrupted"):  # an interrupted search's summary is not its end
+        return SearchProgress(run_dir, ended["trials"], metric, mode, epochs, finished=True)
     rows = [_live_row(path, run_dir, manifest, epochs, running) for path in trial_dirs(run_dir)]
     return SearchProgress(run_dir, rows, metric, mode, epochs, finished=False)
 
