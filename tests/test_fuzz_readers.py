@@ -237,7 +237,7 @@ def test_checkpoint_bytes(checkpoint_file, data):
         (tmp / "c.pt").write_bytes(blob)
         loaded = loads_or_refuses(load_checkpoint, tmp / "c.pt")
         if loaded is not None:
-            loads_or_refuses(build_model, loaded)
+            loads_or_refuses(lambda checkpoint: checkpoint.build_model(), loaded)
 
 
 def test_checkpoint_reader_accepts_the_real_one(checkpoint_file):
