@@ -62,7 +62,7 @@ def test_one_worker_on_the_server_equals_the_independent_search_bit_for_bit(data
     assert not torch.equal(start.tra_logits.detach(), tra_a) and not torch.equal(start.tea_logits.detach(), tea_a)
     assert alone.metrics["val/dice_rare"] == shared.metrics["val/dice_rare"]
     # the server checkpointed with the validations
-    saved = torch.load(tmp_path / "server" / STATE_NAME, weights_only=False)
+    saved = torch.load(tmp_path / "server" / STATE_NAME, weights_only=True)
     assert saved["round"] == 4 and torch.equal(saved["tra_logits"], tra_s)
 
 
@@ -144,7 +144,7 @@ def test_interrupted_shared_search_resumes_to_the_uninterrupted_policy(data_root
     monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed"))
     cut = tmp_path / "cut"
     assert main(["search", str(SMOKE), "--no-ray", "--out", str(cut), *shared_args(data_root, "search.max_failures=0")]) == 1
-    assert torch.load(cut / STATE_NAME, weights_only=False)["round"] == 2  # saved with the epoch-1 validation
+    assert torch.load(cut / STATE_NAME, weights_only=True)["round"] == 2  # saved with the epoch-1 validation
     monkeypatch.delenv(CRASH_ENV)
     assert main(["search", "--resume", str(cut)]) == 0
     (row,) = rows(cut).values()
@@ -152,7 +152,7 @@ def test_interrupted_shared_search_resumes_to_the_uninterrupted_policy(data_root
     fit_dirs = [run / "trial_00000" / "fit" for run in (whole, cut)]
     (tra_w, tea_w), (tra_c, tea_c) = (policy_logits(d) for d in fit_dirs)
     assert torch.equal(tra_w, tra_c) and torch.equal(tea_w, tea_c)
-    assert torch.load(cut / STATE_NAME, weights_only=False)["round"] == 4
+    assert torch.load(cut / STATE_NAME, weights_only=True)["round"] == 4
 
 
 def test_shared_search_refuses_a_space_and_several_workers_without_ray(data_root, tmp_path, capsys):
@@ -180,7 +180,7 @@ def test_two_workers_share_one_policy_on_ray(local_ray, data_root, tmp_path):
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 4
     (tra_a, tea_a), (tra_b, tea_b) = (policy_logits(d) for d in fits)
     assert torch.equal(tra_a, tra_b) and torch.equal(tea_a, tea_b)  # the last round's snapshot, the same for both
-    state = torch.load(out / STATE_NAME, weights_only=False)
+    state = torch.load(out / STATE_NAME, weights_only=True)
     assert state["contributions"] == 8 and state["round"] == 4 and torch.equal(state["tra_logits"], tra_a)
 
 
@@ -194,4 +194,4 @@ def test_a_worker_that_dies_rejoins_and_the_shared_policy_loses_nothing(local_ra
     assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 3 for r in found.values())
     assert sorted(r["metrics"]["resumed_epoch"] for r in found.values()) == [0, 1]
     # every meta-iteration of both workers reached the server exactly once: 2 workers x 3 epochs x 2 iterations
-    assert torch.load(out / STATE_NAME, weights_only=False)["contributions"] == 12
+    assert torch.load(out / STATE_NAME, weights_only=True)["contributions"] == 12

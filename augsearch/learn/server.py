@@ -120,7 +120,7 @@ class PolicyServerState:
 
     @classmethod
     def load(cls, path: Path, augment: AugmentConfig, train: TrainConfig) -> PolicyServerState:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         state = cls(augment, train, saved["tra_logits"], saved["tea_logits"], saved["round"], set(saved["live"]),
                     saved["contributions"])
         state.tra_optimizer.load_state_dict(saved["tra_optimizer"])
