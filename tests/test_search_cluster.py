@@ -8,8 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from test_policy_server import policy_logits
 
+from augsearch.artifacts.checkpoint import load_checkpoint
+from augsearch.artifacts.layout import CHECKPOINT_NAME
 from augsearch.cli import main
+from augsearch.config import load_config
+from augsearch.learn.server import STATE_NAME
+from augsearch.train import _build_policy
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
 
@@ -36,12 +43,20 @@ def _ray_processes() -> list[int]:
     return [pid for pid, cmd in commands.items() if ("raylet" in cmd or "gcs_server" in cmd) and ours(pid)]
 
 
+SHARED = ["search.policy_sharing=shared", "search.num_workers=2", "search.space={}", "search.sync_timeout_s=60"]
+
+
 @pytest.mark.slow
-def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path):
+@pytest.mark.parametrize("sharing", [[], SHARED], ids=["independent", "shared"])
+def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeypatch, sharing):
     import ray
     from ray.cluster_utils import Cluster
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # A cluster without token authentication on a machine that holds a token (a local Ray 2.60 writes one to
+    # ~/.ray/auth_token): the driver follows the cluster, not the token
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a-token-this-cluster-does-not-use")
     node = {"num_cpus": 1, "object_store_memory": 120 * 2**20, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
@@ -50,7 +65,7 @@ def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path):
         expected = {cluster.head_node.node_id, worker.node_id}
         out = tmp_path / "search"
         sets = ["train.epochs=2", "train.iterations=2", f"data.root={json.dumps(str(tmp_path / 'data'))}",
-                "search.cpus_per_trial=1"]
+                "search.cpus_per_trial=1", *sharing]
         argv = ["search", str(SMOKE), "--address", cluster.address, "--out", str(out)]
         assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
         assert not ray.is_initialized()  # the driver left the cluster; the cluster itself keeps running
@@ -58,6 +73,15 @@ def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path):
         assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
         # one CPU per node and one CPU per trial: the two trials ran side by side, one on each node
         assert {r["node_id"] for r in rows} == expected
+        if sharing:  # both workers, one per node, pushed every meta-iteration to the one policy server
+            state = torch.load(out / STATE_NAME, weights_only=True)
+            assert state["contributions"] == 8 and state["round"] == 4
+            fits = [out / r["trial"] / "fit" for r in rows]
+            (tra_a, tea_a), (tra_b, tea_b) = (policy_logits(d) for d in fits)
+            assert torch.equal(tra_a, tra_b) and torch.equal(tea_a, tea_b) and torch.equal(state["tra_logits"], tra_a)
+            start = _build_policy(load_config(SMOKE), load_checkpoint(fits[0] / CHECKPOINT_NAME).label_names,
+                                  (1.0, 1.0), log=lambda message: None)  # the policy both workers joined with
+            assert not torch.equal(start.tra_logits.detach(), tra_a) and not torch.equal(start.tea_logits.detach(), tea_a)
     finally:
         cluster.shutdown()
     deadline = time.monotonic() + 30
