@@ -88,3 +88,45 @@ def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeyp
     while time.monotonic() < deadline and _ray_processes():
         time.sleep(0.5)
     assert not _ray_processes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["token", "disabled"])
+def test_a_driver_joining_a_cluster_follows_its_auth_mode(monkeypatch, mode):
+    """Whatever token this machine holds, the driver speaks the head's auth mode: the actors it owns start."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+    from ray.cluster_utils import Cluster
+
+    from augsearch.tune.ray_tune import check_reachable, ray_session
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a" * 32)
+    monkeypatch.setenv("RAY_AUTH_MODE", mode)  # the cluster's processes read it when they start
+    reset_auth_token_state()  # and this process, which starts them, must read it too
+    node = {"num_cpus": 1, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled" if mode == "token" else "token")  # the driver's own guess
+        reset_auth_token_state()
+        assert check_reachable(cluster.address) is (mode == "token")
+        with ray_session(cluster.address):
+            class Counter:  # defined here, so that Ray ships it by value to a worker that cannot import this file
+                def __init__(self) -> None:
+                    self.total = 0
+
+                def add(self, n: int) -> int:
+                    self.total += n
+                    return self.total
+
+            counter = ray.remote(num_cpus=0)(Counter).remote()
+            assert ray.get(counter.add.remote(2), timeout=60) == 2
+        assert os.environ["RAY_AUTH_MODE"] == ("disabled" if mode == "token" else "token")  # given back
+    finally:
+        cluster.shutdown()
+        monkeypatch.undo()
+        reset_auth_token_state()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _ray_processes():
+        time.sleep(0.5)
+    assert not _ray_processes()
