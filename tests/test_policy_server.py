@@ -167,21 +167,36 @@ def test_shared_search_refuses_a_space_and_several_workers_without_ray(data_root
     assert not out.exists()
 
 
-def test_two_workers_share_one_policy_on_ray(local_ray, data_root, tmp_path):
+@pytest.mark.parametrize("workers", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_workers_share_one_policy_on_ray(local_ray, data_root, tmp_path, workers):
     out = tmp_path / "search"
-    assert main(["search", str(SMOKE), "--out", str(out), *shared_args(data_root, "search.num_workers=2")]) == 0
+    # the local Ray has 2 CPUs: every worker runs at once, as a shared search needs
+    args = shared_args(data_root, f"search.num_workers={workers}", f"search.cpus_per_trial={2 / workers}")
+    assert main(["search", str(SMOKE), "--out", str(out), *args]) == 0
     found = rows(out)
-    assert sorted(r["params"]["search.worker"] for r in found.values()) == [0, 1]
+    assert sorted(r["params"]["search.worker"] for r in found.values()) == list(range(workers))
     assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 2 for r in found.values())
     fits = [out / trial / "fit" for trial in sorted(found)]
     seeds = sorted(json.loads((d / "config.json").read_text())["seed"] for d in fits)
-    assert seeds == [0, 1]
+    assert seeds == list(range(workers))
     shards = [set(json.loads((d / "policy.json").read_text())["provenance"]["train_cases"]) for d in fits]
-    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 4
-    (tra_a, tea_a), (tra_b, tea_b) = (policy_logits(d) for d in fits)
-    assert torch.equal(tra_a, tra_b) and torch.equal(tea_a, tea_b)  # the last round's snapshot, the same for both
+    assert sum(map(len, shards)) == len(set().union(*shards)) == 4  # disjoint, and every training case
+    logits = [policy_logits(d) for d in fits]
+    for tra, tea in logits[1:]:  # the last round's snapshot, the same for every worker
+        assert torch.equal(tra, logits[0][0]) and torch.equal(tea, logits[0][1])
     state = torch.load(out / STATE_NAME, weights_only=True)
-    assert state["contributions"] == 8 and state["round"] == 4 and torch.equal(state["tra_logits"], tra_a)
+    # every worker pushed at every one of the 2 x 2 meta-iterations, and no round closed without one of them
+    assert state["contributions"] == 4 * workers and state["round"] == 4
+    assert torch.equal(state["tra_logits"], logits[0][0])
+
+
+def test_shared_search_refuses_more_workers_than_the_cluster_runs_at_once(local_ray, data_root, tmp_path, capsys):
+    out = tmp_path / "search"
+    args = shared_args(data_root, "search.num_workers=3", "search.cpus_per_trial=1")  # 3 x 1 CPU, on 2 CPUs
+    assert main(["search", str(SMOKE), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert "num_workers=3 workers of a shared search run at once" in err and "holds 2 trials" in err
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import shutil
 import signal
@@ -210,8 +211,9 @@ def _use_auth_mode(mode: str | None) -> str | None:
     return previous
 
 
-def check_resources(cpus: float, gpus: float) -> None:
-    """SearchError when no alive node can hold one trial (before anything is launched or written)."""
+def check_resources(cpus: float, gpus: float, together: int = 1) -> None:
+    """SearchError when no alive node can hold one trial, or the cluster cannot hold `together` trials at once (the
+    workers of a shared search), before anything is launched or written."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -229,6 +231,19 @@ def check_resources(cpus: float, gpus: float) -> None:
             f"each trial asks for {cpus:g} CPUs (search.cpus_per_trial / --cpus-per-trial), but the largest node "
             f"has {most_cpus:g}; lower --cpus-per-trial"
         )
+    slots = sum(min(_times(n.get("CPU", 0.0), cpus), _times(n.get("GPU", 0.0), gpus)) for n in nodes)
+    if slots < together:
+        raise SearchError(
+            f"search.num_workers={together} workers of a shared search run at once (each policy round waits for "
+            f"every one of them), but this cluster holds {slots} trials of {cpus:g} CPUs and {gpus:g} GPUs at a time; "
+            f"lower search.cpus_per_trial (fractions like 0.5 share a CPU), search.gpus_per_trial or "
+            f"search.num_workers, or add nodes"
+        )
+
+
+def _times(available: float, each: float) -> float:
+    """How many requests of `each` fit in `available` (any number when nothing is asked)."""
+    return math.floor(available / each + 1e-9) if each > 0 else math.inf
 
 
 def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> SearchResult:
