@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
-
 from test_controller import local_ray  # noqa: F401  (the loopback-only local Ray fixture)
 
 from augsearch.artifacts.checkpoint import load_checkpoint
@@ -21,6 +22,7 @@ from augsearch.learn.server import (
     PolicyServerError,
     PolicyServerState,
     _Rounds,
+    actor_name,
     worker_shard,
 )
 from augsearch.policy.io import load_policy
@@ -210,3 +212,41 @@ def test_a_worker_that_dies_rejoins_and_the_shared_policy_loses_nothing(local_ra
     assert sorted(r["metrics"]["resumed_epoch"] for r in found.values()) == [0, 1]
     # every meta-iteration of both workers reached the server exactly once: 2 workers x 3 epochs x 2 iterations
     assert torch.load(out / STATE_NAME, weights_only=True)["contributions"] == 12
+
+
+@pytest.mark.slow
+def test_a_killed_policy_server_restarts_from_its_state_file_and_the_search_finishes(local_ray, data_root, tmp_path):
+    import ray
+
+    out = tmp_path / "search"
+    seen: dict[str, object] = {}
+
+    def kill_after_the_first_validation() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if (out / STATE_NAME).is_file():
+                saved = torch.load(out / STATE_NAME, weights_only=True)["round"]
+                if saved >= 2:  # written with the epoch-1 validations
+                    server = ray.get_actor(actor_name(out))
+                    ray.kill(server, no_restart=False)  # Ray restarts it, as after a crash of its process
+                    seen["info"] = ray.get(server.info.remote(), timeout=120)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_the_first_validation)
+    killer.start()
+    args = shared_args(data_root, "search.num_workers=2", "train.epochs=3")
+    try:
+        assert main(["search", str(SMOKE), "--out", str(out), *args]) == 0
+    finally:
+        killer.join()
+    info = seen["info"]
+    assert info["resumed_from"] is not None and info["resumed_from"] >= 2  # the restarted server read its file
+    found = rows(out)
+    assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 3 for r in found.values())
+    assert all(r["metrics"]["resumed_epoch"] == 0 for r in found.values())  # the workers themselves never died
+    state = torch.load(out / STATE_NAME, weights_only=True)
+    # the rounds after the restart carry on from the saved one: 2 more epochs of 2 meta-iterations, both workers
+    assert state["round"] >= info["resumed_from"] + 4 and state["contributions"] >= 2 * state["round"] - 2
+    logits = [policy_logits(out / trial / "fit") for trial in sorted(found)]
+    assert torch.equal(logits[0][0], logits[1][0]) and torch.equal(state["tra_logits"], logits[0][0])
