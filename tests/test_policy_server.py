@@ -250,3 +250,28 @@ def test_a_killed_policy_server_restarts_from_its_state_file_and_the_search_fini
     assert state["round"] >= info["resumed_from"] + 4 and state["contributions"] >= 2 * state["round"] - 2
     logits = [policy_logits(out / trial / "fit") for trial in sorted(found)]
     assert torch.equal(logits[0][0], logits[1][0]) and torch.equal(state["tra_logits"], logits[0][0])
+
+
+@pytest.mark.slow
+def test_an_interrupted_shared_search_on_ray_resumes_and_the_policy_loses_nothing(local_ray, data_root, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed"))
+    out = tmp_path / "search"
+    # one worker dies after its epoch-1 validation and is not restarted; the other waits one round for it, then goes on
+    args = shared_args(data_root, "search.num_workers=2", "search.max_failures=0", "search.sync_timeout_s=5")
+    assert main(["search", str(SMOKE), "--out", str(out), *args]) == 1
+    first = rows(out)
+    (done,) = [t for t, r in first.items() if r["status"] == "TERMINATED"]
+    (broken,) = [t for t, r in first.items() if r["status"] == "ERROR"]
+    done_log = (out / done / "fit" / "metrics.jsonl").read_text()
+    assert torch.load(out / STATE_NAME, weights_only=True)["contributions"] == 2 * 2 + 2
+    monkeypatch.delenv(CRASH_ENV)
+    assert main(["search", "--resume", str(out)]) == 0
+    second = rows(out)
+    assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 2 for r in second.values())
+    assert second[broken]["metrics"]["resumed_epoch"] == 1  # from its epoch-1 checkpoint
+    assert (out / done / "fit" / "metrics.jsonl").read_text() == done_log  # the finished worker did not run again
+    state = torch.load(out / STATE_NAME, weights_only=True)
+    # the resumed server went on from its file: every meta-iteration of both workers counted once (2 x 2 x 2)
+    assert state["contributions"] == 8 and state["round"] == 6
+    assert torch.equal(state["tra_logits"], policy_logits(out / broken / "fit")[0])
