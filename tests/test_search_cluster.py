@@ -43,11 +43,13 @@ def _ray_processes() -> list[int]:
     return [pid for pid, cmd in commands.items() if ("raylet" in cmd or "gcs_server" in cmd) and ours(pid)]
 
 
-SHARED = ["search.policy_sharing=shared", "search.num_workers=2", "search.space={}", "search.sync_timeout_s=60"]
+SHARED = ["search.policy_sharing=shared", "search.space={}", "search.sync_timeout_s=60"]
+SHARED2 = [*SHARED, "search.num_workers=2"]
+SHARED4 = [*SHARED, "search.num_workers=4", "search.cpus_per_trial=0.5"]  # two workers on each node's CPU
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharing", [[], SHARED], ids=["independent", "shared"])
+@pytest.mark.parametrize("sharing", [[], SHARED2, SHARED4], ids=["independent", "shared2", "shared4"])
 def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeypatch, sharing):
     import ray
     from ray.cluster_utils import Cluster
@@ -66,19 +68,22 @@ def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeyp
         out = tmp_path / "search"
         sets = ["train.epochs=2", "train.iterations=2", f"data.root={json.dumps(str(tmp_path / 'data'))}",
                 "search.cpus_per_trial=1", *sharing]
+        workers = 4 if sharing == SHARED4 else 2
         argv = ["search", str(SMOKE), "--address", cluster.address, "--out", str(out)]
         assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
         assert not ray.is_initialized()  # the driver left the cluster; the cluster itself keeps running
         rows = json.loads((out / "summary.json").read_text())["trials"]
-        assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
-        # one CPU per node and one CPU per trial: the two trials ran side by side, one on each node
+        assert len(rows) == workers and all(r["status"] == "TERMINATED" for r in rows)
+        # one CPU per node and one CPU (or half) per trial: the trials ran side by side, on both nodes
         assert {r["node_id"] for r in rows} == expected
-        if sharing:  # both workers, one per node, pushed every meta-iteration to the one policy server
+        if sharing:  # every worker pushed every meta-iteration (2 x 2) to the one policy server
             state = torch.load(out / STATE_NAME, weights_only=True)
-            assert state["contributions"] == 8 and state["round"] == 4
+            assert state["contributions"] == 4 * workers and state["round"] == 4
             fits = [out / r["trial"] / "fit" for r in rows]
-            (tra_a, tea_a), (tra_b, tea_b) = (policy_logits(d) for d in fits)
-            assert torch.equal(tra_a, tra_b) and torch.equal(tea_a, tea_b) and torch.equal(state["tra_logits"], tra_a)
+            logits = [policy_logits(d) for d in fits]
+            tra_a, tea_a = logits[0]
+            assert all(torch.equal(tra, tra_a) and torch.equal(tea, tea_a) for tra, tea in logits)
+            assert torch.equal(state["tra_logits"], tra_a)
             start = _build_policy(load_config(SMOKE), load_checkpoint(fits[0] / CHECKPOINT_NAME).label_names,
                                   (1.0, 1.0), log=lambda message: None)  # the policy both workers joined with
             assert not torch.equal(start.tra_logits.detach(), tra_a) and not torch.equal(start.tea_logits.detach(), tea_a)
