@@ -156,13 +156,18 @@ class JointStep:
         *,
         inner_lr: float,
         generator: torch.Generator,
-    ) -> float:
-        """One iteration; `val_batch` triggers step A, `tea_batch` step B. Returns the training loss.
+    ) -> float | None:
+        """One iteration; `val_batch` triggers step A, `tea_batch` step B. Returns the training loss, or None when
+        the segmenter is frozen (then only step B runs: no training patch is augmented, nothing is back-propagated).
 
         The policy gradients of A and B are applied together after B (B reads only the TEA logits, so the order
         does not matter); with `augment.accumulate` = k they are averaged over k such iterations first.
         """
         self.iteration += 1
+        if self.runtime.optimizer is None:  # a TEA-only search on a trained model (config forbids TRA there)
+            if tea_batch is not None:
+                self._policy_update(None, self.tea_gradient(tea_batch, generator))
+            return None
         image, mask, group, bins, learnable = self.augment(batch, generator)
         params, loss = self._train_backward(image, mask)
         loss_value = float(loss.detach())
@@ -176,9 +181,8 @@ class JointStep:
             tea_grad = self.tea_gradient(tea_batch, generator)
         if val_batch is not None or tea_batch is not None:
             self._policy_update(tra_grad, tea_grad)
-        if self.runtime.optimizer is not None and self.segmenter_update(params):
-            if self.runtime.regularizers is not None:
-                self.stats.extra.update(self.runtime.regularizers(image, mask, batch.anchor_class))
+        if self.segmenter_update(params) and self.runtime.regularizers is not None:
+            self.stats.extra.update(self.runtime.regularizers(image, mask, batch.anchor_class))
         return loss_value
 
     def segmenter_update(self, params: list[Tensor]) -> bool:
