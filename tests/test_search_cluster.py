@@ -17,6 +17,7 @@ from augsearch.cli import main
 from augsearch.config import load_config
 from augsearch.learn.server import STATE_NAME
 from augsearch.train import _build_policy
+from augsearch.tune.trial import CRASH_ENV
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
 
@@ -49,8 +50,9 @@ SHARED4 = [*SHARED, "search.num_workers=4", "search.cpus_per_trial=0.5"]  # two 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharing", [[], SHARED2, SHARED4], ids=["independent", "shared2", "shared4"])
-def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeypatch, sharing):
+@pytest.mark.parametrize(("sharing", "crash"), [([], False), (SHARED2, False), (SHARED4, False), (SHARED2, True)],
+                         ids=["independent", "shared2", "shared4", "shared2-worker-dies"])
+def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeypatch, sharing, crash):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -59,6 +61,8 @@ def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeyp
     # ~/.ray/auth_token): the driver follows the cluster, not the token
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "a-token-this-cluster-does-not-use")
+    if crash:  # the first worker to report a checkpoint dies there; Tune restarts it from that checkpoint
+        monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed"))
     node = {"num_cpus": 1, "object_store_memory": 120 * 2**20, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
@@ -76,7 +80,9 @@ def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeyp
         assert len(rows) == workers and all(r["status"] == "TERMINATED" for r in rows)
         # one CPU per node and one CPU (or half) per trial: the trials ran side by side, on both nodes
         assert {r["node_id"] for r in rows} == expected
-        if sharing:  # every worker pushed every meta-iteration (2 x 2) to the one policy server
+        resumed = sorted(r["metrics"]["resumed_epoch"] for r in rows)
+        assert resumed == ([0, 1] if crash else [0] * workers)
+        if sharing:  # every worker pushed every meta-iteration (2 x 2) to the one policy server, a dead one too
             state = torch.load(out / STATE_NAME, weights_only=True)
             assert state["contributions"] == 4 * workers and state["round"] == 4
             fits = [out / r["trial"] / "fit" for r in rows]
