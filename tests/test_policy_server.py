@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from test_controller import local_ray  # noqa: F401  (the loopback-only local Ray fixture)
 
 from augsearch.artifacts.checkpoint import load_checkpoint
@@ -246,8 +247,10 @@ def test_a_killed_policy_server_restarts_from_its_state_file_and_the_search_fini
     assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 3 for r in found.values())
     assert all(r["metrics"]["resumed_epoch"] == 0 for r in found.values())  # the workers themselves never died
     state = torch.load(out / STATE_NAME, weights_only=True)
-    # the rounds after the restart carry on from the saved one: 2 more epochs of 2 meta-iterations, both workers
-    assert state["round"] >= info["resumed_from"] + 4 and state["contributions"] >= 2 * state["round"] - 2
+    # the rounds after the restart carry on from the saved one (2 more epochs of 2 meta-iterations at least), each
+    # with both workers' contributions but for at most the one round the kill cut
+    assert state["round"] >= info["resumed_from"] + 4
+    assert 2 * state["round"] - 2 <= state["contributions"] <= 2 * state["round"]
     logits = [policy_logits(out / trial / "fit") for trial in sorted(found)]
     assert torch.equal(logits[0][0], logits[1][0]) and torch.equal(state["tra_logits"], logits[0][0])
 
