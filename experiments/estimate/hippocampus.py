@@ -125,13 +125,32 @@ def comparison(summary: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def paired(plain: list[dict], tta: list[dict], groups: dict[str, list[str]]) -> tuple[dict, str]:
+    """Plain against TTA MAE of our estimators on the same cases (the first `test_cases` of the TTA runs)."""
+    n = min(r["test_cases"] for r in tta)
+    seeds = {r["seed"] for r in tta}
+    first = [{**r, "rows": [row for row in r["rows"] if row["case"] < n]} for r in plain if r["seed"] in seeds]
+    names, classes = list(ESTIMATORS), list(CLASSES.values())
+    both = {"plain": summarise(first, names, groups, classes), "tta": summarise(tta, names, groups, classes)}
+    title = f"Plain / flips-TTA probabilities on the same cases (first {n} test cases, seeds {sorted(seeds)})"
+    lines = [title + ": MAE (Dice points x 100).", "", "| group/class | n | true Dice | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 3) + "|"]
+    for key, cell in both["plain"]["by_group_class"].items():
+        other = both["tta"]["by_group_class"][key]
+        pairs = [f"{cell[m]:.1f} / {other[m]:.1f}" for m in names]
+        lines.append(f"| {key} | {cell['n']} | {cell['true_mean']:.1f} / {other['true_mean']:.1f} | "
+                     + " | ".join(pairs) + " |")
+    return both, "\n".join(lines)
+
+
 def tables(seeds: list[int], results_dir: Path) -> str:
     groups = {"none": ["none"], "shifted": list(SHIFTS)}
-    parts, summaries = [], {}
+    parts, summaries, loaded = [], {}, {}
     for mode in MODES:
         results = [json.loads(p.read_text()) for s in seeds if (p := results_dir / f"seed{s}_{mode}.json").is_file()]
         if not results:
             continue
+        loaded[mode] = results
         moval_names = [n for n in MOVAL_ESTIMATORS if MOVAL_PREFIX + n in results[0]["rows"][0]]
         names = list(ESTIMATORS) + [MOVAL_PREFIX + n for n in moval_names]
         summary = {"mode": mode, "seeds": [r["seed"] for r in results], **summarise(results, names, groups,
@@ -140,6 +159,9 @@ def tables(seeds: list[int], results_dir: Path) -> str:
         parts.append(markdown(summary, list(ESTIMATORS)))
         if moval_names:
             parts.append(comparison(summary, moval_names))
+    if len(loaded) == len(MODES):
+        summaries["plain_vs_tta"], text = paired(loaded["plain"], loaded["tta"], groups)
+        parts.append(text)
     (results_dir / "summary.json").write_text(json.dumps(summaries, indent=1) + "\n")
     text = "\n\n".join(parts) + "\n"
     (results_dir / "table.md").write_text(text)
