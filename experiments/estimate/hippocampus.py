@@ -122,6 +122,10 @@ def comparison(summary: dict, names: list[str]) -> str:
     for key, cell in summary["by_group_class"].items():
         pairs = [f"{cell[n]:.1f} / {cell[MOVAL_PREFIX + n]:.1f}" for n in names]
         lines.append(f"| {key} | {cell['n']} | {cell['true_mean']:.1f} | " + " | ".join(pairs) + " |")
+    lines += ["", "| condition (both classes) | true Dice | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for condition, cell in summary["by_condition"].items():
+        pairs = [f"{cell[n]:.1f} / {cell[MOVAL_PREFIX + n]:.1f}" for n in names]
+        lines.append(f"| {condition} | {cell['true_mean']:.1f} | " + " | ".join(pairs) + " |")
     return "\n".join(lines)
 
 
