@@ -11,8 +11,10 @@ estimate with the true Dice of the same prediction, per case and class (Anterior
 One JSON file per seed and mode (hippocampus/seed<k>_<mode>.json); finished ones are skipped on a rerun.
 
     python experiments/hippocampus/prepare.py --out runs/data/hippocampus
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 nice -n 10 python experiments/estimate/hippocampus.py --seeds 0   # and 1, ...
-    PYTHONPATH=$PWD python experiments/estimate/hippocampus.py --seeds 0 1 --tables-only
+    export PYTHONPATH=$PWD OMP_NUM_THREADS=1
+    nice -n 10 python experiments/estimate/hippocampus.py --seeds 0 --modes plain     # one process per seed
+    nice -n 10 python experiments/estimate/hippocampus.py --seeds 0 --modes tta --test-cases 10 --no-moval
+    python experiments/estimate/hippocampus.py --seeds 0 1 --tables-only               # table.md, summary.json
 """
 
 from __future__ import annotations
