@@ -110,11 +110,17 @@ def run_seed(seed: int, mode: str, work: Path, data: Path, results: Path, with_m
         "moval_parameters": {name[len(MOVAL_PREFIX):]: moval_parameters(est) for name, est in estimators.items()
                              if name.startswith(MOVAL_PREFIX)},
         "moval_fit_cpu_seconds": fit_cpu, "wall_seconds": round(time.time() - start, 1),
-        "cpu_seconds": round(time.process_time() - start_cpu, 1), "meta": run_meta([seed], start), "rows": rows,
+        "cpu_seconds": round(time.process_time() - start_cpu, 1), "meta": run_meta([seed], start),
+        "rows": rounded(rows),
     }
     results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result) + "\n")
     return result
+
+
+def rounded(rows: list[dict]) -> list[dict]:
+    """Dice values to 5 decimals (0.001 Dice points): keeps the per-run files small."""
+    return [{k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
 
 
 def comparison(summary: dict, names: list[str]) -> str:
