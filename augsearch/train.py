@@ -492,7 +492,7 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
                 meta_now = run.global_step >= aug.warmup_iterations and run.global_step % aug.meta_every == 0
                 batch = run.train_sampler.sample(t.batch_size, generator=run.train_rng)
                 val_batch = tea_batch = None
-                if meta_now and run.tra_optimizer is not None:
+                if meta_now and (run.tra_optimizer is not None or run.colab is not None):
                     val_batch = run.outer_batch(t.val_batch_size)
                 if meta_now and run.tea_optimizer is not None:
                     tea_batch = run.val_sampler.sample(aug.tea.groups_per_step, fg_fraction=1.0, generator=run.val_rng)

@@ -253,6 +253,8 @@ def test_each_kind_trains_in_each_augment_mode(data_root, tmp_path, kind, mode):
     t = 2 if kind in ("kmeans", "colab") else 1
     assert ckpt.model_config["num_classes"] == 3 + t and ckpt.context["kind"] == kind
     assert 0 <= result.metrics["val/dice_rare"] <= 1
+    if kind == "colab":  # the generator steps without a learned TRA too
+        assert result.metrics["meta/steps"] == 0 and np.isfinite(result.metrics["colab/val_loss"])
 
 
 def test_tea_only_on_a_frozen_context_model(colab_run, data_root, tmp_path):
