@@ -499,14 +499,16 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
                 batch, val_batch, tea_batch = (
                     _batch_to(b, run.device) if b is not None else None for b in (batch, val_batch, tea_batch)
                 )
-                losses.append(run.step.run(batch, val_batch, tea_batch, inner_lr=inner_lr, generator=run.generator))
+                loss = run.step.run(batch, val_batch, tea_batch, inner_lr=inner_lr, generator=run.generator)
+                if loss is not None:  # None: a frozen segmenter, which has no training loss
+                    losses.append(loss)
                 run.global_step += 1
-                if iteration % 10 == 0:
+                if iteration % 10 == 0 and losses:
                     bar.set_postfix_str(f"loss {np.mean(losses[-10:]):.3f}")
             run.epoch += 1
             metrics = {
                 "epoch": run.epoch, "step": run.global_step, "lr": lr,
-                "train/loss": float(np.mean(losses)), "time/epoch_s": time.perf_counter() - started,
+                **({"train/loss": float(np.mean(losses))} if losses else {}), "time/epoch_s": time.perf_counter() - started,
                 "meta/steps": run.step.stats.meta_steps, "meta/empty_group_updates": run.step.stats.empty_group_updates,
                 **{f"nonfinite/{kind}": n for kind, n in run.step.guard.skipped.items()},
                 "meta/val_loss": run.step.stats.last_val_loss, "tea/loss": run.step.stats.last_tea_loss,
@@ -527,7 +529,7 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
                 handle.write(dumps_json(metrics) + "\n")
             if progress:
                 summary = f" | {run.policy.summary()}" if run.policy is not None and (aug.tra.learn or aug.tea.learn) else ""
-                print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics['train/loss']:.4f} "
+                print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics.get('train/loss', float('nan')):.4f} "
                       f"val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}{summary}", flush=True)
             report_ckpt = report_policy = None
             if run.epoch % t.checkpoint_every == 0 or validated:  # every validation comes with its checkpoint

@@ -170,14 +170,19 @@ class JointStep:
         *,
         inner_lr: float,
         generator: torch.Generator,
-    ) -> float:
+    ) -> float | None:
         """One iteration; `val_batch` triggers step A (and the CoLab generator's step), `tea_batch` step B. Returns
-        the training loss.
+        the training loss, or None when the segmenter is frozen (then only step B runs: no training patch is
+        augmented, nothing is back-propagated).
 
         The policy gradients of A and B are applied together after B (B reads only the TEA logits, so the order
         does not matter); with `augment.accumulate` = k they are averaged over k such iterations first.
         """
         self.iteration += 1
+        if self.runtime.optimizer is None:  # a TEA-only search on a trained model (config forbids TRA there)
+            if tea_batch is not None:
+                self._policy_update(None, self.tea_gradient(tea_batch, generator))
+            return None
         image, mask, group, bins, learnable = self.augment(batch, generator)
         target = self.train_target(image, mask)
         params, loss = self._train_backward(image, target)
@@ -195,9 +200,8 @@ class JointStep:
             self._policy_update(tra_grad, tea_grad)
         if val_batch is not None and self.runtime.colab is not None:
             self.colab_update(image, mask, val_batch, inner_lr, generator)
-        if self.runtime.optimizer is not None and self.segmenter_update(params):
-            if self.runtime.regularizers is not None:
-                self.stats.extra.update(self.runtime.regularizers(image, mask, batch.anchor_class))
+        if self.segmenter_update(params) and self.runtime.regularizers is not None:
+            self.stats.extra.update(self.runtime.regularizers(image, mask, batch.anchor_class))
         return loss_value
 
     def segmenter_update(self, params: list[Tensor]) -> bool:

@@ -49,9 +49,9 @@ def foreground_p_on(policy: Policy) -> dict[str, float]:
     return {name: float(p) for name, p in zip(policy.op_names, p_on, strict=True)}
 
 
-def foreground_mass(policy: Policy, bins: tuple[tuple[str, int], ...]) -> float:
-    """Foreground probability of the (op, sign) bins listed."""
-    probs = policy.tra_probs().detach()[policy.group_names.index("foreground")]
+def foreground_mass(policy: Policy, bins: tuple[tuple[str, int], ...], group: str = "foreground") -> float:
+    """The group's probability of the (op, sign) bins listed."""
+    probs = policy.tra_probs().detach()[policy.group_names.index(group)]
     total = 0.0
     for op, sign in bins:
         k = policy.op_names.index(op)
@@ -84,7 +84,28 @@ def joint_gamma_up(out: Path, seed: int, threads: int) -> dict:
             "flip_x": foreground_p_on(policy)["flip_x"]}
 
 
-EXPERIMENTS = {"joint_flip_x": joint_flip_x, "tea_flip_x": tea_flip_x, "joint_gamma_up": joint_gamma_up}
+def _group_brightening(name: str, out: Path, seed: int, threads: int) -> dict:
+    # The training cases do not depend on the planted shift (it acts on validation and test cases only), so every
+    # gamma search starts from the same plain segmenter.
+    run = train(name, out, seed, threads, init=train("plain_gamma_up", out, seed, threads))
+    policy = load_policy(run / "policy.json")
+    row = {f"{group}_{kind}": foreground_mass(policy, bins, group) for group in ("foreground", "background")
+           for kind, bins in (("brighten", BRIGHTENING), ("darken", DARKENING))}
+    return {**row, "lead": row["foreground_brighten"] - row["background_brighten"]}
+
+
+def class_specific_gamma(out: Path, seed: int, threads: int) -> dict:
+    """fg_gamma_up.toml: the shift acts around the labels only; the foreground group should brighten more."""
+    return _group_brightening("fg_gamma_up", out, seed, threads)
+
+
+def class_specific_control(out: Path, seed: int, threads: int) -> dict:
+    """gamma_up_groups.toml: the same search with the shift everywhere; both groups should brighten."""
+    return _group_brightening("gamma_up_groups", out, seed, threads)
+
+
+EXPERIMENTS = {"joint_flip_x": joint_flip_x, "tea_flip_x": tea_flip_x, "joint_gamma_up": joint_gamma_up,
+               "class_specific_gamma": class_specific_gamma, "class_specific_control": class_specific_control}
 
 
 def _shown(row: dict) -> str:
