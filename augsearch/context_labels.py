@@ -91,7 +91,11 @@ def context_spec(cfg: LossConfig, label_names: Mapping[str, int]) -> ContextSpec
                 f"loss.context_organ_label = {name!r} is not a foreground label of this dataset; use one of "
                 f"{sorted((n for n, v in label_names.items() if v != 0), key=label_names.get)}")
         rare = cfg.rare_labels
-        if rare is not None and name in rare:
+        if rare is None:
+            raise ContextLabelError(f"loss.context_labels = 'organ' needs loss.rare_labels naming the target rare "
+                                    f"classes: left unset it marks every foreground label rare, {name!r} included, "
+                                    "though a context label is no target")
+        if name in rare:
             raise ContextLabelError(f"loss.context_organ_label = {name!r} is also in loss.rare_labels {rare}: a context "
                                     "label is no target; name another label or drop it from loss.rare_labels")
         if len([v for v in label_names.values() if v != 0]) < 2:

@@ -181,6 +181,7 @@ def test_bad_context_settings_are_config_errors(tmp_path, overrides, message):
     ("liver", ["lesion"], "not a foreground label of this dataset"),
     ("background", ["lesion"], "not a foreground label"),
     ("lesion", ["lesion"], "also in loss.rare_labels"),
+    ("organ", None, "needs loss.rare_labels"),
 ])
 def test_organ_label_must_be_a_non_rare_foreground_label(organ, rare, message):
     cfg = LossConfig(context_labels="organ", context_organ_label=organ, rare_labels=rare)
