@@ -318,9 +318,6 @@ class ExperimentConfig(_Section):
             raise ValueError("augment.mode='none' cannot learn a policy; set augment.mode='policy' or learn=false")
         if not self.train.update_model and self.augment.tra.learn:
             raise ValueError("augment.tra.learn needs a segmenter that trains; set train.update_model=true")
-        if not self.train.update_model and self.loss.context_labels == "colab":
-            raise ValueError("loss.context_labels = 'colab' learns from the segmenter's training steps; set "
-                             "train.update_model=true")
         if self.search.worker >= self.search.num_workers:
             raise ValueError(f"search.worker {self.search.worker} must be below search.num_workers "
                              f"{self.search.num_workers}")

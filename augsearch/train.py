@@ -24,7 +24,14 @@ from augsearch.artifacts.run_folder import check_resumable, commit_step, prepare
 from augsearch.atomic import dumps_json, write_json
 from augsearch.augment import required_margin
 from augsearch.config import ExperimentConfig
-from augsearch.context_labels import ContextMerged, context_spec, hard_target, merge_logits, task_foreground, task_labels
+from augsearch.context_labels import (
+    ContextMerged,
+    context_spec,
+    hard_target,
+    merge_logits,
+    task_foreground,
+    task_labels,
+)
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import Case, dataset_fingerprint, read_dataset_info
 from augsearch.data.preprocess import complete_preprocess, describe_normalisation
@@ -181,11 +188,17 @@ class _Run:
         self.model = UNet(**self.model_config).to(self.device)
         self.model.check_input(torch.zeros(1, self.data.in_channels, *cfg.train.patch_size))
         if cfg.train.init_checkpoint:
-            self.model.load_state_dict(load_checkpoint(cfg.train.init_checkpoint).model_state)
+            init = load_checkpoint(cfg.train.init_checkpoint)
+            if init.context != (self.context.to_dict() if self.context is not None else None):
+                raise AugsearchError(
+                    f"train.init_checkpoint {init.path} was trained with context labels {init.context}, this run has "
+                    f"{self.context.to_dict() if self.context is not None else None}; set loss.context_labels and "
+                    "loss.context_classes as the checkpoint's")
+            self.model.load_state_dict(init.model_state)
         self.model_config = model_config(self.model)
         self.task_model = ContextMerged(self.model, self.context) if self.context is not None else self.model
         self.colab = None
-        if self.context is not None and self.context.kind == "colab":
+        if self.context is not None and self.context.kind == "colab" and cfg.train.update_model:  # frozen: no targets
             self.colab = ColabGenerator(
                 self.context, cfg.dims, self.data.in_channels, self.model.pool_kernels[0] if self.model.pool_kernels
                 else [1] * cfg.dims, features=cfg.loss.colab_features, lr=cfg.loss.colab_lr,

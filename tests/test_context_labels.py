@@ -24,6 +24,7 @@ from augsearch.context_labels import (
     split_target,
     task_labels,
 )
+from augsearch.errors import AugsearchError
 from augsearch.learn.colab import generator_meta_gradient, generator_split
 from augsearch.losses import batch_loss, per_sample_soft_loss
 from augsearch.model import UNet
@@ -168,8 +169,6 @@ def tiny(data_root, **overrides):
     ({"loss.context_labels": "kmeans", "loss.context_classes": 0}, "greater than or equal to 1"),
     ({"loss.context_labels": "kmeans", "loss.context_organ_label": "organ"}, "read by loss.context_labels = 'organ'"),
     ({"loss.context_labels": "colab", "loss.mixup_alpha": 0.2}, "does not combine"),
-    ({"loss.context_labels": "colab", "train.update_model": False, "augment.tra.learn": False},
-     "set train.update_model=true"),
     ({"loss.context_labels": "tree"}, "context_labels"),
 ])
 def test_bad_context_settings_are_config_errors(tmp_path, overrides, message):
@@ -260,11 +259,14 @@ def test_each_kind_trains_in_each_augment_mode(data_root, tmp_path, kind, mode):
 
 def test_tea_only_on_a_frozen_context_model(colab_run, data_root, tmp_path):
     result, _ = colab_run
-    cfg = tiny(data_root, **{"train.epochs": 1, "augment.tra.learn": False, "loss.context_labels": "kmeans",
-                             "train.update_model": False, "train.init_checkpoint": str(result.checkpoint_path)})
-    frozen = fit(cfg, tmp_path / "tea", progress=False)
+    frozen_cfg = {"train.epochs": 1, "augment.tra.learn": False, "train.update_model": False,
+                  "train.init_checkpoint": str(result.checkpoint_path)}
+    with pytest.raises(AugsearchError, match="set loss.context_labels and loss.context_classes as the checkpoint's"):
+        fit(tiny(data_root, **frozen_cfg), tmp_path / "plain", progress=False)
+    # A frozen CoLab model learns no generator: TEA alone, on the merged outputs.
+    frozen = fit(tiny(data_root, **frozen_cfg, **{"loss.context_labels": "colab"}), tmp_path / "tea", progress=False)
     ckpt = load_checkpoint(frozen.checkpoint_path)
-    assert ckpt.metrics["tea/loss"] >= 0
+    assert ckpt.metrics["tea/loss"] >= 0 and "colab" not in ckpt.joint_state
     saved = load_checkpoint(result.checkpoint_path).model_state
     assert all(torch.equal(ckpt.model_state[k], saved[k]) for k in saved)  # the segmenter stayed frozen
 

@@ -94,8 +94,12 @@ def _nan(value) -> float:
     return math.nan if value is None else float(value)
 
 
+def _test_metric(cls: str, key: str):
+    return lambda r: _nan(r["test"][cls][key])
+
+
 COLUMNS = (
-    *((f"{cls} {m}", (lambda c, k: lambda r: _nan(r["test"][c][k]))(cls, key))
+    *((f"{cls} {m}", _test_metric(cls, key))
       for cls in ("lesion", "organ")
       for m, key in (("DSC", "dice"), ("SEN", "sensitivity"), ("PRC", "precision"), ("HD95", "hd95"))),
     ("bg margin train", lambda r: _nan(r["logits"]["background"]["train_mean"])),
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             row, seed, _, _ = futures[future]
             try:
                 result = future.result()
-            except Exception:
+            except Exception:  # noqa: BLE001 - a failed run is reported and the others go on
                 failures += 1
                 print(f"FAILED {row} seed {seed}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
                 continue
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.perf_counter() - started:6.0f}s] {row:<8} seed {seed}: lesion DSC {_nan(lesion['dice']):.3f} "
                   f"SEN {_nan(lesion['sensitivity']):.3f} PRC {_nan(lesion['precision']):.3f} "
                   f"(train {result['train_s']:.0f}s)", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
+                            text=True).stdout.strip()
     header = (f"Seeds {args.seeds}; cells: mean ± sample std over seeds. DSC, SEN, PRC as fractions, HD95 in mm, "
               "margins z_y - max_{c != y} z_c in logits of the merged K-class output (bg: background voxels; "
               "'test <0': share of test voxels of the class on the wrong side of the decision boundary).\n"
