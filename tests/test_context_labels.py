@@ -287,3 +287,7 @@ def test_damaged_context_settings_in_a_checkpoint_are_refused(colab_run, tmp_pat
     torch.save(payload, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="K \\+ t = 6"):
         load_checkpoint(tmp_path / "checkpoint.pt").build_model()
+    payload["context"] = "colab"
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="malformed"):
+        load_checkpoint(tmp_path / "checkpoint.pt").num_classes  # noqa: B018 - the property is what is tested

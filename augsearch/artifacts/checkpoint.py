@@ -66,9 +66,8 @@ class Checkpoint:
     @property
     def num_classes(self) -> int:
         """K, the labels the model predicts (its head has K + t outputs with t context sub-classes)."""
-        if self.context is not None:
-            return int(self.context["task_classes"])
-        return int(self.model_config["num_classes"])
+        spec = self.context_spec()
+        return spec.task_classes if spec is not None else int(self.model_config["num_classes"])
 
     def context_spec(self) -> ContextSpec | None:
         """The context-label settings the model was trained with, None without context labels."""
