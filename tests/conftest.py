@@ -4,8 +4,11 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from processes import assert_loopback_only, assert_no_ray_left  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -30,3 +33,25 @@ def full_precision_on_cuda(request):
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """Where the smoke config's synthetic dataset is made, once per test module."""
+    return tmp_path_factory.mktemp("data") / "smoke2d"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A loopback-only local Ray (2 CPUs, small object store) for one test module; no Ray process is left after."""
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_DEDUP_LOGS"] = "0"
+    ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        assert_loopback_only()
+        yield
+    finally:
+        ray.shutdown()
+    assert_no_ray_left()

@@ -192,11 +192,6 @@ def test_organ_label_must_be_a_non_rare_foreground_label(organ, rare, message):
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data") / "smoke2d"
-
-
-@pytest.fixture(scope="module")
 def colab_run(data_root, tmp_path_factory):
     """A joint TRA + TEA search with CoLab context labels (t = 2)."""
     run_dir = tmp_path_factory.mktemp("colab") / "run"

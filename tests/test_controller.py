@@ -9,13 +9,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from processes import free_port
+from smoke import SMOKE, set_args
 
 from augsearch.cli import main
 from augsearch.config import load_config
@@ -28,18 +27,11 @@ from augsearch.tune.space import (
 )
 from augsearch.tune.trial import CRASH_ENV
 
-SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data") / "smoke2d"
-
 
 def tiny(data_root: Path, *extra: str) -> list[str]:
     """Overrides that make the smoke config a seconds-long two-epoch run on a shared dataset."""
     sets = ["train.epochs=2", "train.iterations=2", f"data.root={json.dumps(str(data_root))}", *extra]
-    return [arg for item in sets for arg in ("--set", item)]
+    return set_args(sets)
 
 
 def summary(run_dir: Path) -> dict[str, dict]:
@@ -142,9 +134,7 @@ def test_unknown_space_key_from_the_cli_writes_nothing(tmp_path, data_root, caps
 
 
 def test_unreachable_address_fails_fast(tmp_path, data_root, capsys):
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     out = tmp_path / "out"
     start = time.monotonic()
     assert main(["search", str(SMOKE), "--address", f"127.0.0.1:{port}", "--out", str(out), *tiny(data_root)]) == 2
@@ -154,62 +144,6 @@ def test_unreachable_address_fails_fast(tmp_path, data_root, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- Ray
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_DEDUP_LOGS"] = "0"
-    ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
-        assert_loopback_only()
-        yield
-    finally:
-        ray.shutdown()
-    assert_no_ray_left()
-
-
-def descendants(root: int) -> dict[int, str]:
-    """pid -> command line of every process below `root`, from /proc."""
-    parents, commands = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = {}, [root]
-    while frontier:
-        pid = frontier.pop()
-        for child, parent in parents.items():
-            if parent == pid and child not in found:
-                found[child] = commands[child]
-                frontier.append(child)
-    return found
-
-
-def assert_loopback_only() -> None:
-    """Every TCP socket our Ray processes listen on is bound to 127.0.0.1."""
-    ours = set(descendants(os.getpid())) | {os.getpid()}
-    lines = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True, check=True).stdout.splitlines()
-    listening = [line.split()[3] for line in lines
-                 if any(int(pid) in ours for pid in re.findall(r"pid=(\d+)", line))]
-    assert listening and all(addr.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")) for addr in listening), listening
-
-
-def assert_no_ray_left() -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and ray_processes():
-        time.sleep(0.5)
-    assert not ray_processes()
-
-
-def ray_processes() -> list[int]:
-    return [pid for pid, cmd in descendants(os.getpid()).items() if "raylet" in cmd or "gcs_server" in cmd]
 
 
 @pytest.mark.slow

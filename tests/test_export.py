@@ -7,12 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from smoke import SMOKE, smoke_search
 
 from augsearch.cli import main
 from augsearch.config import load_config
 from augsearch.policy.io import load_policy
-
-SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
 
 
 def tiny_overrides(data_root: Path) -> list[str]:
@@ -33,9 +32,7 @@ def train_run(tmp_path_factory):
 def search_dir(tmp_path_factory):
     """A finished two-trial in-process search (seed 0 and 1)."""
     tmp = tmp_path_factory.mktemp("search")
-    sets = [a for s in tiny_overrides(tmp / "data") for a in ("--set", s)]
-    assert main(["search", str(SMOKE), "--no-ray", "--out", str(tmp / "search"), *sets]) == 0
-    return tmp / "search"
+    return smoke_search(tmp, tiny_overrides(tmp / "data"))
 
 
 def planted(search_dir: Path, tmp_path: Path, metrics: dict[str, dict[str, float]]) -> Path:

@@ -59,6 +59,13 @@ def loads_or_refuses(read, *args):
         return None
 
 
+def file_loads_or_refuses(read, name: str, data: bytes):
+    """Write DATA to a scratch file called NAME and read it with READ, as loads_or_refuses does."""
+    with scratch() as tmp:
+        (tmp / name).write_bytes(data)
+        return loads_or_refuses(read, tmp / name)
+
+
 def _paths(tree, prefix=()):
     """Every (path, value) inside a JSON tree, the root included."""
     yield prefix, tree
@@ -98,9 +105,7 @@ def _dump(value) -> str:
 @FUZZ
 @given(st.binary(max_size=300))
 def test_policy_file_random_bytes(data):
-    with scratch() as tmp:
-        (tmp / "p.json").write_bytes(data)
-        loads_or_refuses(load_policy, tmp / "p.json")
+    file_loads_or_refuses(load_policy, "p.json", data)
 
 
 @FUZZ
@@ -108,9 +113,7 @@ def test_policy_file_random_bytes(data):
 def test_policy_file_one_value_replaced(data):
     preset = data.draw(st.sampled_from(PRESETS))
     doc = data.draw(mutated(json.loads(preset.read_text())))
-    with scratch() as tmp:
-        (tmp / "p.json").write_text(_dump(doc))
-        loads_or_refuses(load_policy, tmp / "p.json")
+    file_loads_or_refuses(load_policy, "p.json", _dump(doc).encode())
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -119,9 +122,7 @@ def test_policy_file_one_value_replaced(data):
 @FUZZ
 @given(st.binary(max_size=300))
 def test_config_random_bytes(data):
-    with scratch() as tmp:
-        (tmp / "c.toml").write_bytes(data)
-        loads_or_refuses(load_config, tmp / "c.toml")
+    file_loads_or_refuses(load_config, "c.toml", data)
 
 
 @FUZZ

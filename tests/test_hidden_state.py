@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train import data_root, tiny  # noqa: F401  (the smoke benchmark fixture and config)
+from test_train import tiny
 
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.learn.tea_update import tea_view_losses

@@ -10,13 +10,14 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from processes import free_port
+from smoke import set_args
 
 from augsearch.cli import main
 from augsearch.config import load_config
@@ -26,12 +27,6 @@ from augsearch.service.progress import read_metrics, search_progress
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "experiments" / "smoke.toml"
 HEAD_START_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _processes_under(temp_dir: str) -> list[int]:
@@ -56,9 +51,9 @@ def head():
     started) at the end. The token reaches this process through RAY_AUTH_TOKEN, as it would a user's shell."""
     token = secrets.token_hex(16)
     temp_dir = tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp")  # short: Ray's socket paths must stay short
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     # every port a head listens on, not only the GCS and the dashboard: other Ray heads may run on this machine
-    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                       "runtime-env-agent-port", "metrics-export-port",
                                                       "ray-client-server-port", "node-manager-port",
                                                       "object-manager-port")]
@@ -114,7 +109,7 @@ def head():
 
 def _submit_args(address: str, out: Path, data: Path, *extra: str) -> list[str]:
     sets = [f"data.root={json.dumps(str(data))}", *extra]
-    return ["submit", str(SMOKE), "--address", address, "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+    return ["submit", str(SMOKE), "--address", address, "--out", str(out)] + set_args(sets)
 
 
 def _submitted_id(text: str) -> str:

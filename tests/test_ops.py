@@ -11,6 +11,7 @@ from augsearch.ops.intensity import hash_normal, image_statistics
 
 SHAPES = {2: (24, 24), 3: (16, 16, 16)}
 CASES = [(d, name) for d in (2, 3) for name in list_ops(d)]
+SPATIAL = [c for c in CASES if get_op(c[1]).spec.kind == "spatial"]
 SIGNED_RECIPROCAL = {"scale", "gamma", "inverse_gamma", "intensity_scale", "contrast"}
 
 
@@ -41,6 +42,13 @@ def central(x, dims, fraction=0.5):
 
 def all_bins(op, repeats=1):
     return torch.arange(len(op.spec.bins)).repeat_interleave(repeats)
+
+
+def sampled(name, repeats, seed):
+    """The op, each of its bins REPEATS times (B,) and parameters drawn for them with SEED (B, P)."""
+    op = get_op(name)
+    bins = all_bins(op, repeats)
+    return op, bins, op.sample(bins, torch.Generator().manual_seed(seed))
 
 
 def magnitude_and_sign(name, params):
@@ -92,9 +100,7 @@ def test_bin_zero_is_exact_identity(dims, name):
 
 @pytest.mark.parametrize("name", list_ops(3))
 def test_sampled_magnitudes_lie_in_their_band_with_their_sign(name):
-    op = get_op(name)
-    bins = all_bins(op, 200)
-    params = op.sample(bins, torch.Generator().manual_seed(1))
+    op, bins, params = sampled(name, 200, seed=1)
     mag, sign = magnitude_and_sign(name, params)
     for b, spec in enumerate(op.spec.bins[1:], start=1):
         sel = bins == b
@@ -122,12 +128,10 @@ def test_reference_signs_draw_both_directions_inside_a_bin(name):
     assert torch.equal(fixed, torch.tensor([op.spec.bins[b].sign for b in bins.tolist()], dtype=torch.float32))
 
 
-@pytest.mark.parametrize("dims,name", [c for c in CASES if get_op(c[1]).spec.kind == "spatial"])
+@pytest.mark.parametrize("dims,name", SPATIAL)
 def test_spatial_ops_invert_within_tolerance(dims, name):
-    op = get_op(name)
+    op, bins, params = sampled(name, 3, seed=3)
     shape = SHAPES[dims]
-    bins = all_bins(op, 3)
-    params = op.sample(bins, torch.Generator().manual_seed(3))
     x = smooth_image(shape, len(bins), 2)
     back = op.invert(op.apply(x, params), params)
     exact = torch.ones(len(bins), dtype=torch.bool)  # flips
@@ -142,12 +146,10 @@ def test_spatial_ops_invert_within_tolerance(dims, name):
     assert torch.equal(op.invert(op.apply(random, params), params)[exact], random[exact])
 
 
-@pytest.mark.parametrize("dims,name", [c for c in CASES if get_op(c[1]).spec.kind == "spatial"])
+@pytest.mark.parametrize("dims,name", SPATIAL)
 def test_labels_follow_the_image_geometry_and_keep_their_values(dims, name):
-    op = get_op(name)
+    op, bins, params = sampled(name, 2, seed=4)
     shape = SHAPES[dims]
-    bins = all_bins(op, 2)
-    params = op.sample(bins, torch.Generator().manual_seed(4))
     mask = block_labels(shape, len(bins), seed=5)
     moved = op.apply(mask, params, target="mask")
     as_image = op.apply(mask.unsqueeze(1).float(), params)[:, 0]
@@ -161,10 +163,8 @@ def test_labels_follow_the_image_geometry_and_keep_their_values(dims, name):
 
 @pytest.mark.parametrize("dims,name", [c for c in CASES if get_op(c[1]).spec.kind == "intensity"])
 def test_intensity_ops_leave_labels_and_invert_to_identity(dims, name):
-    op = get_op(name)
+    op, bins, params = sampled(name, 1, seed=6)
     shape = SHAPES[dims]
-    bins = all_bins(op)
-    params = op.sample(bins, torch.Generator().manual_seed(6))
     mask = block_labels(shape, len(bins))
     assert torch.equal(op.apply(mask, params, target="mask"), mask)
     x = torch.rand((len(bins), 1) + shape)

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from test_controller import local_ray  # noqa: F401  (the loopback-only local Ray fixture)
+from smoke import SMOKE, set_args
 
 from augsearch.artifacts.checkpoint import load_checkpoint
 from augsearch.cli import main
@@ -29,13 +28,6 @@ from augsearch.learn.server import (
 from augsearch.policy.io import load_policy
 from augsearch.train import _build_policy, fit
 from augsearch.tune.trial import CRASH_ENV
-
-SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data") / "smoke2d"
 
 
 def smoke(data_root: Path, **overrides):
@@ -134,7 +126,7 @@ def test_workers_train_on_disjoint_shards(data_root, tmp_path):
 def shared_args(data_root: Path, *extra: str) -> list[str]:
     sets = ["train.epochs=2", "train.iterations=2", f"data.root={json.dumps(str(data_root))}", "search.space={}",
             "search.policy_sharing=shared", "search.sync_timeout_s=60", *extra]
-    return [arg for item in sets for arg in ("--set", item)]
+    return set_args(sets)
 
 
 def rows(run_dir: Path) -> dict[str, dict]:

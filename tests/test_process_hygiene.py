@@ -14,22 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import free_port
+from smoke import SMOKE, set_args
 
 from augsearch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.toml"
 RAY_PROCESS_NAMES = ("raylet", "gcs_server", "dashboard", "agent", "ray::", "log_monitor", "monitor.py")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data") / "smoke2d"
 
 
 def tiny(data_root: Path, *extra: str) -> list[str]:
     sets = ["train.iterations=2", "model.depth=2", f"data.root={json.dumps(str(data_root))}", *extra]
-    return [arg for item in sets for arg in ("--set", item)]
+    return set_args(sets)
 
 
 def process_table() -> dict[int, tuple[int, str, str]]:
@@ -88,12 +84,6 @@ def wait_for(condition, timeout_s: float, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------------------------- addresses
 
 
@@ -125,7 +115,7 @@ def test_local_ray_is_private_whatever_ray_address_says(monkeypatch):
 
     from augsearch.tune.ray_tune import ray_session
 
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed_port()}")  # another cluster, long gone
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")  # another cluster, long gone
     with ray_session(None):
         assert ray.is_initialized()
         gcs = ray.get_runtime_context().gcs_address

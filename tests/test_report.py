@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from smoke import SMOKE, smoke_search
 
 from augsearch.cli import main
 from augsearch.service.report import ReportError, build_report
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "experiments" / "smoke.toml"
 BASELINES = REPO / "experiments" / "comparison" / "results.csv"
 PNG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 
@@ -39,9 +39,7 @@ def train_run(tmp_path_factory):
 def search_dir(tmp_path_factory):
     """A finished two-trial in-process search (seeds 0 and 1), three epochs each."""
     tmp = tmp_path_factory.mktemp("report-search")
-    sets = [a for s in tiny(tmp / "data") for a in ("--set", s)]
-    assert main(["search", str(SMOKE), "--no-ray", "--out", str(tmp / "search"), *sets]) == 0
-    return tmp / "search"
+    return smoke_search(tmp, tiny(tmp / "data"))
 
 
 def images(page: str) -> dict[str, bytes]:

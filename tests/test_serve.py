@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from processes import descendants, free_port
 
 from augsearch.artifacts.checkpoint import save_checkpoint
 from augsearch.artifacts.layout import UNCERTAINTY_DIR
@@ -66,35 +66,6 @@ def write_volume(path: Path, shape, spacing, *, seed: int = 0, data=None) -> Pat
     img.set_sform(affine, code=1)
     nib.save(img, str(path))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def descendants(root: int) -> dict[int, str]:
-    """Processes below `root` (pid -> command line)."""
-    parents, commands = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                    errors="replace")
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-
-    def below(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == root:
-                return True
-        return False
-
-    return {pid: cmd for pid, cmd in commands.items() if below(pid)}
 
 
 def alive(pid: int) -> bool:

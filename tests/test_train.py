@@ -16,11 +16,6 @@ from augsearch.train import fit
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data") / "smoke2d"
-
-
 def tiny(data_root, **overrides):
     base = {"data.root": str(data_root), "train.epochs": 2, "train.iterations": 2, "train.batch_size": 2,
             "train.val_batch_size": 2, "augment.tea.views": 3}
