@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from augsearch.artifacts.checkpoint import load_checkpoint
@@ -30,13 +31,14 @@ from augsearch.atomic import write_json, write_text
 from augsearch.config import config_from_dict, load_config
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import read_dataset_info
+from augsearch.data.plan import fingerprint, make_plan, plan_toml
 from augsearch.data.preprocess import complete_preprocess
 from augsearch.data.splits import resolve_splits
-from augsearch.data.plan import fingerprint, make_plan, plan_toml
 from augsearch.data.synthetic import write_benchmark
+from augsearch.metrics import dice
 from augsearch.model import UNet
 from augsearch.policy.io import load_policy
-from augsearch.predict.validation import validate
+from augsearch.predict.tta import predict_tta, selected_views
 from augsearch.train import fit
 
 HERE = Path(__file__).resolve().parent
@@ -71,8 +73,9 @@ def run_one(name: str, out: Path, *, size: int, cases: int, train_cases: int, ep
             "overrides": overrides, **measure(out / run)}
 
 
-def test_dice(run_dir: Path) -> dict[str, float]:
-    """Lesion and organ Dice of the run's last checkpoint on the benchmark's test cases (whole volumes, no TTA)."""
+def test_dice(run_dir: Path) -> dict:
+    """Lesion and organ Dice (means over the test cases where defined) of the run's last checkpoint on the benchmark's
+    test cases, whole volumes predicted plainly and with the learned TEA (the policy's selected entries)."""
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = config_from_dict(ckpt.config, source=str(run_dir / "checkpoint.pt"))
     info = read_dataset_info(cfg.data.root)
@@ -81,9 +84,16 @@ def test_dice(run_dir: Path) -> dict[str, float]:
     cases = load_cases(info, resolve_splits(info, cfg.data.split).test, preprocess, cache)
     model = UNet(**ckpt.model_config)
     model.load_state_dict(ckpt.model_state)
-    scores = validate(model, cases, patch_size=cfg.train.patch_size, label_names=ckpt.label_names,
-                      rare_labels=["lesion"], batch_size=cfg.train.sliding_window_batch, device=torch.device("cpu"))
-    return {"dice_lesion": scores["val/dice_lesion"], "dice_organ": scores["val/dice_organ"], "cases": len(cases)}
+    policy = load_policy(run_dir / "policy.json")
+    scores: dict[str, dict[str, list[float]]] = {way: {"lesion": [], "organ": []} for way in ("plain", "tea")}
+    for case in cases:
+        for way, views in (("plain", None), ("tea", policy)):
+            probs = predict_tta(model, case.image, views, spacing=case.spacing, window=cfg.train.patch_size).probabilities
+            prediction = probs.argmax(0).numpy()
+            for name, per_case in scores[way].items():
+                per_case.append(dice(prediction == ckpt.label_names[name], case.label == ckpt.label_names[name]))
+    return {"cases": len(cases), "tea_entries": [policy.tea_names[i] for i in selected_views(policy, 3)[0]],
+            **{f"{way}_dice_{name}": round(float(np.nanmean(v)), 4) for way, by in scores.items() for name, v in by.items()}}
 
 
 def measure(run_dir: Path) -> dict:
@@ -108,12 +118,14 @@ def measure(run_dir: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| run | iterations | lesion Dice (val) | organ Dice (val) | lesion Dice (test) | organ Dice (test) | "
+    lines = ["| run | iterations | lesion Dice (val) | organ Dice (val) | lesion Dice (test: plain / TEA) | "
+             "organ Dice (test: plain / TEA) | "
              "fg P(flip_x) | bg P(flip_x) | fg rank of flip_x | TEA x-mirror mass | TEA top | CPU min |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['run']} (seed {r['seed']}) | {r['curve'][-1]['step']} | {r['val_dice_lesion']:.3f} | {r['val_dice_organ']:.3f} | "
-                     f"{r['test']['dice_lesion']:.3f} | {r['test']['dice_organ']:.3f} | {r['p_flip_x']['foreground']:.3f} | {r['p_flip_x']['background']:.3f} | {r['fg_rank_flip_x']} | "
+                     f"{r['test']['plain_dice_lesion']:.3f} / {r['test']['tea_dice_lesion']:.3f} | "
+                     f"{r['test']['plain_dice_organ']:.3f} / {r['test']['tea_dice_organ']:.3f} | {r['p_flip_x']['foreground']:.3f} | {r['p_flip_x']['background']:.3f} | {r['fg_rank_flip_x']} | "
                      f"{r['tea_x_mirror_mass']:.3f} | {r['tea_top'][0]} {r['tea_top'][1]:.2f} | {r['cpu_minutes'] or '-'} |")
     return "\n".join(lines)
 
