@@ -148,6 +148,49 @@ class LossConfig(_Section):
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(alpha, alpha) (0 = off).")
     mixup_margin: float = Field(0.2, ge=0, lt=1)
     bg_augment_prob: float = Field(1.0, ge=0, le=1, description="Asymmetric augmentation: P(augment a BG patch).")
+    context_labels: Literal["none", "kmeans", "dilated", "organ", "colab"] = Field(
+        "none", description="Split the background into context sub-classes for training (augsearch/context_labels.py): "
+        "'kmeans' (intensity clusters), 'dilated' (a ring around the foreground), 'organ' (a label as context, not "
+        "a target), 'colab' (learned by a generator network); predictions merge them back into the background.",
+    )
+    context_classes: int | None = Field(
+        None, ge=1, description="t context sub-classes; None is 2 for 'kmeans' and 'colab', 1 for 'dilated' and 'organ' "
+        "(which make one).",
+    )
+    context_organ_label: str | None = Field(None, description="'organ': the dataset label whose voxels are context.")
+    context_dilation: int = Field(4, ge=1, description="'dilated': ring width around the foreground, in voxels.")
+    colab_lr: float = Field(1e-3, gt=0, description="'colab': Adam learning rate of the generator network.")
+    colab_features: int = Field(8, ge=1, description="'colab': base width of the generator's small U-Net.")
+    colab_backend: Literal["jvp", "functional"] = Field(
+        "jvp", description="'colab': exact meta-gradient of the generator, by forward-over-reverse ('jvp') or "
+        "second-order autograd through the unrolled step ('functional').",
+    )
+
+    @model_validator(mode="after")
+    def _context_consistent(self) -> LossConfig:
+        kind, t = self.context_labels, self.context_classes
+        if kind in ("dilated", "organ") and t not in (None, 1):
+            raise ValueError(f"loss.context_labels = {kind!r} makes one context class; set loss.context_classes = 1 "
+                             f"(got {t})")
+        if kind == "organ" and not self.context_organ_label:
+            raise ValueError("loss.context_labels = 'organ' needs loss.context_organ_label naming a dataset label "
+                             "(e.g. \"organ\"), whose voxels become the context class")
+        if kind != "organ" and self.context_organ_label is not None:
+            raise ValueError(f"loss.context_organ_label is read by loss.context_labels = 'organ' only (got "
+                             f"{kind!r}); remove it or set loss.context_labels = 'organ'")
+        if kind != "none" and (self.adversarial_eps > 0 or self.mixup_alpha > 0):
+            raise ValueError("loss.context_labels does not combine with loss.adversarial_eps or loss.mixup_alpha yet; "
+                             "set those to 0 or loss.context_labels = 'none'")
+        return self
+
+    @property
+    def context_count(self) -> int:
+        """t: the number of context sub-classes the head gets (0 without context labels)."""
+        if self.context_labels == "none":
+            return 0
+        if self.context_classes is not None:
+            return self.context_classes
+        return 1 if self.context_labels in ("dilated", "organ") else 2
 
 
 class TraSearchConfig(_Section):

@@ -169,13 +169,20 @@ def deep_supervision_loss(
 ) -> Tensor:
     """Weighted per-sample loss (B,) over deep-supervision outputs [(B, K, *S), (B, K, *S/2), ...].
 
-    The target (B, *S) is resized by nearest neighbour to each output; a single tensor is a one-output list.
+    The target, labels (B, *S) or soft target weights (B, K, *S) (context labels), is resized by nearest neighbour
+    to each output; a single tensor is a one-output list.
     """
     if isinstance(outputs, Tensor):
         outputs = [outputs]
+    soft = target.is_floating_point()
     total = 0
     for weight, out in zip(deep_supervision_weights(len(outputs)), outputs, strict=True):
-        if weight:
+        if not weight:
+            continue
+        if soft:
+            resized = target if target.shape[2:] == out.shape[2:] else F.interpolate(target, size=out.shape[2:])
+            total = total + weight * per_sample_soft_loss(out, resized, None, cfg, rare)
+        else:
             total = total + weight * per_sample_loss(out, downsample_target(target, out.shape[2:]), cfg, rare)
     return total
 

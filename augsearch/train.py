@@ -24,6 +24,14 @@ from augsearch.artifacts.run_folder import check_resumable, commit_step, prepare
 from augsearch.atomic import dumps_json, write_json
 from augsearch.augment import required_margin
 from augsearch.config import ExperimentConfig
+from augsearch.context_labels import (
+    ContextMerged,
+    context_spec,
+    hard_target,
+    merge_logits,
+    task_foreground,
+    task_labels,
+)
 from augsearch.data.cases import load_cases
 from augsearch.data.dataset import Case, dataset_fingerprint, read_dataset_info
 from augsearch.data.preprocess import complete_preprocess, describe_normalisation
@@ -32,6 +40,7 @@ from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError, DatasetError
+from augsearch.learn.colab import ColabGenerator
 from augsearch.learn.guard import NonFiniteError, all_finite
 from augsearch.learn.joint import JointRuntime, JointStep
 from augsearch.learn.server import PolicyServer, PolicySync, worker_shard
@@ -164,10 +173,14 @@ class _Run:
         self.rare_labels = _rare_labels(cfg, labels)
         self.rare = rare_mask(labels, cfg.loss.rare_labels, self.num_classes).to(self.device)
         fg = [v for v in sorted(labels.values()) if v != 0]
+        # Context labels: the segmenter has K + t outputs; `task_model` shows it with the K labels of the dataset.
+        self.context = context_spec(cfg.loss, labels)
+        t = self.context.context_classes if self.context is not None else 0
+        train_rare = torch.cat([self.rare, torch.zeros(t, dtype=torch.bool, device=self.device)])
 
         torch.manual_seed(cfg.seed)
         self.model_config = {
-            "dims": cfg.dims, "in_channels": self.data.in_channels, "num_classes": self.num_classes,
+            "dims": cfg.dims, "in_channels": self.data.in_channels, "num_classes": self.num_classes + t,
             "base_features": cfg.model.base_features, "max_features": cfg.model.max_features,
             "depth": cfg.model.depth, "deep_supervision": cfg.model.deep_supervision,
             "pool_kernels": cfg.model.pool_kernels,
@@ -175,8 +188,22 @@ class _Run:
         self.model = UNet(**self.model_config).to(self.device)
         self.model.check_input(torch.zeros(1, self.data.in_channels, *cfg.train.patch_size))
         if cfg.train.init_checkpoint:
-            self.model.load_state_dict(load_checkpoint(cfg.train.init_checkpoint).model_state)
+            init = load_checkpoint(cfg.train.init_checkpoint)
+            if init.context != (self.context.to_dict() if self.context is not None else None):
+                raise AugsearchError(
+                    f"train.init_checkpoint {init.path} was trained with context labels {init.context}, this run has "
+                    f"{self.context.to_dict() if self.context is not None else None}; set loss.context_labels and "
+                    "loss.context_classes as the checkpoint's")
+            self.model.load_state_dict(init.model_state)
         self.model_config = model_config(self.model)
+        self.task_model = ContextMerged(self.model, self.context) if self.context is not None else self.model
+        self.colab = None
+        if self.context is not None and self.context.kind == "colab" and cfg.train.update_model:  # frozen: no targets
+            self.colab = ColabGenerator(
+                self.context, cfg.dims, self.data.in_channels, self.model.pool_kernels[0] if self.model.pool_kernels
+                else [1] * cfg.dims, features=cfg.loss.colab_features, lr=cfg.loss.colab_lr,
+                backend=cfg.loss.colab_backend, device=self.device,
+            )
 
         self.policy = _build_policy(cfg, labels, self.data.spacing, log)
         if self.policy is not None:
@@ -204,19 +231,34 @@ class _Run:
 
         loss_cfg = cfg.loss
         outer_kind = aug.tra.outer_loss
+        context = self.context
+        task_fg = task_foreground(context, fg)
 
         def train_loss(logits, target):
-            return deep_supervision_loss(logits, target, loss_cfg, self.rare)
+            return deep_supervision_loss(logits, target, loss_cfg, train_rare)
 
         def outer_loss(logits, target):
-            return batch_loss(_full_resolution(logits), target, outer_kind, fg)
+            # Meta-steps judge the segmenter on the task: merged outputs against the dataset's labels.
+            logits = _full_resolution(logits)
+            if context is not None:
+                logits, target = merge_logits(logits, context), task_labels(context, target)
+            return batch_loss(logits, target, outer_kind, task_fg)
+
+        if self.colab is not None:
+            context_target = self.colab.target
+        elif context is not None:
+            def context_target(image, labels):
+                return hard_target(context, image, labels)
+        else:
+            context_target = None
 
         runtime = JointRuntime(
             model=self.model, policy=self.policy, optimizer=self.optimizer,
             tra_optimizer=self.tra_optimizer, tea_optimizer=self.tea_optimizer,
-            per_sample_loss=train_loss, outer_loss=outer_loss, num_classes=self.num_classes, fg_classes=fg,
+            per_sample_loss=train_loss, outer_loss=outer_loss, num_classes=self.num_classes, fg_classes=task_fg,
             spacing=self.data.spacing,
             regularizers=self._regularizer_steps() if self.optimizer is not None else None,
+            context_target=context_target, colab=self.colab, task_model=self.task_model,
         )
         # A shared policy is stepped by the server; the local TRA/TEA optimisers then only decide which steps run.
         self.policy_sync = (PolicySync(policy_server, cfg.search.worker)
@@ -354,7 +396,7 @@ def _write_step(run: _Run, metrics: dict[str, float]) -> tuple[Path, Path | None
         epoch=run.epoch, step=run.global_step,
         optimizers={name: opt.state_dict() for name, opt in run._optimizers().items()},
         policy=policy, metrics=metrics, generators=run.generator_states(), data_fingerprint=run.data.fingerprint,
-        joint_state=run.step.state_dict(),
+        joint_state=run.step.state_dict(), context=run.context.to_dict() if run.context is not None else None,
     )
     commit_step(run.run_dir, payload, policy)
     return run.run_dir / CHECKPOINT_NAME, (run.run_dir / POLICY_NAME if policy is not None else None)
@@ -463,21 +505,23 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
                 meta_now = run.global_step >= aug.warmup_iterations and run.global_step % aug.meta_every == 0
                 batch = run.train_sampler.sample(t.batch_size, generator=run.train_rng)
                 val_batch = tea_batch = None
-                if meta_now and run.tra_optimizer is not None:
+                if meta_now and (run.tra_optimizer is not None or run.colab is not None):
                     val_batch = run.outer_batch(t.val_batch_size)
                 if meta_now and run.tea_optimizer is not None:
                     tea_batch = run.val_sampler.sample(aug.tea.groups_per_step, fg_fraction=1.0, generator=run.val_rng)
                 batch, val_batch, tea_batch = (
                     _batch_to(b, run.device) if b is not None else None for b in (batch, val_batch, tea_batch)
                 )
-                losses.append(run.step.run(batch, val_batch, tea_batch, inner_lr=inner_lr, generator=run.generator))
+                loss = run.step.run(batch, val_batch, tea_batch, inner_lr=inner_lr, generator=run.generator)
+                if loss is not None:  # None: a frozen segmenter, which has no training loss
+                    losses.append(loss)
                 run.global_step += 1
-                if iteration % 10 == 0:
+                if iteration % 10 == 0 and losses:
                     bar.set_postfix_str(f"loss {np.mean(losses[-10:]):.3f}")
             run.epoch += 1
             metrics = {
                 "epoch": run.epoch, "step": run.global_step, "lr": lr,
-                "train/loss": float(np.mean(losses)), "time/epoch_s": time.perf_counter() - started,
+                **({"train/loss": float(np.mean(losses))} if losses else {}), "time/epoch_s": time.perf_counter() - started,
                 "meta/steps": run.step.stats.meta_steps, "meta/empty_group_updates": run.step.stats.empty_group_updates,
                 **{f"nonfinite/{kind}": n for kind, n in run.step.guard.skipped.items()},
                 "meta/val_loss": run.step.stats.last_val_loss, "tea/loss": run.step.stats.last_tea_loss,
@@ -487,7 +531,7 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
             validated = run.epoch % t.validate_every == 0 or last
             if validated:
                 metrics.update(
-                    validate(run.model, run.data.val, patch_size=t.patch_size, label_names=run.data.label_names,
+                    validate(run.task_model, run.data.val, patch_size=t.patch_size, label_names=run.data.label_names,
                              rare_labels=run.rare_labels, batch_size=t.sliding_window_batch, device=run.device)
                 )
             for key, value in metrics.items():
@@ -498,7 +542,7 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
                 handle.write(dumps_json(metrics) + "\n")
             if progress:
                 summary = f" | {run.policy.summary()}" if run.policy is not None and (aug.tra.learn or aug.tea.learn) else ""
-                print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics['train/loss']:.4f} "
+                print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics.get('train/loss', float('nan')):.4f} "
                       f"val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}{summary}", flush=True)
             report_ckpt = report_policy = None
             if run.epoch % t.checkpoint_every == 0 or validated:  # every validation comes with its checkpoint

@@ -97,3 +97,20 @@ def test_unknown_estimator_and_missing_file_are_refused(model_dir, tmp_path, cap
     (model_dir / "run" / "estimator.json").unlink()
     assert main([*args, "--estimate", "TS"]) == 2
     assert "run `augsearch calibrate`" in capsys.readouterr().err
+
+
+def test_calibrate_a_model_whose_window_exceeds_the_volume(model_dir, tmp_path):
+    """Volumes smaller than the training patch (32 x 32 cases, 48 x 48 window) are padded as predict pads them."""
+    data = model_dir / "data"
+    torch.manual_seed(0)
+    model = UNet(2, 1, len(LABELS), base_features=4, depth=2)
+    save_checkpoint(
+        tmp_path / "run" / "checkpoint.pt", model=model, model_config=model_config(model),
+        config={"data": {"root": str(data)}}, label_names=LABELS,
+        preprocess=PreprocessConfig(normalization="zscore").model_dump(mode="json"), patch_size=[48, 48], epoch=1,
+        step=1, optimizers={}, policy=None, metrics={}, generators={},
+        data_fingerprint=dataset_fingerprint(read_dataset_info(data)),
+    )
+    assert main(["calibrate", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    document = json.loads((tmp_path / "run" / "estimator.json").read_text())
+    assert document["val_cases"] == ["case_002", "case_003"] and set(document["estimators"]) == set(ESTIMATORS)

@@ -12,7 +12,7 @@ FLOORS = [
     ("augsearch", "augsearch.errors", "augsearch.atomic", "augsearch.textfiles"),
     ("augsearch.config", "augsearch.devices", "augsearch.schedules"),
     ("augsearch.ops",),
-    ("augsearch.augment", "augsearch.model", "augsearch.losses", "augsearch.data"),
+    ("augsearch.augment", "augsearch.model", "augsearch.losses", "augsearch.data", "augsearch.context_labels"),
     ("augsearch.lesion_metrics", "augsearch.regularizers", "augsearch.artifacts"),
     ("augsearch.metrics",),
     ("augsearch.policy",),

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from augsearch.config import DataConfig, PreprocessConfig, SplitConfig, SynthConfig
 from augsearch.data.cases import load_cases
@@ -15,6 +16,8 @@ from augsearch.data.dataset import read_dataset_info
 from augsearch.data.sampler import PatchSampler
 from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import (
+    FG_SHIFT_FADE_MM,
+    FG_SHIFT_REACH_MM,
     SHIFTS,
     apply_shift,
     ensure_dataset,
@@ -106,7 +109,23 @@ def test_shift_semantics():
     # Without a shift, validation comes from the wider distribution: not the training case.
     wide, _ = generate_case(4, dims=2, size=48, seed=2, role="val", shift=None)
     assert not np.array_equal(wide, generate_case(4, dims=2, size=48, seed=2, role="train", shift=None)[0])
-    assert set(SHIFTS) >= {"flip_x", "rot90_xy", "gamma_up", "gamma_down"}
+    assert set(SHIFTS) >= {"flip_x", "rot90_xy", "gamma_up", "gamma_down", "fg_gamma_up"}
+
+
+def test_foreground_local_shift_brightens_around_the_labels_only():
+    """fg_gamma_up equals gamma_up on and next to the labels, leaves far background untouched, fades between."""
+    train, label = generate_case(4, dims=2, size=64, seed=2, role="train", shift=None)
+    local, local_label = generate_case(4, dims=2, size=64, seed=2, role="val", shift="fg_gamma_up")
+    everywhere, _ = generate_case(4, dims=2, size=64, seed=2, role="val", shift="gamma_up")
+    np.testing.assert_array_equal(local_label, label)
+    distance = ndimage.distance_transform_edt(label == 0, sampling=(1.0, 1.0))
+    near, far = distance <= FG_SHIFT_REACH_MM, distance > FG_SHIFT_REACH_MM + FG_SHIFT_FADE_MM
+    assert near.sum() > 0 and far.sum() > 0
+    np.testing.assert_allclose(local[near], everywhere[near], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(local[far], train[far])
+    fade = ~near & ~far
+    assert (local[fade] >= np.minimum(train[fade], everywhere[fade]) - 1e-5).all()
+    assert (local[fade] <= np.maximum(train[fade], everywhere[fade]) + 1e-5).all()
 
 
 def test_bad_arguments(tmp_path):

@@ -111,6 +111,8 @@ def test_tea_only_search_on_a_frozen_model_keeps_the_weights(data_root, tmp_path
     for key in before.model_state:
         torch.testing.assert_close(before.model_state[key], after.model_state[key], rtol=0, atol=0)
     assert after.policy["tea"]["logits"] != load_policy_initial(data_root).tea_logits.tolist()
+    # a frozen segmenter is not trained at all: no augmented training batch, no training loss
+    assert "train/loss" not in tea.metrics and math.isfinite(tea.metrics["tea/loss"])
 
 
 def test_bad_config_is_rejected_with_the_key(tmp_path, capsys):

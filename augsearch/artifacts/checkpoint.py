@@ -4,7 +4,8 @@ A checkpoint is one `torch.save`d dict of tensors and JSON-like primitives, writ
 `torch.load(weights_only=True)`, so a crafted file can never run code. Keys:
 format, format_version, model (state_dict), model_config (UNet kwargs), config (ExperimentConfig dict), label_names,
 preprocess (PreprocessConfig dict with the resolved target spacing and CT statistics), patch_size, epoch, step,
-optimizers, policy (policy file dict or None), metrics, rng, data_fingerprint, versions.
+optimizers, policy (policy file dict or None), metrics, rng, data_fingerprint, versions, context (context-label
+settings or None: then model_config's num_classes is K + t and `build_model` merges the outputs back to K).
 `load_checkpoint` returns a `Checkpoint`, the one place that knows these keys.
 """
 
@@ -25,6 +26,7 @@ from torch.torch_version import TorchVersion
 from augsearch.artifacts.layout import CHECKPOINT_NAME
 from augsearch.atomic import torch_save
 from augsearch.config import ExperimentConfig, PreprocessConfig, config_from_dict
+from augsearch.context_labels import ContextLabelError, ContextMerged, ContextSpec
 from augsearch.errors import AugsearchError, brief
 from augsearch.model import UNet
 
@@ -55,6 +57,7 @@ class Checkpoint:
     rng: dict[str, Any]
     data_fingerprint: str
     joint_state: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None
 
     @property
     def dims(self) -> int:
@@ -62,7 +65,22 @@ class Checkpoint:
 
     @property
     def num_classes(self) -> int:
-        return int(self.model_config["num_classes"])
+        """K, the labels the model predicts (its head has K + t outputs with t context sub-classes)."""
+        spec = self.context_spec()
+        return spec.task_classes if spec is not None else int(self.model_config["num_classes"])
+
+    def context_spec(self) -> ContextSpec | None:
+        """The context-label settings the model was trained with, None without context labels."""
+        if self.context is None:
+            return None
+        try:
+            spec = ContextSpec.from_dict(self.context)
+        except ContextLabelError as err:
+            raise CheckpointError(f"{self.path}: {err}; use an earlier checkpoint or train again") from None
+        if spec.total_classes != int(self.model_config["num_classes"]):
+            raise CheckpointError(f"{self.path}: its context settings give K + t = {spec.total_classes} outputs, its "
+                                  f"model has {self.model_config['num_classes']}; use an earlier checkpoint")
+        return spec
 
     @property
     def in_channels(self) -> int:
@@ -83,14 +101,15 @@ class Checkpoint:
         return PreprocessConfig.model_validate({k: v for k, v in self.preprocess_fields.items() if k in known})
 
     def build_model(self) -> torch.nn.Module:
-        """The segmenter with its weights, in eval mode."""
+        """The segmenter with its weights, in eval mode; with context labels, its K + t outputs merged to K."""
+        spec = self.context_spec()
         try:
             model = UNet(**self.model_config)
             model.load_state_dict(self.model_state)
         except (TypeError, ValueError, RuntimeError) as err:  # a damaged model_config or weights that do not fit it
             raise CheckpointError(f"{self.path}: the checkpoint's model_config and weights do not fit together "
                                   f"({brief(str(err))}); use an earlier checkpoint or train again") from None
-        return model.eval()
+        return (model if spec is None else ContextMerged(model, spec)).eval()
 
 
 def package_versions() -> dict[str, str]:
@@ -138,9 +157,11 @@ def checkpoint_payload(
     generators: dict[str, Any],
     data_fingerprint: str,
     joint_state: dict[str, Any] | None = None,
+    context: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The dict `save_checkpoint` writes; refuses non-finite weights, which no later run could use. joint_state: the
-    joint step's own state (its running baselines), so a resumed search continues exactly."""
+    joint step's own state (its running baselines), so a resumed search continues exactly. context: the context-label
+    settings (`ContextSpec.to_dict()`) of a model with K + t outputs."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -166,6 +187,7 @@ def checkpoint_payload(
         "data_fingerprint": data_fingerprint,
         "versions": package_versions(),
         "joint_state": _plain(joint_state),
+        "context": _plain(context),
     }
 
 
@@ -249,6 +271,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             epoch=int(payload["epoch"]), step=int(payload["step"]), optimizers=payload.get("optimizers") or {},
             policy=payload.get("policy"), metrics=payload.get("metrics") or {}, rng=payload.get("rng") or {},
             data_fingerprint=str(payload.get("data_fingerprint", "")), joint_state=payload.get("joint_state"),
+            context=payload.get("context"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path} is an incomplete augsearch checkpoint ({type(err).__name__}: {err}); "

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--size", type=int, default=None, help="edge length in voxels (default 96 in 2D, 48 in 3D)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shift", default=None,
-                       help="planted train vs val/test difference: flip_x, rot90_xy, gamma_up, gamma_down")
+                       help="planted train vs val/test difference: flip_x, rot90_xy, gamma_up, gamma_down, "
+                            "fg_gamma_up (gamma_up only around the labelled structures)")
     synth.set_defaults(func=_synth)
 
     check = sub.add_parser("check", help="report every integrity problem of a dataset; exit 1 when any")

@@ -24,7 +24,9 @@ import numpy as np
 
 from augsearch.errors import DatasetError
 
-SHIFTS: tuple[str, ...] = ("flip_x", "rot90_xy", "gamma_up", "gamma_down")
+SHIFTS: tuple[str, ...] = ("flip_x", "rot90_xy", "gamma_up", "gamma_down", "fg_gamma_up")
+FG_SHIFT_REACH_MM = 6.0  # fg_gamma_up: full effect up to this distance from the labelled foreground ...
+FG_SHIFT_FADE_MM = 6.0  # ... fading linearly to none over this distance beyond it
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 DEFAULT_SIZE = {2: 96, 3: 48}
 SPACING = {2: (1.0, 1.0), 3: (1.0, 1.0, 1.5)}
@@ -43,6 +45,9 @@ def apply_shift(image: np.ndarray, label: np.ndarray, shift: str) -> tuple[np.nd
 
     flip_x: mirror along voxel axis 0 (x). rot90_xy: `np.rot90(k=1, axes=(0, 1))`. gamma_up / gamma_down: with
     lo, hi the image's min and max, `lo + (hi - lo) * ((x - lo) / (hi - lo)) ** g`, g = 0.5 (brighter) or 2 (darker).
+    fg_gamma_up: gamma_up only around the labelled structures (organ and lesion; full effect up to
+    FG_SHIFT_REACH_MM, fading out over FG_SHIFT_FADE_MM), the rest unchanged: patches centred on foreground see the
+    shift, most background-centred patches do not, so the right training augmentation differs between the groups.
     """
     if shift == "flip_x":
         return np.ascontiguousarray(image[::-1]), np.ascontiguousarray(label[::-1])
@@ -50,7 +55,20 @@ def apply_shift(image: np.ndarray, label: np.ndarray, shift: str) -> tuple[np.nd
         return np.ascontiguousarray(np.rot90(image, 1, (0, 1))), np.ascontiguousarray(np.rot90(label, 1, (0, 1)))
     if shift in ("gamma_up", "gamma_down"):
         return _gamma(image, 0.5 if shift == "gamma_up" else 2.0), label
+    if shift == "fg_gamma_up":
+        weight = _near_foreground(label, SPACING[image.ndim])
+        return (weight * _gamma(image, 0.5) + (1.0 - weight) * image).astype(np.float32), label
     raise DatasetError("--shift", f"one of {list(SHIFTS)}", repr(shift), "pick a listed shift or leave it out")
+
+
+def _near_foreground(label: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """(*S) float32 in [0, 1]: 1 within FG_SHIFT_REACH_MM of a labelled voxel, 0 beyond reach + fade, linear between."""
+    from scipy import ndimage
+
+    if not label.any():
+        return np.zeros(label.shape, np.float32)
+    distance = ndimage.distance_transform_edt(label == 0, sampling=spacing)
+    return np.clip(1.0 - (distance - FG_SHIFT_REACH_MM) / FG_SHIFT_FADE_MM, 0.0, 1.0).astype(np.float32)
 
 
 def _gamma(image: np.ndarray, g: float) -> np.ndarray:

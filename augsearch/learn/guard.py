@@ -16,7 +16,7 @@ import torch
 from augsearch.errors import AugsearchError
 
 # What to lower when an update of this kind keeps failing.
-HINTS = {"segmenter": "train.lr", "tra": "augment.tra.lr", "tea": "augment.tea.lr"}
+HINTS = {"segmenter": "train.lr", "tra": "augment.tra.lr", "tea": "augment.tea.lr", "colab": "loss.colab_lr"}
 
 
 class NonFiniteError(AugsearchError):
@@ -29,7 +29,7 @@ def all_finite(tensors: Sequence[torch.Tensor | None]) -> bool:
 
 @dataclass
 class NonFiniteGuard:
-    """Counts skipped updates per kind ('segmenter', 'tra', 'tea'): in total and in a row."""
+    """Counts skipped updates per kind ('segmenter', 'tra', 'tea', 'colab'): in total and in a row."""
 
     limit: int = 20
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HINTS, 0))

@@ -19,6 +19,7 @@ from torch import Tensor
 from augsearch.augment import augment_batch
 from augsearch.config import AugmentConfig, LossConfig, TrainConfig
 from augsearch.data.sampler import Batch
+from augsearch.learn.colab import ColabGenerator
 from augsearch.learn.guard import NonFiniteGuard, guarded_step
 from augsearch.learn.meta import (
     centre_and_normalise,
@@ -56,6 +57,10 @@ class JointRuntime:
     optimizer: the segmenter's (None freezes it); tra_optimizer / tea_optimizer: Adam on the policy's logits (None
     skips that step). per_sample_loss(model output, target) -> (B,); outer_loss(model output, target) -> scalar.
     fg_classes: the foreground label values. regularizers: extra segmenter steps after the main one (METHOD 7).
+    Context labels (augsearch/context_labels.py): context_target(image, labels) -> the training loss's target over
+    the model's K + t outputs (None: the labels themselves); colab: the generator that makes those targets and
+    steps with every TRA meta-step's validation batch; task_model: the model seen with K merged outputs, for the
+    TEA step (None: the model itself). outer_loss then merges the outputs itself.
     """
 
     model: torch.nn.Module
@@ -69,6 +74,9 @@ class JointRuntime:
     fg_classes: list[int]
     regularizers: Callable[[Tensor, Tensor, Tensor], dict[str, float]] | None = None
     spacing: tuple[float, ...] | None = None  # mm per axis of the patches' grid; None: rotations of the voxel grid
+    context_target: Callable[[Tensor, Tensor], Tensor] | None = None
+    colab: ColabGenerator | None = None
+    task_model: torch.nn.Module | None = None
 
 
 class JointStep:
@@ -87,6 +95,7 @@ class JointStep:
         self.policy_sync = policy_sync
         self.stats = StepStats()
         self.model = runtime.model
+        self.task_model = runtime.task_model if runtime.task_model is not None else runtime.model
         self.policy = runtime.policy
         self.patch_size = list(train.patch_size)
         self.tea_fg_classes = [1] if augment.tea.class1_only else list(runtime.fg_classes)
@@ -136,14 +145,20 @@ class JointStep:
         return centre_crop(image, self.patch_size), centre_crop(mask, self.patch_size)
 
     def state_dict(self) -> dict[str, Tensor | None]:
-        """The step's own state beyond the model, policy and optimisers: the running baselines."""
-        return {"running_baseline": self._running_baseline, "baseline_seen": self._baseline_seen}
+        """The step's own state beyond the model, policy and optimisers: the running baselines (and the CoLab
+        generator with its optimiser)."""
+        state = {"running_baseline": self._running_baseline, "baseline_seen": self._baseline_seen}
+        if self.runtime.colab is not None:
+            state["colab"] = self.runtime.colab.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
         device = self.policy.tra_logits.device if self.policy is not None else None
         self._running_baseline, self._baseline_seen = (
             None if state[key] is None else state[key].to(device) for key in ("running_baseline", "baseline_seen")
         )
+        if self.runtime.colab is not None and state.get("colab") is not None:
+            self.runtime.colab.load_state_dict(state["colab"])
 
     # --- the three steps ----------------------------------------------------------------------------------
 
@@ -155,29 +170,38 @@ class JointStep:
         *,
         inner_lr: float,
         generator: torch.Generator,
-    ) -> float:
-        """One iteration; `val_batch` triggers step A, `tea_batch` step B. Returns the training loss.
+    ) -> float | None:
+        """One iteration; `val_batch` triggers step A (and the CoLab generator's step), `tea_batch` step B. Returns
+        the training loss, or None when the segmenter is frozen (then only step B runs: no training patch is
+        augmented, nothing is back-propagated).
 
         The policy gradients of A and B are applied together after B (B reads only the TEA logits, so the order
         does not matter); with `augment.accumulate` = k they are averaged over k such iterations first.
         """
         self.iteration += 1
+        if self.runtime.optimizer is None:  # a TEA-only search on a trained model (config forbids TRA there)
+            if tea_batch is not None:
+                self._policy_update(None, self.tea_gradient(tea_batch, generator))
+            return None
         image, mask, group, bins, learnable = self.augment(batch, generator)
-        params, loss = self._train_backward(image, mask)
+        target = self.train_target(image, mask)
+        params, loss = self._train_backward(image, target)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):  # a diverged segmenter: no step of any kind can use this iteration
             self.guard.record("segmenter", False, self.iteration)
             return loss_value
         tra_grad = tea_grad = None
-        if val_batch is not None:
-            tra_grad = self.tra_gradient(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
+        learn_tra = val_batch is not None and (self.runtime.tra_optimizer is not None or self.runtime.colab is None)
+        if learn_tra:
+            tra_grad = self.tra_gradient(image, target, group, bins, learnable, val_batch, inner_lr, generator)
         if tea_batch is not None:
             tea_grad = self.tea_gradient(tea_batch, generator)
-        if val_batch is not None or tea_batch is not None:
+        if learn_tra or tea_batch is not None:
             self._policy_update(tra_grad, tea_grad)
-        if self.runtime.optimizer is not None and self.segmenter_update(params):
-            if self.runtime.regularizers is not None:
-                self.stats.extra.update(self.runtime.regularizers(image, mask, batch.anchor_class))
+        if val_batch is not None and self.runtime.colab is not None:
+            self.colab_update(image, mask, val_batch, inner_lr, generator)
+        if self.segmenter_update(params) and self.runtime.regularizers is not None:
+            self.stats.extra.update(self.runtime.regularizers(image, mask, batch.anchor_class))
         return loss_value
 
     def segmenter_update(self, params: list[Tensor]) -> bool:
@@ -194,6 +218,23 @@ class JointStep:
         else:
             optimizer.zero_grad(set_to_none=True)
         return self.guard.record("segmenter", ok, self.iteration)
+
+    def train_target(self, image: Tensor, mask: Tensor) -> Tensor:
+        """The training loss's target for the augmented batch: the labels, or context-extended targets."""
+        return mask if self.runtime.context_target is None else self.runtime.context_target(image, mask)
+
+    def colab_update(self, image: Tensor, mask: Tensor, val_batch: Batch, inner_lr: float,
+                     generator: torch.Generator) -> None:
+        """One CoLab generator step at the current segmenter, on the TRA outer batch (learn/colab.py)."""
+        colab = self.runtime.colab
+        val_image, val_mask = self.tea_outer_batch(val_batch, generator)
+        ok = colab.meta_update(
+            self.model, image, mask, val_image, val_mask, inner_lr=inner_lr,
+            train_loss_fn=lambda output, target: self.runtime.per_sample_loss(output, target).mean(),
+            val_loss_fn=self.runtime.outer_loss,
+        )
+        self.guard.record("colab", ok, self.iteration)
+        self.stats.extra["colab/val_loss"] = colab.last_val_loss
 
     def _train_backward(self, image: Tensor, mask: Tensor) -> tuple[list[Tensor], Tensor]:
         """Forward and backward of the training loss in train mode: `.grad` holds the inner gradient."""
@@ -212,8 +253,9 @@ class JointStep:
         For measurements of the signal (augsearch bench signal): the same draw as step A of `run`.
         """
         image, mask, group, bins, learnable = self.augment(batch, generator)
-        self._train_backward(image, mask)
-        return self.tra_gradient(image, mask, group, bins, learnable, val_batch, inner_lr, generator)
+        target = self.train_target(image, mask)
+        self._train_backward(image, target)
+        return self.tra_gradient(image, target, group, bins, learnable, val_batch, inner_lr, generator)
 
     def tra_gradient(self, image, mask, group, bins, learnable, val_batch, inner_lr, generator) -> Tensor | None:
         """d L_val / d tra_logits (G, n_ops, max_bins) of one meta-step on the augmented batch (image, mask, group,
@@ -282,14 +324,14 @@ class JointStep:
     def tea_gradient(self, tea_batch: Batch, generator: torch.Generator) -> Tensor:
         """d L_tea / d tea_logits (A,) summed over the batch's same-patch groups (METHOD 4.2 B)."""
         assert self.policy is not None
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.task_model.training
+        self.task_model.eval()
         total_loss = 0.0
         grad = None
         for index in range(tea_batch.image.shape[0]):
             ids = self.policy.sample_tea(self.augment_cfg.tea.views, generator)
             losses = tea_view_losses(
-                self.model, tea_batch.image[index : index + 1], tea_batch.mask[index : index + 1], ids,
+                self.task_model, tea_batch.image[index : index + 1], tea_batch.mask[index : index + 1], ids,
                 self.patch_size, self.tea_fg_classes, spacing=self.runtime.spacing,
             )
             coefficients = tea_coefficients(
@@ -300,7 +342,7 @@ class JointStep:
             (part,) = torch.autograd.grad(weights, self.policy.tea_logits, grad_outputs=coefficients.to(weights.dtype))
             grad = part if grad is None else grad + part
             total_loss += float(losses.mean())
-        self.model.train(was_training)
+        self.task_model.train(was_training)
         self.stats.last_tea_loss = total_loss / tea_batch.image.shape[0]
         return grad
 

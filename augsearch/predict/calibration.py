@@ -3,7 +3,7 @@
 The validation cases are the ones the run validated on: the policy provenance's `val_cases` when the checkpoint holds
 a policy, else the checkpoint's configured split resolved again on the dataset (which must have the checkpoint's
 data fingerprint). Each case is predicted on its preprocessed grid exactly as `augsearch predict` would (same policy,
-top-k and aggregation), so the estimators are calibrated on the probabilities they will later be applied to.
+top-k, aggregation and spacing; a volume smaller than the window zero-padded to it), so the estimators are calibrated on the probabilities they will later be applied to.
 
 estimator.json: {"format": "augsearch-estimator", "version", "label_names", "default" (estimator used by predict),
 "tta": {"policy", "top_k", "aggregate"}, "val_cases", "validation_dice" (true Dice per class, mean over cases),
@@ -102,8 +102,9 @@ def validation_probabilities(
     torch_device = resolve_device(device)
     model = ckpt.build_model().to(torch_device)
     probs = [
-        predict_tta(model, case.image, loaded, top_k=top_k, window=ckpt.patch_size, batch_size=batch_size,
-                    device=torch_device, aggregate=aggregate).probabilities.cpu().numpy().astype(np.float64)
+        predict_tta(model, case.image, loaded, spacing=case.spacing, top_k=top_k, window=ckpt.patch_size,
+                    batch_size=batch_size, device=torch_device, aggregate=aggregate,
+                    pad_to_window=True).probabilities.cpu().numpy().astype(np.float64)
         for case in cases
     ]
     return ids, probs, [np.asarray(case.label).astype(np.int64) for case in cases]

@@ -26,10 +26,16 @@ DoC and ATC change only the confidence s -> s'; q puts s' on y_hat and spreads t
 classes in proportion to their (TS-calibrated for TS-ATC) probabilities, so that FN_c is defined for every estimator.
 A class-specific parameter of a class never predicted on validation falls back to the global one.
 
-Differences from the reference package `moval` (Li et al., MICCAI 2022): moval fits every parameter, TS included,
-by numerically matching the estimated to the true validation Dice (scipy), and for DoC/ATC puts s' on y_hat with 0
-elsewhere (FN_c = 0 at other classes' voxels). Here TS/VS are fitted by NLL and DoC/ATC parameters in closed form
-(gap, quantile) against accuracy/precision, which is deterministic and needs no optimiser restarts.
+Differences from the reference package `moval` 0.3.25 (Li et al., MICCAI 2022), segmentation with metric "f1score"
+(measured side by side in experiments/estimate/results.md):
+- Dice formula: moval puts the calibrated confidence s' on y_hat and 0 on the other classes for every estimator, so
+  FN_c = 0 and its Dice is 2 S_c / (S_c + n_c) (S_c the sum of s' over the n_c voxels predicted c). Here FN_c counts
+  the expected voxels of c predicted as another class; without that term moval's global estimators overestimate.
+- Fitting: moval solves every parameter numerically (scipy Nelder-Mead with restarts). Its global variants match the
+  mean confidence to the voxel accuracy, as here (the global DoC gap and ATC threshold agree with ours), except TS,
+  which here minimises the NLL. Its class-specific variants match, per foreground class, the case-mean estimated
+  Dice to the case-mean true Dice (background keeps its initial parameter); here they match the precision of the
+  predicted class in closed form (gap, quantile), which is deterministic and needs no optimiser restarts.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ same TTA at calibration and test), then predict the test cases of
   sd 0.5), blur (Gaussian, sigma 1.5 voxels), rotation (30 degrees, labels rotated with them),
 and compare each estimator's per-case, per-class estimate with the true Dice of the same prediction.
 Finished pieces (checkpoints, per-seed and per-mode results) are kept under --work and skipped on a rerun.
+The per-case scoring, the shifts and the tables are shared with hippocampus.py (the same study on 3D MRI).
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python experiments/estimate/run.py --seeds 0 1 2
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
+from skimage.transform import resize
 
 from augsearch.artifacts.checkpoint import load_checkpoint
 from augsearch.config import PreprocessConfig, SplitConfig
@@ -41,21 +43,31 @@ from augsearch.predict.estimate import ESTIMATORS, fit_estimator
 from augsearch.predict.tta import predict_tta
 
 HERE = Path(__file__).resolve().parent
-SYNTHETIC = ("intensity", "noise", "blur", "rotation")
+SYNTHETIC = ("intensity", "noise", "blur", "rotation")  # the 2D study; hippocampus.py adds "resolution"
 CLASSES = {1: "organ", 2: "lesion"}
 MODES = {"plain": None, "tta": "flips-tta"}
 
 
-def synthetic_shift(image: np.ndarray, label: np.ndarray, shift: str, rng: np.random.Generator):
-    """A preprocessed case (C, *S) image and (*S) label under a synthetic shift."""
+def synthetic_shift(image: np.ndarray, label: np.ndarray, shift: str, rng: np.random.Generator,
+                    rotation_deg: float = 30.0):
+    """A preprocessed case (C, *S) image and (*S) label under a synthetic shift (2D or 3D).
+
+    intensity x1.5 + 0.5, Gaussian noise sd 0.5, Gaussian blur sigma 1.5 voxels, resolution (every axis
+    downsampled by 2 with anti-aliasing, then linearly back to the grid), rotation by `rotation_deg` in the plane of
+    the first two spatial axes (labels rotated with the image, nearest neighbour).
+    """
     if shift == "intensity":
         return image * 1.5 + 0.5, label
     if shift == "noise":
         return image + rng.normal(0, 0.5, image.shape).astype(image.dtype), label
     if shift == "blur":
         return np.stack([ndimage.gaussian_filter(c, 1.5) for c in image]), label
+    if shift == "resolution":
+        low = [max(1, round(n / 2)) for n in image.shape[1:]]
+        return np.stack([resize(resize(c, low, order=1, anti_aliasing=True), c.shape, order=1)
+                         for c in image]).astype(image.dtype), label
     if shift == "rotation":
-        rotate = {"angle": 30, "axes": (0, 1), "reshape": False, "mode": "nearest"}
+        rotate = {"angle": rotation_deg, "axes": (0, 1), "reshape": False, "mode": "nearest"}
         return np.stack([ndimage.rotate(c, order=1, **rotate) for c in image]), ndimage.rotate(label, order=0, **rotate)
     raise ValueError(shift)
 
@@ -83,6 +95,32 @@ def test_sets(data: Path, work: Path, preprocess: PreprocessConfig) -> dict[str,
     return sets
 
 
+def fit_all(val_probs: list[np.ndarray], val_labels: list[np.ndarray]) -> dict:
+    """Every estimator of augsearch fitted on the validation probabilities (K, *S) and labels (*S)."""
+    return {name: fit_estimator(name, val_probs, val_labels) for name in ESTIMATORS}
+
+
+def mean_dice(probs: list[np.ndarray], labels: list[np.ndarray], classes: dict[int, str]) -> dict[str, float]:
+    """True Dice of each class of argmax(probs), mean over the cases where it is defined."""
+    return {name: float(np.nanmean([dice(p.argmax(0) == v, y == v) for p, y in zip(probs, labels)]))
+            for v, name in classes.items()}
+
+
+def case_rows(p: np.ndarray, label: np.ndarray, estimators: dict, classes: dict[int, str], **keys) -> list[dict]:
+    """One row per class: keys, true Dice of argmax(p (K, *S)) against label (*S), and each estimator's estimate.
+
+    estimators: name -> object whose .estimate(p) gives the estimated Dice per class (K,).
+    """
+    pred = p.argmax(0)
+    estimates = {name: est.estimate(p) for name, est in estimators.items()}
+    rows = []
+    for value, name in classes.items():
+        row = {**keys, "class": name, "true": dice(pred == value, label == value)}
+        row.update({est_name: float(per_class[value]) for est_name, per_class in estimates.items()})
+        rows.append(row)
+    return rows
+
+
 def run_seed(seed: int, mode: str, work: Path, data: Path) -> dict:
     out = work / f"seed{seed}"
     result_path = out / f"result_{mode}.json"
@@ -95,9 +133,7 @@ def run_seed(seed: int, mode: str, work: Path, data: Path) -> dict:
     model = ckpt.build_model()
     policy = MODES[mode]
     _, val_probs, val_labels = validation_probabilities(ckpt, policy=policy, batch_size=4, device="cpu")
-    estimators = {name: fit_estimator(name, val_probs, val_labels) for name in ESTIMATORS}
-    validation_dice = [float(np.nanmean([dice(p.argmax(0) == v, y == v) for p, y in zip(val_probs, val_labels)]))
-                       for v in CLASSES]
+    estimators = fit_all(val_probs, val_labels)
     loaded = None if policy is None else policy_from_file_or_preset(policy, 2, dict(ckpt.label_names))
     preprocess = ckpt.preprocess
     rows = []
@@ -105,26 +141,20 @@ def run_seed(seed: int, mode: str, work: Path, data: Path) -> dict:
         for index, (image, label) in enumerate(cases):
             probs = predict_tta(model, image, loaded, window=ckpt.patch_size, batch_size=4, device="cpu")
             p = probs.probabilities.numpy().astype(np.float64)
-            pred = p.argmax(0)
-            estimates = {est_name: est.estimate(p) for est_name, est in estimators.items()}
-            for value, name in CLASSES.items():
-                true = dice(pred == value, label == value)
-                row = {"condition": condition, "case": index, "class": name, "true": true}
-                for est_name, dice_per_class in estimates.items():
-                    row[est_name] = float(dice_per_class[value])
-                rows.append(row)
-    result = {"seed": seed, "mode": mode, "validation_dice": dict(zip(CLASSES.values(), validation_dice)),
-              "rows": rows}
+            rows += case_rows(p, label, estimators, CLASSES, condition=condition, case=index)
+    result = {"seed": seed, "mode": mode, "validation_dice": mean_dice(val_probs, val_labels, CLASSES), "rows": rows}
     result_path.write_text(json.dumps(result))
     return result
 
 
-def summarise(results: list[dict], names: list[str]) -> dict:
-    """MAE (Dice points, x100) per condition group, class and estimator over cases and seeds; NaN rows skipped."""
-    groups = {"none": ["none"], "planted": list(SHIFTS), "synthetic": list(SYNTHETIC)}
+def summarise(results: list[dict], names: list[str], groups: dict[str, list[str]], classes: list[str]) -> dict:
+    """MAE (Dice points, x100) per condition group, class and estimator over cases and seeds; NaN rows skipped.
+
+    groups: group name -> its conditions (by_condition lists the conditions in this order).
+    """
     table = {}
     for group, conditions in groups.items():
-        for cls in CLASSES.values():
+        for cls in classes:
             rows = [r for res in results for r in res["rows"] if r["condition"] in conditions and r["class"] == cls]
             cell = {}
             for name in names:
@@ -134,7 +164,7 @@ def summarise(results: list[dict], names: list[str]) -> dict:
             cell["true_mean"] = 100 * float(np.nanmean([r["true"] for r in rows]))
             table[f"{group}/{cls}"] = cell
     per_condition = {}
-    for condition in ["none", *SHIFTS, *SYNTHETIC]:
+    for condition in [c for conditions in groups.values() for c in conditions]:
         rows = [r for res in results for r in res["rows"] if r["condition"] == condition]
         per_condition[condition] = {
             name: 100 * float(np.mean([abs(r[name] - r["true"]) for r in rows
@@ -158,6 +188,16 @@ def markdown(summary: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def run_meta(seeds: list[int], start: float) -> dict:
+    """Date, commit, machine and load of this run."""
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, torch "
+                       f"{torch.__version__}, 1 thread", "load_average_1_5_15": [round(x, 1) for x in os.getloadavg()],
+            "seeds": seeds, "wall_seconds_unfinished_parts": round(time.time() - start, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -172,14 +212,10 @@ def main() -> None:
     start = time.time()
     results = {mode: [run_seed(seed, mode, args.work.resolve(), data) for seed in args.seeds] for mode in MODES}
     names = list(ESTIMATORS)
-    summaries = {mode: {"mode": mode, **summarise(results[mode], names)} for mode in MODES}
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            check=False).stdout.strip()
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
-            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, torch "
-                       f"{torch.__version__}, 1 thread", "seeds": args.seeds,
-            "wall_seconds_unfinished_parts": round(time.time() - start, 1),
-            "validation_dice": [r["validation_dice"] for r in results["plain"]]}
+    groups = {"none": ["none"], "planted": list(SHIFTS), "synthetic": list(SYNTHETIC)}
+    summaries = {mode: {"mode": mode, **summarise(results[mode], names, groups, list(CLASSES.values()))}
+                 for mode in MODES}
+    meta = {**run_meta(args.seeds, start), "validation_dice": [r["validation_dice"] for r in results["plain"]]}
     (HERE / "results.json").write_text(json.dumps({"meta": meta, **summaries}, indent=1) + "\n")
     tables = "\n\n".join(markdown(summaries[mode], names) for mode in MODES)
     (HERE / "table.md").write_text(tables + "\n")
