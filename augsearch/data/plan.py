@@ -306,8 +306,8 @@ def make_plan(fp: Fingerprint, device: Device = "cuda", memory_gb: float | None 
                      f"{measured_on}, augsearch/data/plan.py COST_MS)")
     return Plan(fp=fp, device=device, memory_gb=memory_gb, mode=mode, target_spacing=spacing, patch_size=patch,
                 pool_kernels=kernels, base_features=base, max_features=max_features, batch_size=batch,
-                optimizer=optimizer, lr=lr, normalization=norm, rare_labels=rare, ops=ops, tea_exclude=exclude, epochs=epochs,
-                iterations=iterations, ms_per_iteration=ms, memory_estimate_gb=gb, why=why)
+                optimizer=optimizer, lr=lr, normalization=norm, rare_labels=rare, ops=ops, tea_exclude=exclude,
+                epochs=epochs, iterations=iterations, ms_per_iteration=ms, memory_estimate_gb=gb, why=why)
 
 
 def _toml(value: Any) -> str:

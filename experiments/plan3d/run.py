@@ -88,12 +88,13 @@ def test_dice(run_dir: Path) -> dict:
     scores: dict[str, dict[str, list[float]]] = {way: {"lesion": [], "organ": []} for way in ("plain", "tea")}
     for case in cases:
         for way, views in (("plain", None), ("tea", policy)):
-            probs = predict_tta(model, case.image, views, spacing=case.spacing, window=cfg.train.patch_size).probabilities
-            prediction = probs.argmax(0).numpy()
+            result = predict_tta(model, case.image, views, spacing=case.spacing, window=cfg.train.patch_size)
+            prediction = result.probabilities.argmax(0).numpy()
             for name, per_case in scores[way].items():
                 per_case.append(dice(prediction == ckpt.label_names[name], case.label == ckpt.label_names[name]))
     return {"cases": len(cases), "tea_entries": [policy.tea_names[i] for i in selected_views(policy, 3)[0]],
-            **{f"{way}_dice_{name}": round(float(np.nanmean(v)), 4) for way, by in scores.items() for name, v in by.items()}}
+            **{f"{way}_dice_{name}": round(float(np.nanmean(v)), 4)
+               for way, by in scores.items() for name, v in by.items()}}
 
 
 def measure(run_dir: Path) -> dict:
@@ -123,10 +124,12 @@ def table(results: list[dict]) -> str:
              "fg P(flip_x) | bg P(flip_x) | fg rank of flip_x | TEA x-mirror mass | TEA top | CPU min |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['run']} (seed {r['seed']}) | {r['curve'][-1]['step']} | {r['val_dice_lesion']:.3f} | {r['val_dice_organ']:.3f} | "
-                     f"{r['test']['plain_dice_lesion']:.3f} / {r['test']['tea_dice_lesion']:.3f} | "
-                     f"{r['test']['plain_dice_organ']:.3f} / {r['test']['tea_dice_organ']:.3f} | {r['p_flip_x']['foreground']:.3f} | {r['p_flip_x']['background']:.3f} | {r['fg_rank_flip_x']} | "
-                     f"{r['tea_x_mirror_mass']:.3f} | {r['tea_top'][0]} {r['tea_top'][1]:.2f} | {r['cpu_minutes'] or '-'} |")
+        test, p = r["test"], r["p_flip_x"]
+        lines.append(f"| {r['run']} (seed {r['seed']}) | {r['curve'][-1]['step']} | {r['val_dice_lesion']:.3f} | "
+                     f"{r['val_dice_organ']:.3f} | {test['plain_dice_lesion']:.3f} / {test['tea_dice_lesion']:.3f} | "
+                     f"{test['plain_dice_organ']:.3f} / {test['tea_dice_organ']:.3f} | {p['foreground']:.3f} | "
+                     f"{p['background']:.3f} | {r['fg_rank_flip_x']} | {r['tea_x_mirror_mass']:.3f} | "
+                     f"{r['tea_top'][0]} {r['tea_top'][1]:.2f} | {r['cpu_minutes'] or '-'} |")
     return "\n".join(lines)
 
 
