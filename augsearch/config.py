@@ -210,6 +210,12 @@ class TraSearchConfig(_Section):
         "baseline of a group with fewer than 2 samples in a batch (its own mean would cancel it: no learning)."
     )
     count_normalization: bool = Field(True, description="Divide by how many same-group samples chose each bin.")
+    estimator: Literal["straight_through", "reinforce"] = Field(
+        "straight_through",
+        description="How the meta-gradients reach the TRA logits: 'straight_through' (Gumbel-softmax weights, biased, "
+        "lower variance) or 'reinforce' (score function d log p / d logits, unbiased; it takes no count "
+        "normalisation, which would bias it).",
+    )
     outer_loss: Literal["ce_dice", "ce", "dice"] = "ce_dice"
     outer_rare_fraction: float = Field(
         0.0, ge=0, le=1, description="Share of the outer-loss batch centred on a rare class (loss.rare_labels); 0 is off."

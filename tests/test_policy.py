@@ -6,7 +6,7 @@ import torch
 
 from augsearch.policy.core import ZERO_LOGIT, Policy, PolicyError, magnitude_levels
 from augsearch.policy.groups import resolve_groups
-from augsearch.policy.gumbel import conditional_gumbel, gumbel_max, straight_through
+from augsearch.policy.gumbel import conditional_gumbel, gumbel_max, score_function, straight_through
 
 EULER = 0.5772156649015329
 
@@ -172,6 +172,53 @@ def test_straight_through_weight_is_exactly_one_with_the_analytic_gradient():
                 assert torch.all(others == 0)
                 assert torch.all(grad[groups[i], k][~policy.available[k]] == 0)
                 assert grad[groups[i], k].abs().sum() > 0
+
+
+def test_reinforce_weight_is_exactly_one_with_the_score_as_gradient():
+    policy = _policy(available=_no_rot90())
+    groups = torch.tensor([1, 0, 1])
+    bins = policy.sample_tra(groups, torch.Generator().manual_seed(3))
+    weights = policy.tra_weights(groups, bins, None, estimator="reinforce")
+    assert weights.shape == (3, 3) and torch.all(weights == 1.0)
+    probs = policy.tra_probs().detach()
+    for i in range(3):
+        for k in range(3):
+            policy.tra_logits.grad = None
+            policy.tra_weights(groups, bins, None, estimator="reinforce")[i, k].backward()
+            expected = torch.zeros(2, 3, 7)  # d log p_a / d phi = onehot(a) - p, in that group's row of that op only
+            expected[groups[i], k] = (torch.arange(7) == bins[i, k]).float() - probs[groups[i], k]
+            torch.testing.assert_close(policy.tra_logits.grad, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(PolicyError, match="estimator"):
+        policy.tra_weights(groups, bins, None, estimator="gumbel")
+
+
+def test_reinforce_estimates_the_expected_gradient_without_bias():
+    """d E_{a ~ softmax(phi)}[f(a)] / d phi = p * (f - E f): the mean over draws of sum_i f(a_i) d w_i / d phi must
+    match it within its standard error with score-function weights; the straight-through weights miss it."""
+    phi = torch.tensor([0.5, -0.3, 1.0, -math.inf], dtype=torch.float64)
+    f = torch.tensor([1.0, -2.0, 0.5, 7.0], dtype=torch.float64)  # the value of the unavailable category never counts
+    p = torch.softmax(phi, 0)
+    exact = torch.where(torch.isfinite(phi), p * (f - (p[:3] * f[:3]).sum()), torch.zeros_like(p))
+    generator = torch.Generator().manual_seed(0)
+    chunks, size = 50, 400
+
+    def estimates(weights_of) -> torch.Tensor:
+        """(chunks, K): the estimator's mean over each chunk of independent draws."""
+        out = []
+        for _ in range(chunks):
+            logits = phi.clone().requires_grad_(True)
+            drawn = gumbel_max(phi.expand(size, -1), generator)
+            (grad,) = torch.autograd.grad(weights_of(logits.expand(size, -1), drawn), logits, grad_outputs=f[drawn])
+            out.append(grad / size)
+        return torch.stack(out)
+
+    reinforce = estimates(score_function)
+    error = reinforce.std(0) / math.sqrt(chunks)
+    assert torch.all((reinforce.mean(0) - exact).abs()[:3] < 4.5 * error[:3])
+    assert torch.all(reinforce[:, 3] == 0)
+    straight = estimates(lambda logits, drawn: straight_through(
+        logits, conditional_gumbel(logits.detach(), drawn, generator), drawn, 1.0))
+    assert (straight.mean(0) - exact).abs()[0] > 10 * straight.std(0)[0] / math.sqrt(chunks)
 
 
 def test_weight_gradient_reaches_the_chosen_bin_positively():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from augsearch.learn.server import (
     PolicyServerError,
     PolicyServerState,
     _Rounds,
+    actor_name,
     worker_shard,
 )
 from augsearch.policy.io import load_policy
@@ -167,21 +170,36 @@ def test_shared_search_refuses_a_space_and_several_workers_without_ray(data_root
     assert not out.exists()
 
 
-def test_two_workers_share_one_policy_on_ray(local_ray, data_root, tmp_path):
+@pytest.mark.parametrize("workers", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_workers_share_one_policy_on_ray(local_ray, data_root, tmp_path, workers):
     out = tmp_path / "search"
-    assert main(["search", str(SMOKE), "--out", str(out), *shared_args(data_root, "search.num_workers=2")]) == 0
+    # the local Ray has 2 CPUs: every worker runs at once, as a shared search needs
+    args = shared_args(data_root, f"search.num_workers={workers}", f"search.cpus_per_trial={2 / workers}")
+    assert main(["search", str(SMOKE), "--out", str(out), *args]) == 0
     found = rows(out)
-    assert sorted(r["params"]["search.worker"] for r in found.values()) == [0, 1]
+    assert sorted(r["params"]["search.worker"] for r in found.values()) == list(range(workers))
     assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 2 for r in found.values())
     fits = [out / trial / "fit" for trial in sorted(found)]
     seeds = sorted(json.loads((d / "config.json").read_text())["seed"] for d in fits)
-    assert seeds == [0, 1]
+    assert seeds == list(range(workers))
     shards = [set(json.loads((d / "policy.json").read_text())["provenance"]["train_cases"]) for d in fits]
-    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 4
-    (tra_a, tea_a), (tra_b, tea_b) = (policy_logits(d) for d in fits)
-    assert torch.equal(tra_a, tra_b) and torch.equal(tea_a, tea_b)  # the last round's snapshot, the same for both
+    assert sum(map(len, shards)) == len(set().union(*shards)) == 4  # disjoint, and every training case
+    logits = [policy_logits(d) for d in fits]
+    for tra, tea in logits[1:]:  # the last round's snapshot, the same for every worker
+        assert torch.equal(tra, logits[0][0]) and torch.equal(tea, logits[0][1])
     state = torch.load(out / STATE_NAME, weights_only=True)
-    assert state["contributions"] == 8 and state["round"] == 4 and torch.equal(state["tra_logits"], tra_a)
+    # every worker pushed at every one of the 2 x 2 meta-iterations, and no round closed without one of them
+    assert state["contributions"] == 4 * workers and state["round"] == 4
+    assert torch.equal(state["tra_logits"], logits[0][0])
+
+
+def test_shared_search_refuses_more_workers_than_the_cluster_runs_at_once(local_ray, data_root, tmp_path, capsys):
+    out = tmp_path / "search"
+    args = shared_args(data_root, "search.num_workers=3", "search.cpus_per_trial=1")  # 3 x 1 CPU, on 2 CPUs
+    assert main(["search", str(SMOKE), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert "num_workers=3 workers of a shared search run at once" in err and "holds 2 trials" in err
+    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -195,3 +213,68 @@ def test_a_worker_that_dies_rejoins_and_the_shared_policy_loses_nothing(local_ra
     assert sorted(r["metrics"]["resumed_epoch"] for r in found.values()) == [0, 1]
     # every meta-iteration of both workers reached the server exactly once: 2 workers x 3 epochs x 2 iterations
     assert torch.load(out / STATE_NAME, weights_only=True)["contributions"] == 12
+
+
+@pytest.mark.slow
+def test_a_killed_policy_server_restarts_from_its_state_file_and_the_search_finishes(local_ray, data_root, tmp_path):
+    import ray
+
+    out = tmp_path / "search"
+    seen: dict[str, object] = {}
+
+    def kill_after_the_first_validation() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if (out / STATE_NAME).is_file():
+                saved = torch.load(out / STATE_NAME, weights_only=True)["round"]
+                if saved >= 2:  # written with the epoch-1 validations
+                    server = ray.get_actor(actor_name(out))
+                    ray.kill(server, no_restart=False)  # Ray restarts it, as after a crash of its process
+                    seen["info"] = ray.get(server.info.remote(), timeout=120)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_the_first_validation)
+    killer.start()
+    args = shared_args(data_root, "search.num_workers=2", "train.epochs=3")
+    try:
+        assert main(["search", str(SMOKE), "--out", str(out), *args]) == 0
+    finally:
+        killer.join()
+    info = seen["info"]
+    assert info["resumed_from"] is not None and info["resumed_from"] >= 2  # the restarted server read its file
+    found = rows(out)
+    assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 3 for r in found.values())
+    assert all(r["metrics"]["resumed_epoch"] == 0 for r in found.values())  # the workers themselves never died
+    state = torch.load(out / STATE_NAME, weights_only=True)
+    # the rounds after the restart carry on from the saved one (2 more epochs of 2 meta-iterations at least), each
+    # with both workers' contributions but for at most the one round the kill cut
+    assert state["round"] >= info["resumed_from"] + 4
+    assert 2 * state["round"] - 2 <= state["contributions"] <= 2 * state["round"]
+    logits = [policy_logits(out / trial / "fit") for trial in sorted(found)]
+    assert torch.equal(logits[0][0], logits[1][0]) and torch.equal(state["tra_logits"], logits[0][0])
+
+
+@pytest.mark.slow
+def test_an_interrupted_shared_search_on_ray_resumes_and_the_policy_loses_nothing(local_ray, data_root, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed"))
+    out = tmp_path / "search"
+    # one worker dies after its epoch-1 validation and is not restarted; the other waits one round for it, then goes on
+    args = shared_args(data_root, "search.num_workers=2", "search.max_failures=0", "search.sync_timeout_s=5")
+    assert main(["search", str(SMOKE), "--out", str(out), *args]) == 1
+    first = rows(out)
+    (done,) = [t for t, r in first.items() if r["status"] == "TERMINATED"]
+    (broken,) = [t for t, r in first.items() if r["status"] == "ERROR"]
+    done_log = (out / done / "fit" / "metrics.jsonl").read_text()
+    assert torch.load(out / STATE_NAME, weights_only=True)["contributions"] == 2 * 2 + 2
+    monkeypatch.delenv(CRASH_ENV)
+    assert main(["search", "--resume", str(out)]) == 0
+    second = rows(out)
+    assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 2 for r in second.values())
+    assert second[broken]["metrics"]["resumed_epoch"] == 1  # from its epoch-1 checkpoint
+    assert (out / done / "fit" / "metrics.jsonl").read_text() == done_log  # the finished worker did not run again
+    state = torch.load(out / STATE_NAME, weights_only=True)
+    # the resumed server went on from its file: every meta-iteration of both workers counted once (2 x 2 x 2)
+    assert state["contributions"] == 8 and state["round"] == 6
+    assert torch.equal(state["tra_logits"], policy_logits(out / broken / "fit")[0])

@@ -8,8 +8,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from test_policy_server import policy_logits
 
+from augsearch.artifacts.checkpoint import load_checkpoint
+from augsearch.artifacts.layout import CHECKPOINT_NAME
 from augsearch.cli import main
+from augsearch.config import load_config
+from augsearch.learn.server import STATE_NAME
+from augsearch.train import _build_policy
+from augsearch.tune.trial import CRASH_ENV
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.toml"
 
@@ -36,12 +44,25 @@ def _ray_processes() -> list[int]:
     return [pid for pid, cmd in commands.items() if ("raylet" in cmd or "gcs_server" in cmd) and ours(pid)]
 
 
+SHARED = ["search.policy_sharing=shared", "search.space={}", "search.sync_timeout_s=60"]
+SHARED2 = [*SHARED, "search.num_workers=2"]
+SHARED4 = [*SHARED, "search.num_workers=4", "search.cpus_per_trial=0.5"]  # two workers on each node's CPU
+
+
 @pytest.mark.slow
-def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path):
+@pytest.mark.parametrize(("sharing", "crash"), [([], False), (SHARED2, False), (SHARED4, False), (SHARED2, True)],
+                         ids=["independent", "shared2", "shared4", "shared2-worker-dies"])
+def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, monkeypatch, sharing, crash):
     import ray
     from ray.cluster_utils import Cluster
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # A cluster without token authentication on a machine that holds a token (a local Ray 2.60 writes one to
+    # ~/.ray/auth_token): the driver follows the cluster, not the token
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a-token-this-cluster-does-not-use")
+    if crash:  # the first worker to report a checkpoint dies there; Tune restarts it from that checkpoint
+        monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed"))
     node = {"num_cpus": 1, "object_store_memory": 120 * 2**20, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
@@ -50,16 +71,72 @@ def test_search_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path):
         expected = {cluster.head_node.node_id, worker.node_id}
         out = tmp_path / "search"
         sets = ["train.epochs=2", "train.iterations=2", f"data.root={json.dumps(str(tmp_path / 'data'))}",
-                "search.cpus_per_trial=1"]
+                "search.cpus_per_trial=1", *sharing]
+        workers = 4 if sharing == SHARED4 else 2
         argv = ["search", str(SMOKE), "--address", cluster.address, "--out", str(out)]
         assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
         assert not ray.is_initialized()  # the driver left the cluster; the cluster itself keeps running
         rows = json.loads((out / "summary.json").read_text())["trials"]
-        assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
-        # one CPU per node and one CPU per trial: the two trials ran side by side, one on each node
+        assert len(rows) == workers and all(r["status"] == "TERMINATED" for r in rows)
+        # one CPU per node and one CPU (or half) per trial: the trials ran side by side, on both nodes
         assert {r["node_id"] for r in rows} == expected
+        resumed = sorted(r["metrics"]["resumed_epoch"] for r in rows)
+        assert resumed == ([0, 1] if crash else [0] * workers)
+        if sharing:  # every worker pushed every meta-iteration (2 x 2) to the one policy server, a dead one too
+            state = torch.load(out / STATE_NAME, weights_only=True)
+            assert state["contributions"] == 4 * workers and state["round"] == 4
+            fits = [out / r["trial"] / "fit" for r in rows]
+            logits = [policy_logits(d) for d in fits]
+            tra_a, tea_a = logits[0]
+            assert all(torch.equal(tra, tra_a) and torch.equal(tea, tea_a) for tra, tea in logits)
+            assert torch.equal(state["tra_logits"], tra_a)
+            start = _build_policy(load_config(SMOKE), load_checkpoint(fits[0] / CHECKPOINT_NAME).label_names,
+                                  (1.0, 1.0), log=lambda message: None)  # the policy both workers joined with
+            assert not torch.equal(start.tra_logits.detach(), tra_a) and not torch.equal(start.tea_logits.detach(), tea_a)
     finally:
         cluster.shutdown()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _ray_processes():
+        time.sleep(0.5)
+    assert not _ray_processes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["token", "disabled"])
+def test_a_driver_joining_a_cluster_follows_its_auth_mode(monkeypatch, mode):
+    """Whatever token this machine holds, the driver speaks the head's auth mode: the actors it owns start."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+    from ray.cluster_utils import Cluster
+
+    from augsearch.tune.ray_tune import check_reachable, ray_session
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a" * 32)
+    monkeypatch.setenv("RAY_AUTH_MODE", mode)  # the cluster's processes read it when they start
+    reset_auth_token_state()  # and this process, which starts them, must read it too
+    node = {"num_cpus": 1, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled" if mode == "token" else "token")  # the driver's own guess
+        reset_auth_token_state()
+        assert check_reachable(cluster.address) is (mode == "token")
+        with ray_session(cluster.address):
+            class Counter:  # defined here, so that Ray ships it by value to a worker that cannot import this file
+                def __init__(self) -> None:
+                    self.total = 0
+
+                def add(self, n: int) -> int:
+                    self.total += n
+                    return self.total
+
+            counter = ray.remote(num_cpus=0)(Counter).remote()
+            assert ray.get(counter.add.remote(2), timeout=60) == 2
+        assert os.environ["RAY_AUTH_MODE"] == ("disabled" if mode == "token" else "token")  # given back
+    finally:
+        cluster.shutdown()
+        monkeypatch.undo()
+        reset_auth_token_state()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and _ray_processes():
         time.sleep(0.5)

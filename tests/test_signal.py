@@ -30,11 +30,13 @@ def test_bench_signal_runs_on_the_smoke_config(tmp_path):
     data = tmp_path / "data"
     out = tmp_path / "signal.json"
     args = ["bench", "signal", "--device", "cpu", "--config", str(SMOKE), "--points", "8", "--draws", "4",
-            "--workers", "1", "2", "--options", "base", "accumulate", "precondition", "rare_outer", "--accumulate", "2",
+            "--workers", "1", "2", "--options", "base", "accumulate", "precondition", "rare_outer", "reinforce",
+            "--accumulate", "2",
             "--set", "train.iterations=4", "--set", "train.num_threads=1", "--set", f"data.root={json.dumps(str(data))}",
             "--json", str(out)]
     assert main(args) == 0
     rows = json.loads(out.read_text())["results"]
     assert {(r["option"], r["workers"]) for r in rows} == {
-        ("base", 1), ("base", 2), ("accumulate", 1), ("precondition", 1), ("precondition", 2), ("rare_outer", 1)}
+        ("base", 1), ("base", 2), ("accumulate", 1), ("precondition", 1), ("precondition", 2), ("rare_outer", 1),
+        ("reinforce", 1), ("reinforce", 2)}
     assert all(r["steps"] == 8 and r["draws"] == 4 and r["coordinates"] > 0 for r in rows)

@@ -48,6 +48,14 @@ def test_joint_fit_writes_checkpoint_policy_metrics_and_tensorboard(data_root, t
     assert not torch.allclose(policy.tra_logits, load_policy_initial(data_root).tra_logits)
 
 
+def test_reinforce_estimator_learns_the_tra_policy(data_root, tmp_path):
+    cfg = tiny(data_root, **{"train.batch_size": 6, "augment.tra.estimator": "reinforce", "augment.tea.learn": False})
+    result = fit(cfg, tmp_path / "run", progress=False)
+    assert result.metrics["meta/steps"] == 4 and result.metrics["nonfinite/tra"] == 0
+    tra = load_policy(result.policy_path).tra_logits
+    assert torch.isfinite(tra).all() and not torch.allclose(tra, load_policy_initial(data_root).tra_logits)
+
+
 def load_policy_initial(data_root):
     from augsearch.policy.presets import policy_from_file_or_preset
 

@@ -11,7 +11,8 @@ compared (METHOD 13):
 Each row pools N workers (a draw is then the mean of N independent draws, what the policy server steps on) or uses
 one option: a 32 + 32 meta-batch, accumulation of k iterations (k draws along k real segmenter steps, averaged),
 Adam's preconditioner in the JVP tangent (augment.tra.precondition), a rare-class over-sampled outer batch
-(augment.tra.outer_rare_fraction). Results are JSON; experiments/signal/ holds a run.
+(augment.tra.outer_rare_fraction), the score-function estimator (augment.tra.estimator = "reinforce"). Results are
+JSON; experiments/signal/ holds a run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = "experiments/comparison/joint.toml"
-OPTIONS = ("base", "batch32", "accumulate", "precondition", "rare_outer")
+OPTIONS = ("base", "batch32", "accumulate", "precondition", "rare_outer", "reinforce")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,6 +182,11 @@ def _measure(cfg, checkpoint: Path, tmp: Path, args: argparse.Namespace, steps: 
             draws = _draws(p, r * max(args.workers), t.batch_size, t.val_batch_size)
             for n in (1, max(args.workers)):
                 row("precondition", n, _pooled(draws[: r * n], n), started)
+        elif option == "reinforce":
+            p = point({"augment.tra.estimator": "reinforce"}, seed)
+            draws = _draws(p, r * max(args.workers), t.batch_size, t.val_batch_size)
+            for n in (1, max(args.workers)):
+                row("reinforce", n, _pooled(draws[: r * n], n), started)
         elif option == "rare_outer":
             p = point({"augment.tra.outer_rare_fraction": args.rare_fraction}, seed)
             row("rare_outer", 1, _draws(p, r, t.batch_size, t.val_batch_size), started,

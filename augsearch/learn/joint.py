@@ -3,7 +3,8 @@
 The three steps share one forward/backward of the segmenter on the TRA-augmented batch: its gradient is both the
 segmenter's update direction and the inner gradient of the meta-step, so it is computed once.
 Policy gradients never flow through the augmentation itself: they reach the logits through straight-through
-per-sample weights (value 1), scaled by detached coefficients (METHOD 3.1, 4.2 step 9).
+per-sample weights (value 1), scaled by detached coefficients (METHOD 3.1, 4.2 step 9), or with
+augment.tra.estimator = "reinforce" through score-function weights (policy/gumbel.py).
 """
 
 from __future__ import annotations
@@ -278,12 +279,14 @@ class JointStep:
             self.guard.record("tra", False, self.iteration)
             return None
         coefficients = result.coefficients * learnable
+        reinforce = tra.estimator == "reinforce"
         grad_weights = centre_and_normalise(
-            coefficients, group, bins, baseline=tra.baseline, count_normalization=tra.count_normalization,
+            coefficients, group, bins, baseline=tra.baseline,
+            count_normalization=tra.count_normalization and not reinforce,  # the score function stays unbiased
             running_baseline=self._update_running_baseline(coefficients, group) if tra.baseline else None,
         ) * learnable.unsqueeze(1)
         self._count_empty_groups(grad_weights, group)
-        weights = self.policy.tra_weights(group, bins, generator)
+        weights = self.policy.tra_weights(group, bins, generator, estimator=tra.estimator)
         (grad,) = torch.autograd.grad(weights, self.policy.tra_logits, grad_outputs=grad_weights.to(weights.dtype))
         self.stats.meta_steps += 1
         return grad

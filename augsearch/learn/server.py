@@ -176,8 +176,10 @@ class _Rounds:
         self.timeout_s = timeout_s
         self.state: PolicyServerState | None = None
         self.expected = set(range(num_workers))  # before a first round every worker is awaited
+        self.resumed_from: int | None = None  # the round of the state file this server started from
         if self.state_path.is_file():
             self.state = PolicyServerState.load(self.state_path, augment, train)
+            self.resumed_from = self.state.round
         self.pending: dict[int, Contribution] = {}
         self.closed = asyncio.Event()
         self.timeouts = 0
@@ -186,6 +188,7 @@ class _Rounds:
         if self.state is None:
             self.state = PolicyServerState(self.augment, self.train, tra_logits.cpu(), tea_logits.cpu(),
                                            live=set(self.expected))
+            self.state.save(self.state_path)  # a server restarted before the first validation resumes from here
         self.state.live.add(worker)
         return self.state.snapshot()
 
@@ -221,7 +224,8 @@ class _Rounds:
     def info(self) -> dict[str, Any]:
         state = self.state
         return {"round": state.round if state else 0, "live": sorted(state.live) if state else [],
-                "contributions": state.contributions if state else 0, "timeouts": self.timeouts}
+                "contributions": state.contributions if state else 0, "timeouts": self.timeouts,
+                "resumed_from": self.resumed_from}
 
 
 def actor_name(run_dir: Path) -> str:

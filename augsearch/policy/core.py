@@ -27,6 +27,7 @@ from augsearch.policy.gumbel import (
     conditional_gumbel,
     gumbel_max,
     log_mask,
+    score_function,
     straight_through,
 )
 
@@ -34,6 +35,9 @@ Sampling = Literal["independent", "randaugment", "trivialaugment", "none"]
 
 
 SAMPLINGS: tuple[str, ...] = ("independent", "randaugment", "trivialaugment", "none")
+
+# How a policy gradient reaches the TRA logits through the per-sample weights (policy/gumbel.py)
+ESTIMATORS: tuple[str, ...] = ("straight_through", "reinforce")
 
 
 # Logit of a bin whose probability is exactly 0 but which stays available: exp(-1e4) is 0 in float32 and float64,
@@ -342,17 +346,23 @@ class Policy(torch.nn.Module):
         out[eligible, 0] = 1.0 - p_op
         return out
 
-    def tra_weights(self, group_idx: Tensor, bins: Tensor, generator: torch.Generator | None) -> Tensor:
-        """(B, n_ops) straight-through weights of drawn bins (B, n_ops) under the groups' categoricals.
+    def tra_weights(self, group_idx: Tensor, bins: Tensor, generator: torch.Generator | None,
+                    estimator: str = "straight_through") -> Tensor:
+        """(B, n_ops) weights of drawn bins (B, n_ops) under the groups' categoricals, value exactly 1.0, with their
+        gradient into tra_logits[group, op, :] only.
 
-        Value exactly 1.0; gradient d softmax((phi + G) / tau)_a / d phi into tra_logits[group, op, :] only, with G an
-        exact conditional Gumbel draw given argmax(phi + G) = a (a = the drawn bin).
+        estimator "straight_through": gradient d softmax((phi + G) / tau)_a / d phi, with G an exact conditional
+        Gumbel draw given argmax(phi + G) = a (a = the drawn bin); "reinforce": the score d log p_a / d phi (no draw).
         """
+        if estimator not in ESTIMATORS:
+            raise PolicyError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         logits = self.masked_tra_logits()
         group_idx = group_idx.to(logits.device)
         bins = bins.to(device=logits.device, dtype=torch.int64)
         phi = logits[group_idx]
         self._check_index(bins, self.available.to(logits.device).unsqueeze(0).expand(bins.shape[0], -1, -1), "bins")
+        if estimator == "reinforce":
+            return score_function(phi, bins)
         perturbed = conditional_gumbel(phi, bins, generator)
         return straight_through(phi, perturbed, bins, self.tau)
 

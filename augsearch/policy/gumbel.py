@@ -5,6 +5,10 @@ the weight w = 1 + (y_a - stop_grad(y_a)), with y = softmax((phi + G) / tau) and
 argmax(phi + G) = a (METHOD 3.1). Its value is exactly 1, its gradient is d y_a / d phi. The conditional draw is
 exact and loop-free (top-down truncated Gumbel: the maximum is Gumbel(logsumexp(phi)), the others are Gumbels
 truncated below it), instead of the reference's rejection loop (METHOD 10.3).
+
+The score-function (REINFORCE) alternative, `score_function`, gives a weight of value 1 whose gradient is
+d log p_a / d phi: sum_i f_i d w_i / d phi is then an unbiased estimate of d E[f] / d phi for per-sample values f_i
+that do not depend on phi, where the straight-through gradient is biased (and has lower variance).
 """
 
 from __future__ import annotations
@@ -56,6 +60,15 @@ def straight_through(masked_logits: Tensor, perturbed: Tensor, index: Tensor, ta
     y_a = y.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     # y_a - y_a is exactly 0 in floating point, so the value is exactly 1.
     return 1.0 + (y_a - y_a.detach())
+
+
+def score_function(masked_logits: Tensor, index: Tensor) -> Tensor:
+    """Weight with value exactly 1 and gradient d log softmax(phi)_index / d phi = onehot(index) - softmax(phi).
+
+    masked_logits (..., K) with -inf at unavailable categories (carries the gradient), index (...,) -> (...,).
+    """
+    log_p = torch.log_softmax(masked_logits, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return torch.exp(log_p - log_p.detach())  # exp(0) is exactly 1
 
 
 def log_mask(mask: Tensor, like: Tensor) -> Tensor:

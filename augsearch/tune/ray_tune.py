@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import shutil
 import signal
@@ -96,11 +97,13 @@ def _is_loopback(host: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
-def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> bool | None:
     """Fail fast with a SearchError when ADDR (host:port or ray://host:port) does not accept connections, or when
-    a host:port that does is not a Ray head (its GCS does not answer within `timeout`): `ray.init` would hang."""
+    a host:port that does is not a Ray head (its GCS does not answer within `timeout`): `ray.init` would hang.
+
+    Returns whether the head's GCS asks for Ray's auth token; None for `auto` and ray:// addresses (not asked)."""
     if address == "auto":
-        return
+        return None
     hostport = address.split("://", 1)[-1]
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
@@ -112,13 +115,12 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
             f"cannot reach a Ray cluster at {address} within {timeout:.0f} s ({err}); start the head with "
             f"workers/start_head.sh and pass the address it prints, or drop --address for a local Ray"
         ) from None
-    if "://" not in address:
-        _check_gcs(address, timeout)
+    return None if "://" in address else _check_gcs(address, timeout)
 
 
-def _check_gcs(address: str, timeout: float) -> None:
-    """Ask the GCS at ADDRESS for its cluster id; anything but an answer (or a refusal for want of Ray's auth token)
-    means the port is something else."""
+def _check_gcs(address: str, timeout: float) -> bool:
+    """Ask the GCS at ADDRESS for its cluster id, without a token: True when it refuses for want of Ray's auth token,
+    False when it answers; anything else means the port is something else."""
     import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
@@ -128,12 +130,14 @@ def _check_gcs(address: str, timeout: float) -> None:
                 gcs_service_pb2.GetClusterIdRequest(), timeout=timeout
             )
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
-                raise SearchError(
-                    f"{address} accepts connections but is not the head of a Ray cluster (no answer from a Ray GCS "
-                    f"within {timeout:.0f} s: {err.code().name}); pass the address that `ray start --head` or "
-                    f"workers/start_head.sh prints (its GCS port, 6379 by default)"
-                ) from None
+            if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return True
+            raise SearchError(
+                f"{address} accepts connections but is not the head of a Ray cluster (no answer from a Ray GCS "
+                f"within {timeout:.0f} s: {err.code().name}); pass the address that `ray start --head` or "
+                f"workers/start_head.sh prints (its GCS port, 6379 by default)"
+            ) from None
+    return False
 
 
 @contextlib.contextmanager
@@ -148,8 +152,7 @@ def ray_session(address: str | None) -> Iterator[None]:
     if _is_loopback(host) and "ray" not in sys.modules:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every trial's epoch lines
-    if address:
-        check_reachable(address)
+    needs_token = check_reachable(address) if address else None
     import ray
 
     if ray.is_initialized():
@@ -158,13 +161,18 @@ def ray_session(address: str | None) -> Iterator[None]:
     # Ray installs its own SIGTERM handler (a bare exit); keep ours, which stops a search like Ctrl-C
     sigterm = signal.getsignal(signal.SIGTERM)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    reaper = None
+    reaper, auth_mode = None, _UNSET
     if address:
         kwargs["address"] = address
         if _is_loopback(host):
             kwargs["_node_ip_address"] = "127.0.0.1"
-        if (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
-            # `ray start` turns token authentication on when a token exists; a joining driver must send it too
+        if needs_token is not None:
+            # The driver's own servers follow the head's answer, not the token file: a driver that asks for a token
+            # the cluster never sends refuses the GCS's calls, and the GCS, taking it for dead, cancels every actor
+            # it owns (the trials) as soon as they are registered
+            auth_mode = _use_auth_mode("token" if needs_token else "disabled")
+        elif (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
+            # not asked (ray://, auto): `ray start` turns token authentication on when a token exists
             os.environ.setdefault("RAY_AUTH_MODE", "token")
     else:
         # address="local": always a private Ray, never RAY_ADDRESS or another cluster registered on this machine;
@@ -180,10 +188,32 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
         if reaper is not None:
             reaper.done()
+        if auth_mode is not _UNSET:
+            _use_auth_mode(auth_mode)
 
 
-def check_resources(cpus: float, gpus: float) -> None:
-    """SearchError when no alive node can hold one trial (before anything is launched or written)."""
+_UNSET = object()
+
+
+def _use_auth_mode(mode: str | None) -> str | None:
+    """Sets RAY_AUTH_MODE (None: unsets it) for this process; returns its previous value.
+
+    Ray caches its config, auth mode included, from the first time it reads it in a process (an earlier local
+    `ray.init` turns token mode on and keeps it); refreshing it here is how Ray itself switches the mode.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    previous = os.environ.pop("RAY_AUTH_MODE", None)
+    if mode is not None:
+        os.environ["RAY_AUTH_MODE"] = mode
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    return previous
+
+
+def check_resources(cpus: float, gpus: float, together: int = 1) -> None:
+    """SearchError when no alive node can hold one trial, or the cluster cannot hold `together` trials at once (the
+    workers of a shared search), before anything is launched or written."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -201,6 +231,19 @@ def check_resources(cpus: float, gpus: float) -> None:
             f"each trial asks for {cpus:g} CPUs (search.cpus_per_trial / --cpus-per-trial), but the largest node "
             f"has {most_cpus:g}; lower --cpus-per-trial"
         )
+    slots = sum(min(_times(n.get("CPU", 0.0), cpus), _times(n.get("GPU", 0.0), gpus)) for n in nodes)
+    if slots < together:
+        raise SearchError(
+            f"search.num_workers={together} workers of a shared search run at once (each policy round waits for "
+            f"every one of them), but this cluster holds {slots} trials of {cpus:g} CPUs and {gpus:g} GPUs at a time; "
+            f"lower search.cpus_per_trial (fractions like 0.5 share a CPU), search.gpus_per_trial or "
+            f"search.num_workers, or add nodes"
+        )
+
+
+def _times(available: float, each: float) -> float:
+    """How many requests of `each` fit in `available` (any number when nothing is asked)."""
+    return math.floor(available / each + 1e-9) if each > 0 else math.inf
 
 
 def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> SearchResult:

@@ -68,7 +68,7 @@ def new_search(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = No
         write_json(run_dir / MANIFEST_NAME, manifest)
         return run_local(run_dir, manifest, finished={})
     with ray_session(address):
-        check_resources(search.cpus_per_trial, search.gpus_per_trial)
+        check_resources(search.cpus_per_trial, search.gpus_per_trial, _together(cfg))
         prepare_data(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / MANIFEST_NAME, manifest)
@@ -102,8 +102,13 @@ def resume_search(run_dir: Path, *, address: str | None = None) -> SearchResult:
                           f"so run it again with augsearch search CONFIG --out NEW_DIR")
     cfg = config_from_dict(manifest["config"], source=str(run_dir / MANIFEST_NAME))
     with ray_session(address):
-        check_resources(cfg.search.cpus_per_trial, cfg.search.gpus_per_trial)
+        check_resources(cfg.search.cpus_per_trial, cfg.search.gpus_per_trial, _together(cfg))
         return run_ray(run_dir, manifest, restore=True)
+
+
+def _together(cfg: ExperimentConfig) -> int:
+    """How many trials must run at the same time: every worker of a shared search (its rounds wait for each)."""
+    return cfg.search.num_workers if cfg.search.policy_sharing == "shared" else 1
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:

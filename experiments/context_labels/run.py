@@ -1,15 +1,19 @@
-"""Context labels for a heterogeneous background: none / kmeans / dilated / organ / CoLab x seeds on the 2D benchmark.
+"""Context labels for a heterogeneous background: none / kmeans / dilated / organ / CoLab x seeds.
 
 Run from the repository root (two trainings side by side, one CPU thread each):
 
-    nice -n 10 python experiments/context_labels/run.py --jobs 2
+    nice -n 10 python experiments/context_labels/run.py --jobs 2                        # the bundled 2D benchmark
+    python experiments/hippocampus/prepare.py                                           # MSD Hippocampus data ...
+    nice -n 10 python experiments/context_labels/run.py --dataset hippocampus --jobs 2  # ... and its rows
 
-Each (row, seed) trains base.toml with the row's `loss.context_labels` into <out>/<row>/s<seed>/, predicts the
-benchmark's test cases with a sliding window (the merged K-class output), scores every class with augsearch.metrics
-(Dice, sensitivity, precision, HD95 in mm; means over the test cases where defined; the scoring of
-experiments/imbalance/run.py) and writes the logit diagnostic (augsearch.predict.logit_margins: train vs test margins
-per class). A finished run leaves results/<row>_s<seed>.json here and is skipped on a rerun; an unfinished one starts
-afresh. The table (mean ± sample std over seeds) goes to table.md beside this file.
+Each (row, seed) trains the dataset's base config (base.toml, hippocampus.toml) with the row's
+`loss.context_labels` into <out>/<dataset>/<row>/s<seed>/, predicts the test cases with a sliding window (the merged
+K-class output), scores every class with augsearch.metrics (Dice, sensitivity, precision, HD95 in mm; means over the
+test cases where defined; the scoring of experiments/imbalance/run.py) and writes the logit diagnostic
+(augsearch.predict.logit_margins: train vs test margins per class). A finished run leaves
+<results>/<row>_s<seed>.json here (results/ for the 2D benchmark, results_hippocampus/) and is skipped on a rerun;
+an unfinished one starts afresh. The table (mean ± sample std over seeds) goes to table.md / table_hippocampus.md.
+MSD Hippocampus has no organ label, so its rows are none / kmeans / dilated / colab.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 ROWS = {  # row -> overrides
     "none": ["loss.context_labels=none"],
     "kmeans": ["loss.context_labels=kmeans", "loss.context_classes=2"],
@@ -41,6 +45,21 @@ ROWS = {  # row -> overrides
 COST = {"colab": 3}  # relative training cost, to start the longest runs first
 
 
+@dataclass(frozen=True)
+class Dataset:
+    config: str  # base config beside this file
+    results: str  # folder of the per-run JSON files beside this file
+    table: str
+    rows: tuple[str, ...]
+
+
+DATASETS = {
+    "bench2d": Dataset("base.toml", "results", "table.md", tuple(ROWS)),
+    "hippocampus": Dataset("hippocampus.toml", "results_hippocampus", "table_hippocampus.md",
+                           ("none", "kmeans", "dilated", "colab")),
+}
+
+
 def _imbalance_scoring():
     """experiments/imbalance/run.py's test scoring (one definition for both experiments)."""
     spec = importlib.util.spec_from_file_location("imbalance_run", HERE.parent / "imbalance" / "run.py")
@@ -49,7 +68,7 @@ def _imbalance_scoring():
     return module.evaluate_test
 
 
-def run_one(row: str, seed: int, run_dir: str, overrides: list[str]) -> dict:
+def run_one(dataset: str, row: str, seed: int, run_dir: str, overrides: list[str]) -> dict:
     """Train one (row, seed), evaluate on the test cases, write the logit diagnostic; the result dict."""
     import torch
 
@@ -61,7 +80,8 @@ def run_one(row: str, seed: int, run_dir: str, overrides: list[str]) -> dict:
 
     torch.set_num_threads(1)
     run_dir = Path(run_dir)
-    cfg = load_config(HERE / "base.toml", [*ROWS[row], *overrides, f"seed={seed}"])
+    spec = DATASETS[dataset]
+    cfg = load_config(HERE / spec.config, [*ROWS[row], *overrides, f"seed={seed}"])
     started = time.perf_counter()
     fit(cfg, run_dir, progress=False, overwrite=True)
     train_s = time.perf_counter() - started
@@ -78,7 +98,7 @@ def run_one(row: str, seed: int, run_dir: str, overrides: list[str]) -> dict:
               "logits": {name: {k: r[k] for k in ("train_mean", "unseen_mean", "mean_shift", "train_frac_across",
                                                   "unseen_frac_across")}
                          for name, r in report["classes"].items()}}
-    write_json(RESULTS / f"{row}_s{seed}.json", json_ready(result))
+    write_json(HERE / spec.results / f"{row}_s{seed}.json", json_ready(result))
     return result
 
 
@@ -98,31 +118,41 @@ def _test_metric(cls: str, key: str):
     return lambda r: _nan(r["test"][cls][key])
 
 
-COLUMNS = (
-    *((f"{cls} {m}", _test_metric(cls, key))
-      for cls in ("lesion", "organ")
-      for m, key in (("DSC", "dice"), ("SEN", "sensitivity"), ("PRC", "precision"), ("HD95", "hd95"))),
-    ("bg margin train", lambda r: _nan(r["logits"]["background"]["train_mean"])),
-    ("bg margin test", lambda r: _nan(r["logits"]["background"]["unseen_mean"])),
-    ("bg test <0 %", lambda r: 100 * _nan(r["logits"]["background"]["unseen_frac_across"])),
-    ("lesion test <0 %", lambda r: 100 * _nan(r["logits"]["lesion"]["unseen_frac_across"])),
-)
+def _wrong_side(cls: str):
+    return lambda r: 100 * _nan(r["logits"][cls]["unseen_frac_across"])
+
+
+def columns(classes: list[str]) -> list[tuple[str, object]]:
+    """The table's columns for the foreground classes `classes` (per-class test metrics, then the logit margins)."""
+    return [
+        *((f"{cls} {m}", _test_metric(cls, key))
+          for cls in classes
+          for m, key in (("DSC", "dice"), ("SEN", "sensitivity"), ("PRC", "precision"), ("HD95", "hd95"))),
+        ("bg margin train", lambda r: _nan(r["logits"]["background"]["train_mean"])),
+        ("bg margin test", lambda r: _nan(r["logits"]["background"]["unseen_mean"])),
+        ("bg test <0 %", _wrong_side("background")),
+        *((f"{cls} test <0 %", _wrong_side(cls)) for cls in classes),
+    ]
 
 
 def write_table(results: list[dict], rows: list[str]) -> str:
-    lines = ["| row | n | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    classes = list(dict.fromkeys(cls for r in results for cls in r["test"]))
+    cols = columns(classes)
+    lines = ["| row | n | " + " | ".join(c for c, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for row in rows:
         group = [r for r in results if r["row"] == row]
         if group:
-            cells = [_mean_std([read(r) for r in group]) for _, read in COLUMNS]
+            cells = [_mean_std([read(r) for r in group]) for _, read in cols]
             lines.append(f"| {row} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="bench2d", choices=list(DATASETS))
     parser.add_argument("--out", default="runs/context_labels", help="run folders (default runs/context_labels)")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS),
+                        help="default: every row the dataset has")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="trainings side by side, one CPU thread each")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -133,24 +163,29 @@ def main(argv: list[str] | None = None) -> int:
     from augsearch.config import load_config
     from augsearch.data.synthetic import ensure_dataset
 
-    out = Path(args.out)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    ensure_dataset(load_config(HERE / "base.toml", args.overrides).data)  # once, before the workers start
+    spec = DATASETS[args.dataset]
+    rows = args.rows or list(spec.rows)
+    if set(rows) - set(spec.rows):
+        parser.error(f"--dataset {args.dataset} has the rows {list(spec.rows)}; {sorted(set(rows) - set(spec.rows))} "
+                     "need a label it lacks")
+    out = Path(args.out) / args.dataset
+    (HERE / spec.results).mkdir(parents=True, exist_ok=True)
+    ensure_dataset(load_config(HERE / spec.config, args.overrides).data)  # once, before the workers start
     tasks, results = [], []
-    for row in args.rows:
+    for row in rows:
         for seed in args.seeds:
-            done = RESULTS / f"{row}_s{seed}.json"
+            done = HERE / spec.results / f"{row}_s{seed}.json"
             if done.is_file():
                 results.append(json.loads(done.read_text()))
             else:
-                tasks.append((row, seed, str(out / row / f"s{seed}"), args.overrides))
-    tasks.sort(key=lambda t: -COST.get(t[0], 1))
+                tasks.append((args.dataset, row, seed, str(out / row / f"s{seed}"), args.overrides))
+    tasks.sort(key=lambda t: -COST.get(t[1], 1))
     print(f"{len(results)} runs done before, {len(tasks)} to run with {args.jobs} jobs", flush=True)
     started, failures = time.perf_counter(), 0
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(run_one, *task): task for task in tasks}
         for future in as_completed(futures):
-            row, seed, _, _ = futures[future]
+            _, row, seed, _, _ = futures[future]
             try:
                 result = future.result()
             except Exception:  # noqa: BLE001 - a failed run is reported and the others go on
@@ -158,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAILED {row} seed {seed}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
                 continue
             results.append(result)
-            lesion = result["test"]["lesion"]
-            print(f"[{time.perf_counter() - started:6.0f}s] {row:<8} seed {seed}: lesion DSC {_nan(lesion['dice']):.3f} "
-                  f"SEN {_nan(lesion['sensitivity']):.3f} PRC {_nan(lesion['precision']):.3f} "
+            scores = ", ".join(f"{cls} DSC {_nan(m['dice']):.3f} SEN {_nan(m['sensitivity']):.3f} "
+                               f"PRC {_nan(m['precision']):.3f}" for cls, m in result["test"].items())
+            print(f"[{time.perf_counter() - started:6.0f}s] {row:<8} seed {seed}: {scores} "
                   f"(train {result['train_s']:.0f}s)", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
                             text=True).stdout.strip()
@@ -170,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
               f"This invocation: {len(tasks)} runs in {time.perf_counter() - started:.0f} s wall with {args.jobs} jobs; "
               f"machine {platform.machine()} {platform.processor() or ''} {_cpus()}; load average at the end "
               f"{_load()}; commit {commit}.\n\n")
-    write_text(HERE / "table.md", header + write_table(results, args.rows))
-    print(f"table: {HERE / 'table.md'}; {failures} failed runs")
+    write_text(HERE / spec.table, header + write_table(results, rows))
+    print(f"table: {HERE / spec.table}; {failures} failed runs")
     return 1 if failures else 0
 
 
