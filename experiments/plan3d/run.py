@@ -23,13 +23,22 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from augsearch.artifacts.checkpoint import load_checkpoint
 from augsearch.atomic import write_json, write_text
-from augsearch.config import load_config
+from augsearch.config import config_from_dict, load_config
+from augsearch.data.cases import load_cases
+from augsearch.data.dataset import read_dataset_info
 from augsearch.data.plan import fingerprint, make_plan, plan_toml
+from augsearch.data.preprocess import complete_preprocess
+from augsearch.data.splits import resolve_splits
 from augsearch.data.synthetic import write_benchmark
+from augsearch.metrics import dice
+from augsearch.model import UNet
 from augsearch.policy.io import load_policy
+from augsearch.predict.tta import predict_tta, selected_views
 from augsearch.train import fit
 
 HERE = Path(__file__).resolve().parent
@@ -60,12 +69,37 @@ def run_one(name: str, out: Path, *, size: int, cases: int, train_cases: int, ep
             "planned": {"patch_size": plan.patch_size, "batch_size": plan.batch_size,
                         "target_spacing": plan.target_spacing, "base_features": plan.base_features,
                         "depth": len(plan.pool_kernels) + 1, "rare_labels": plan.rare_labels,
-                        "tea_exclude": plan.tea_exclude},
+                        "tea_exclude": plan.tea_exclude, "optimizer": [plan.optimizer, plan.lr]},
             "overrides": overrides, **measure(out / run)}
 
 
+def test_dice(run_dir: Path) -> dict:
+    """Lesion and organ Dice (means over the test cases where defined) of the run's last checkpoint on the benchmark's
+    test cases, whole volumes predicted plainly and with the learned TEA (the policy's selected entries)."""
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    cfg = config_from_dict(ckpt.config, source=str(run_dir / "checkpoint.pt"))
+    info = read_dataset_info(cfg.data.root)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else info.root / ".augsearch_cache"
+    preprocess = complete_preprocess(info, cfg.data.preprocess, cache)
+    cases = load_cases(info, resolve_splits(info, cfg.data.split).test, preprocess, cache)
+    model = UNet(**ckpt.model_config)
+    model.load_state_dict(ckpt.model_state)
+    policy = load_policy(run_dir / "policy.json")
+    scores: dict[str, dict[str, list[float]]] = {way: {"lesion": [], "organ": []} for way in ("plain", "tea")}
+    for case in cases:
+        for way, views in (("plain", None), ("tea", policy)):
+            result = predict_tta(model, case.image, views, spacing=case.spacing, window=cfg.train.patch_size)
+            prediction = result.probabilities.argmax(0).numpy()
+            for name, per_case in scores[way].items():
+                per_case.append(dice(prediction == ckpt.label_names[name], case.label == ckpt.label_names[name]))
+    return {"cases": len(cases), "tea_entries": [policy.tea_names[i] for i in selected_views(policy, 3)[0]],
+            **{f"{way}_dice_{name}": round(float(np.nanmean(v)), 4)
+               for way, by in scores.items() for name, v in by.items()}}
+
+
 def measure(run_dir: Path) -> dict:
-    """Validation Dice per epoch, and the final policy's P(flip_x) per group and TEA x-mirror mass."""
+    """Validation Dice per epoch, test Dice at the end, and the final policy's P(flip_x) per group and TEA x-mirror
+    mass."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     curve = [{"step": r["step"], "dice_lesion": r["val/dice_lesion"], "dice_organ": r["val/dice_organ"]}
              for r in rows if "val/dice_lesion" in r]
@@ -77,6 +111,7 @@ def measure(run_dir: Path) -> dict:
     top = max(tea, key=tea.get)
     return {
         "val_dice_lesion": curve[-1]["dice_lesion"], "val_dice_organ": curve[-1]["dice_organ"], "curve": curve,
+        "test": test_dice(run_dir),
         "p_flip_x": {g: round(float(p_on[i, flip]), 4) for i, g in enumerate(policy.group_names)},
         "fg_rank_flip_x": 1 + int((fg > fg[flip]).sum()),
         "tea_x_mirror_mass": round(sum(tea[n] for n in MIRRORS_X), 4), "tea_top": [top, round(tea[top], 4)],
@@ -84,12 +119,17 @@ def measure(run_dir: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| run | iterations | lesion Dice (val) | organ Dice (val) | fg P(flip_x) | bg P(flip_x) | fg rank of flip_x | "
-             "TEA x-mirror mass | TEA top | CPU min |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | iterations | lesion Dice (val) | organ Dice (val) | lesion Dice (test: plain / TEA) | "
+             "organ Dice (test: plain / TEA) | "
+             "fg P(flip_x) | bg P(flip_x) | fg rank of flip_x | TEA x-mirror mass | TEA top | CPU min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['run']} (seed {r['seed']}) | {r['curve'][-1]['step']} | {r['val_dice_lesion']:.3f} | {r['val_dice_organ']:.3f} | "
-                     f"{r['p_flip_x']['foreground']:.3f} | {r['p_flip_x']['background']:.3f} | {r['fg_rank_flip_x']} | "
-                     f"{r['tea_x_mirror_mass']:.3f} | {r['tea_top'][0]} {r['tea_top'][1]:.2f} | {r['cpu_minutes'] or '-'} |")
+        test, p = r["test"], r["p_flip_x"]
+        lines.append(f"| {r['run']} (seed {r['seed']}) | {r['curve'][-1]['step']} | {r['val_dice_lesion']:.3f} | "
+                     f"{r['val_dice_organ']:.3f} | {test['plain_dice_lesion']:.3f} / {test['tea_dice_lesion']:.3f} | "
+                     f"{test['plain_dice_organ']:.3f} / {test['tea_dice_organ']:.3f} | {p['foreground']:.3f} | "
+                     f"{p['background']:.3f} | {r['fg_rank_flip_x']} | {r['tea_x_mirror_mass']:.3f} | "
+                     f"{r['tea_top'][0]} {r['tea_top'][1]:.2f} | {r['cpu_minutes'] or '-'} |")
     return "\n".join(lines)
 
 
