@@ -72,8 +72,13 @@ def generator_meta_gradient(
     train_loss_fn: Callable[[Any, Tensor], Tensor],
     val_loss_fn: Callable[[Any, Tensor], Tensor],
     backend: str = "jvp",
+    inner_grads: dict[str, Tensor] | None = None,
 ) -> GeneratorGradient:
     """d L_val(theta'(phi)) / d phi (module docstring) at the current segmenter and generator.
+
+    inner_grads: grad_theta L_train(theta, T(phi)) by parameter name when the caller has it already (the segmenter
+    step's own backward on the same batch and targets): the jvp backend then takes theta' from it instead of a second
+    forward and backward; the functional backend needs that gradient's graph in phi and ignores it.
 
     train_x (B, C, *S), train_y (B, *S) labels: the augmented training batch; val_x, val_y: the validation batch.
     train_loss_fn(segmenter output, soft target (B, K + t, *S)) -> scalar, the segmenter's training loss (mean over
@@ -94,7 +99,7 @@ def generator_meta_gradient(
     if backend == "functional":
         grads, value = _functional(theta, phi, train_loss, val_loss, inner_lr)
     else:
-        grads, value = _jvp(theta, phi, train_loss, val_loss, inner_lr)
+        grads, value = _jvp(theta, phi, train_loss, val_loss, inner_lr, inner_grads)
     finite = math.isfinite(value) and all(bool(torch.isfinite(g).all()) for g in grads.values())
     return GeneratorGradient({n: g.detach() for n, g in grads.items()}, value, finite)
 
@@ -108,9 +113,12 @@ def _grad(loss: Tensor, params: dict[str, Tensor], **kwargs) -> dict[str, Tensor
     return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
 
 
-def _jvp(theta, phi, train_loss, val_loss, inner_lr) -> tuple[dict[str, Tensor], float]:
-    leaves = _leaves(theta)
-    inner = _grad(train_loss(leaves, phi), leaves)
+def _jvp(theta, phi, train_loss, val_loss, inner_lr, inner_grads) -> tuple[dict[str, Tensor], float]:
+    if inner_grads is None:
+        leaves = _leaves(theta)
+        inner = _grad(train_loss(leaves, phi), leaves)
+    else:
+        inner = {n: inner_grads[n].detach() if n in inner_grads else torch.zeros_like(p) for n, p in theta.items()}
     theta_prime = _leaves({n: p - inner_lr * inner[n] for n, p in theta.items()})
     outer = val_loss(theta_prime)
     v = _grad(outer, theta_prime)
@@ -154,11 +162,13 @@ class ColabGenerator:
             return split_target(self.spec, labels, generator_split(self.network, params, image))
 
     def meta_update(self, segmenter: nn.Module, image: Tensor, labels: Tensor, val_image: Tensor, val_labels: Tensor,
-                    *, inner_lr: float, train_loss_fn: Callable, val_loss_fn: Callable) -> bool:
-        """One generator step on the meta-gradient; False (nothing stepped) when it is not finite."""
+                    *, inner_lr: float, train_loss_fn: Callable, val_loss_fn: Callable,
+                    inner_grads: dict[str, Tensor] | None = None) -> bool:
+        """One generator step on the meta-gradient; False (nothing stepped) when it is not finite. inner_grads: as
+        `generator_meta_gradient`'s."""
         result = generator_meta_gradient(
             segmenter, self.network, self.spec, image, labels, val_image, val_labels, inner_lr=inner_lr,
-            train_loss_fn=train_loss_fn, val_loss_fn=val_loss_fn, backend=self.backend,
+            train_loss_fn=train_loss_fn, val_loss_fn=val_loss_fn, backend=self.backend, inner_grads=inner_grads,
         )
         self.last_val_loss = result.val_loss
         if not result.finite:

@@ -229,10 +229,13 @@ class JointStep:
         """One CoLab generator step at the current segmenter, on the TRA outer batch (learn/colab.py)."""
         colab = self.runtime.colab
         val_image, val_mask = self.tea_outer_batch(val_batch, generator)
+        # `.grad` still holds this iteration's training gradient on the generator's targets (the segmenter has not
+        # stepped yet): the generator's inner step reuses it, as the TRA meta-step does
+        inner_grads = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None}
         ok = colab.meta_update(
             self.model, image, mask, val_image, val_mask, inner_lr=inner_lr,
             train_loss_fn=lambda output, target: self.runtime.per_sample_loss(output, target).mean(),
-            val_loss_fn=self.runtime.outer_loss,
+            val_loss_fn=self.runtime.outer_loss, inner_grads=inner_grads,
         )
         self.guard.record("colab", ok, self.iteration)
         self.stats.extra["colab/val_loss"] = colab.last_val_loss
