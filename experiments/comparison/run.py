@@ -88,26 +88,28 @@ def link_ground_truth(root: Path, cases: list[str], gt_dir: Path) -> None:
     gt_dir.mkdir(parents=True, exist_ok=True)
     for case in cases:
         link = gt_dir / f"{case}.nii.gz"
-        if not link.exists():
+        try:
             link.symlink_to((root / "labelsTr" / f"{case}.nii.gz").resolve())
+        except FileExistsError:  # linked earlier, or by a run beside this one
+            pass
 
 
 def evaluate_run(checkpoint: Path, policy: str | None, root: Path, labels: dict[str, int], cases: list[str],
-                 run_dir: Path, gt_dir: Path, pad_to_window: bool = False) -> tuple[list[dict], dict]:
+                 run_dir: Path, gt_dir: Path, device: str = "cpu") -> tuple[list[dict], dict]:
     """Predict the test cases into run_dir/test_pred, score them, write run_dir/evaluation.csv; (rows, summary).
 
-    pad_to_window: zero-pad volumes smaller than the training patch on some axis (as validation does)."""
+    Predictions left by an interrupted call are replaced (predict pads volumes smaller than the window itself)."""
     from augsearch.atomic import write_text
     from augsearch.metrics import evaluate_folders
     from augsearch.predict.files import predict_files
 
     pred_dir = run_dir / "test_pred"
-    predict_files(checkpoint, root / "imagesTr", pred_dir, policy=policy, cases=cases, device="cpu", progress=False,
-                  pad_to_window=pad_to_window)
+    predict_files(checkpoint, root / "imagesTr", pred_dir, policy=policy, cases=cases, device=device, progress=False,
+                  overwrite=True)
     rows, summary = evaluate_folders(pred_dir, gt_dir, {k: v for k, v in labels.items() if v != 0})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["case", "class", "dice", "sensitivity", "precision", "hd95"],
-                            lineterminator="\n")
+                            extrasaction="ignore", lineterminator="\n")  # lesion counts: not in these tables
     writer.writeheader()
     writer.writerows(rows)
     write_text(run_dir / "evaluation.csv", buffer.getvalue())

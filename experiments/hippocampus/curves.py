@@ -22,6 +22,7 @@ from augsearch.data.cases import load_cases
 from augsearch.data.dataset import Case, read_dataset_info
 from augsearch.data.preprocess import complete_preprocess
 from augsearch.data.splits import resolve_splits
+from augsearch.devices import resolve_device
 from augsearch.metrics import dice
 from augsearch.predict.sliding_window import sliding_window_predict
 
@@ -47,8 +48,8 @@ def volume_scores(model: torch.nn.Module, cases: list[Case], patch_size: list[in
     foreground = {name: value for name, value in labels.items() if value != 0}
     losses, dices = [], {name: [] for name in foreground}
     for case in cases:
-        probs = sliding_window_predict(model, torch.from_numpy(case.image)[None], patch_size,
-                                       batch_size=batch_size)[0]  # (K, *S)
+        image = torch.from_numpy(case.image)[None].to(next(model.parameters()).device)
+        probs = sliding_window_predict(model, image, patch_size, batch_size=batch_size)[0].cpu()  # (K, *S)
         target = torch.from_numpy(case.label.astype(np.int64))
         ce = -torch.log(probs.gather(0, target[None]).clamp_min(EPS)).mean()
         soft = [(2 * (probs[v] * (target == v)).sum() + EPS) / (probs[v].sum() + (target == v).sum() + EPS)
@@ -80,7 +81,7 @@ class CurveRecorder:
         last = report.epoch == self.cfg.train.epochs
         if report.checkpoint_path is None or not (report.epoch % self.every == 0 or last):
             return
-        model = load_checkpoint(report.checkpoint_path).build_model()
+        model = load_checkpoint(report.checkpoint_path).build_model().to(resolve_device(self.cfg.train.device))
         line = {"epoch": report.epoch, "step": report.metrics["step"], "train/loss": report.metrics["train/loss"]}
         for split, cases in (("val", self.cases["val"]), ("train", self.cases["train"][:TRAIN_CURVE_CASES])):
             scores = volume_scores(model, cases, self.cfg.train.patch_size, self.labels,

@@ -215,7 +215,7 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
         if rows is None:  # predict and score; a column scored before an interruption is read back instead
             started = time.perf_counter()
             rows, _ = comparison.evaluate_run(run_dir / "checkpoint.pt", policy, info.root, dict(info.labels),
-                                              test_cases, column_dir, gt_dir, pad_to_window=True)
+                                              test_cases, column_dir, gt_dir, device=cfg.train.device)
             add_wall(run_dir, "eval", time.perf_counter() - started)
         summary = summarise(rows)
         test[column] = {name: {metric: stats["mean"] for metric, stats in metrics.items()}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# MSD Hippocampus table runs (experiments/hippocampus/README.md) on one GPU, many runs at once, for a short lease.
+# Usage: bash experiments/gpu/hippocampus.sh SOURCE OUT_DIR MINUTES [SIZE]
+#   SOURCE: the 200-case folder (../shared/data/msd_hippocampus_200 or a copy carried with the tree); OUT_DIR gets
+#   hippocampus.tgz (the per-run JSON files, logs, curves and policies; no checkpoint, no prediction) and smi.csv (GPU
+#   utilisation every 15 s); MINUTES: when to pack, whatever has finished by then. SIZE: training size (default 10).
+# Side by side: the RandAugment grid followed by the RandAugment row, the fixed rows and the learned rows, every run with one torch thread on `cuda`, into experiments/hippocampus/results_gpu/ and runs/hippocampus_gpu/ (a
+# second call on the same machine resumes the runs from their epoch checkpoints). Beside the first runs, a smoke pass
+# of two rows at a few steps into a scratch folder (SKIP_SMOKE=1 skips it): a failure there ends the call at once.
+# Wheels may sit in .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source=$1 out=$2 minutes=$3 size=${4:-10}
+device=${DEVICE:-cuda}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+site=${PYTHONPATH:-}
+export PYTHONPATH="$PWD${site:+:$site}" PYTHONUNBUFFERED=1
+begin=$(date +%s)
+results=experiments/hippocampus/results_gpu
+runs=runs/hippocampus_gpu
+run_py=experiments/hippocampus/run.py
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=timestamp,name,utilization.gpu,memory.used --format=csv -l 15 > "$out/smi.csv" 2>&1 &
+fi
+python3 experiments/hippocampus/prepare.py --source "$source" --out runs/data/hippocampus || exit 1
+deadline=$(( begin + minutes * 60 ))
+common=(--sizes "$size" --out "$runs" --results "$results" --set "train.device=\"$device\"")
+mkdir -p "$runs"
+( python3 $run_py --tune-randaugment "${common[@]}" --jobs 4 \
+    && python3 $run_py --rows randaugment "${common[@]}" --jobs 4 ) > "$runs.grid.log" 2>&1 &
+pids=($!)
+python3 $run_py --rows none nnunet trivialaugment "${common[@]}" --jobs 4 > "$runs.fixed.log" 2>&1 &
+pids+=($!)
+python3 $run_py --rows tra_agnostic tra_specific joint retrain "${common[@]}" --jobs 8 > "$runs.learned.log" 2>&1 &
+pids+=($!)
+if [ -z "${SKIP_SMOKE:-}" ]; then  # beside the first runs; a failure ends the call (and its runs) at once
+    rm -rf runs/gpu_smoke
+    python3 $run_py --rows none joint --seeds 0 --sizes "$size" --jobs 2 --out runs/gpu_smoke \
+        --results runs/gpu_smoke/results --set "train.device=\"$device\"" --set train.epochs=2 \
+        --set train.iterations=4 --set augment.warmup_iterations=2 --test-limit 2 --curve-every 1 \
+        || { for f in runs/gpu_smoke/logs/*.log; do tail -n 30 "$f"; done; exit 1; }
+    echo "smoke passed after $(( $(date +%s) - begin )) s"
+fi
+alive() { for pid in "${pids[@]}"; do kill -0 "$pid" 2> /dev/null && return 0; done; return 1; }
+while [ "$(date +%s)" -lt "$deadline" ] && alive; do sleep 5; done
+python3 $run_py --aggregate --results "$results" > /dev/null 2>&1
+tail -n 5 "$runs".*.log
+find "$results" "$runs" \( -name '*.json' -o -name '*.jsonl' -o -name '*.csv' -o -name '*.md' -o -name '*.log' \) \
+    -not -path '*/test_pred/*' -print0 | tar czf "$out/hippocampus.tgz" --null -T - "$runs".*.log
+echo "packed after $(( $(date +%s) - begin )) s: $(ls "$results"/train*/*/seed*.json 2>/dev/null | wc -l) runs finished"
