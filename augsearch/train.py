@@ -522,7 +522,8 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
             metrics = {
                 "epoch": run.epoch, "step": run.global_step, "lr": lr,
                 **({"train/loss": float(np.mean(losses))} if losses else {}), "time/epoch_s": time.perf_counter() - started,
-                "meta/steps": run.step.stats.meta_steps, "meta/empty_group_updates": run.step.stats.empty_group_updates,
+                "meta/steps": run.step.stats.meta_steps, "tea/steps": run.step.stats.tea_steps,
+                "meta/empty_group_updates": run.step.stats.empty_group_updates,
                 **{f"nonfinite/{kind}": n for kind, n in run.step.guard.skipped.items()},
                 "meta/val_loss": run.step.stats.last_val_loss, "tea/loss": run.step.stats.last_tea_loss,
                 **run.step.stats.extra, **_policy_scalars(run.policy),

@@ -68,6 +68,9 @@ def test_resume_continues_exactly_where_the_run_stopped(data_root, tmp_path):
     for key in a.model_state:
         torch.testing.assert_close(a.model_state[key], b.model_state[key], rtol=0, atol=0)
     assert a.policy["tra"] == b.policy["tra"] and a.policy["tea"] == b.policy["tea"]
+    counters = ("meta/steps", "tea/steps", "meta/empty_group_updates")  # counted over the run, across the resume
+    assert straight.metrics["meta/steps"] > 0 and straight.metrics["tea/steps"] > 0
+    assert {k: resumed.metrics[k] for k in counters} == {k: straight.metrics[k] for k in counters}
 
 
 class _Stop(Exception):

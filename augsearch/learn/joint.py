@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,7 +42,8 @@ WARN_EVERY = 50  # empty group updates between two warnings
 
 @dataclass
 class StepStats:
-    """Counters and last values of one epoch, for logs and TensorBoard."""
+    """Counters over the whole run (kept in the checkpoint, so a resumed run counts on) and last values, for logs
+    and TensorBoard."""
 
     meta_steps: int = 0
     empty_group_updates: int = 0  # (meta-step, class group) pairs whose policy update was exactly zero
@@ -145,19 +147,27 @@ class JointStep:
         mask = tea_apply_mask(batch.mask, ids, self.runtime.num_classes, spatial, self.runtime.spacing)
         return centre_crop(image, self.patch_size), centre_crop(mask, self.patch_size)
 
-    def state_dict(self) -> dict[str, Tensor | None]:
-        """The step's own state beyond the model, policy and optimisers: the running baselines (and the CoLab
-        generator with its optimiser)."""
-        state = {"running_baseline": self._running_baseline, "baseline_seen": self._baseline_seen}
+    def state_dict(self) -> dict[str, Any]:
+        """The step's own state beyond the model, policy and optimisers: the running baselines, the run's counters
+        (and the CoLab generator with its optimiser)."""
+        state = {"running_baseline": self._running_baseline, "baseline_seen": self._baseline_seen,
+                 "counters": {"meta_steps": self.stats.meta_steps, "tea_steps": self.stats.tea_steps,
+                              "empty_group_updates": self.stats.empty_group_updates,
+                              "skipped": dict(self.guard.skipped)}}
         if self.runtime.colab is not None:
             state["colab"] = self.runtime.colab.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.policy.tra_logits.device if self.policy is not None else None
         self._running_baseline, self._baseline_seen = (
             None if state[key] is None else state[key].to(device) for key in ("running_baseline", "baseline_seen")
         )
+        counters = state.get("counters")  # absent from checkpoints written before the counters were kept
+        if counters is not None:
+            self.stats.meta_steps, self.stats.tea_steps = counters["meta_steps"], counters["tea_steps"]
+            self.stats.empty_group_updates = counters["empty_group_updates"]
+            self.guard.skipped.update(counters["skipped"])
         if self.runtime.colab is not None and state.get("colab") is not None:
             self.runtime.colab.load_state_dict(state["colab"])
 
@@ -350,6 +360,7 @@ class JointStep:
             total_loss += float(losses.mean())
         self.task_model.train(was_training)
         self.stats.last_tea_loss = total_loss / tea_batch.image.shape[0]
+        self.stats.tea_steps += 1
         return grad
 
     # --- policy update ------------------------------------------------------------------------------------
@@ -365,7 +376,7 @@ class JointStep:
             return
         tra_mean = _mean(self._pending_tra)
         tea_mean = _mean(self._pending_tea)
-        drawn = {"tra": len(self._pending_tra)}
+        drawn = {"tra": len(self._pending_tra), "tea": len(self._pending_tea)}
         self._pending_tra, self._pending_tea, self._pending_iterations = [], [], 0
         if self.policy_sync is not None:
             self.policy_sync.exchange(self.policy, tra_mean, tea_mean)
@@ -375,8 +386,11 @@ class JointStep:
             if optimizer is not None and grad is not None:
                 logits.grad = grad
                 kept = self.guard.record(kind, guarded_step(optimizer, [logits]), self.iteration)
-                if kind == "tra" and not kept:
-                    self.stats.meta_steps -= drawn["tra"]  # meta/steps counts the meta-gradients that reached the policy
+                if not kept:  # meta/steps and tea/steps count the gradients that reached the policy
+                    if kind == "tra":
+                        self.stats.meta_steps -= drawn["tra"]
+                    else:
+                        self.stats.tea_steps -= drawn["tea"]
                 logits.grad = None
 
 
