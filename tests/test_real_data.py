@@ -178,3 +178,32 @@ def test_prepare_reads_the_decathlon_tar_layout(tmp_path, monkeypatch):
     unpacked = tmp_path / "data" / "Task04_Hippocampus_unpacked" / "Task04_Hippocampus"
     assert (out / "imagesTr" / f"{CASES[0]}_0000.nii.gz").resolve() == unpacked / "imagesTr" / f"{CASES[0]}.nii.gz"
     assert sorted(p.name for p in (unpacked / "imagesTr").iterdir()) == sorted(f"{c}.nii.gz" for c in CASES)
+
+
+@pytest.mark.slow
+def test_the_table_script_runs_a_fixed_and_the_joint_row_end_to_end(tmp_path):
+    """experiments/hippocampus/run.py at a few steps: train, curve, post-hoc TEA, predict and score two test cases
+    in each TTA column, per-run JSON and the tables; what a GPU lease or a week of CPU runs relies on."""
+    import subprocess
+
+    data = tmp_path / "hippocampus"
+    assert prepare.main(["--source", str(SHARED), "--out", str(data), "--no-verify"]) == 0
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENT / "run.py"), "--rows", "none", "joint", "--seeds", "0", "--sizes", "10",
+         "--jobs", "2", "--out", str(tmp_path / "runs"), "--results", str(results), "--data", str(data),
+         "--set", "train.epochs=2", "--set", "train.iterations=3", "--set", "augment.warmup_iterations=2",
+         "--test-limit", "2", "--curve-every", "1"],
+        capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text() for p in (tmp_path / "runs" / "logs").glob("*.log"))
+    assert done.returncode == 0, done.stdout + done.stderr + logs
+    for row in ("none", "joint"):
+        result = json.loads((results / "train10" / row / "seed0.json").read_text())
+        assert result["segmenter_steps"] == 6 and result["test_cases"] == 2
+        for column in ("none", "flips", "learned"):
+            assert all(0 <= result["test"][column][name]["dice"] <= 1 for name in ("Anterior", "Posterior"))
+        assert [line["epoch"] for line in result["curve"]] == [1, 2]
+    joint = json.loads((results / "train10" / "joint" / "seed0.json").read_text())
+    assert joint["meta_steps"] == 4 and joint["tea_steps"] == 4  # 6 steps, the first 2 under the initial policy
+    table = (results / "results.md").read_text()
+    assert "| 1 | none | 1 |" in table and "| 8 | joint class-specific TRA + TEA | 1 |" in table

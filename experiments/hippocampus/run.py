@@ -162,9 +162,11 @@ def scored(run_dir: Path, n_rows: int) -> list[dict] | None:
 
 
 def epoch_totals(run_dir: Path) -> dict:
-    """Steps, meta-steps and the summed epoch times (training alone, no validation) from fit's metrics.jsonl."""
+    """Steps, meta-steps, TEA steps and the summed epoch times (training alone, no validation) from fit's
+    metrics.jsonl."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"steps": int(lines[-1]["step"]), "meta_steps": int(lines[-1].get("meta/steps", 0)),
+            "tea_steps": int(lines[-1].get("tea/steps", 0)),
             "epoch_s": float(sum(line["time/epoch_s"] for line in lines)),
             "val": {k: v for k, v in lines[-1].items() if k.startswith("val/")}}
 
@@ -228,7 +230,7 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
         "config": f"experiments/hippocampus/{row.name}.toml", "overrides": overrides,
         "randaugment": {"n": n, "m": m, "tuned": tuned} if row.name == "randaugment" else None,
         "segmenter_steps": totals["steps"], "meta_steps": totals["meta_steps"],
-        "tea_steps": totals["meta_steps"] if row.name == "joint" else tea_totals["steps"],
+        "tea_steps": totals["tea_steps"] if row.name == "joint" else tea_totals["steps"],
         "train_epoch_s": totals["epoch_s"], "tea_epoch_s": tea_totals["epoch_s"],
         "wall_s": add_wall(run_dir, "", 0.0), "val": totals["val"],
         "curve_summary": summarise_curve(curve, list(LABELS)),
