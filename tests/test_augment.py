@@ -158,6 +158,34 @@ def test_same_generator_same_result_and_stats_are_used():
     assert not torch.allclose(c[0], d[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_ops_no_sample_draws_are_left_out_and_the_result_is_unchanged(dims, monkeypatch):
+    """Composing only the drawn ops equals composing every op (bin 0 is the exact identity), bit for bit."""
+    import augsearch.augment as augment_module
+
+    names = list_ops(dims)
+    patch = (16,) * dims
+    crop = tuple(p + 2 * required_margin(patch, names) for p in patch)
+    image = torch.rand((4, 1) + crop, generator=torch.Generator().manual_seed(0))
+    mask = torch.randint(0, 3, (4,) + crop, generator=torch.Generator().manual_seed(1))
+    bins = uniform_bins(names, 4, 2, patch)
+    off = [names.index(n) for n in ("scale", "gamma", "noise", "flip_y")]
+    bins[:, off] = 0  # four ops that no sample draws
+    composed = []
+
+    def recording(image, mask, params, *args):
+        composed.append(sorted(params))
+        return apply_params(image, mask, params, *args)
+
+    monkeypatch.setattr(augment_module, "apply_params", recording)
+    left_out = augment_batch(image, mask, bins, names, patch, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)  # every op sampled and composed, in the same order
+    every_op = {n: get_op(n).sample(bins[:, j], generator, False) for j, n in enumerate(names)}
+    reference = apply_params(image, mask, every_op, patch, image_statistics(image))
+    assert composed == [sorted(set(names) - {names[j] for j in off})]
+    assert torch.equal(left_out[0], reference[0]) and torch.equal(left_out[1], reference[1])
+
+
 def test_bad_inputs_raise_clear_errors():
     names = ["gamma"]
     image, mask = torch.rand(2, 1, 10, 10), torch.zeros(2, 10, 10, dtype=torch.long)
