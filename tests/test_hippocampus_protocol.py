@@ -11,10 +11,11 @@ import numpy as np
 from augsearch.config import load_config
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "hippocampus"
+PROTOCOL = Path(__file__).resolve().parents[1] / "experiments" / "protocol"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"hippocampus_{name}", EXPERIMENT / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"protocol_{name}", PROTOCOL / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -22,6 +23,7 @@ def _load(name: str):
 
 
 run = _load("run")
+run.use_experiment(EXPERIMENT)
 
 
 def test_rows_differ_from_the_no_augmentation_row_only_in_name_and_augment():
@@ -49,9 +51,9 @@ def _result(row: str, seed: int, dice: float, val: float) -> dict:
     metrics = {"dice": dice, "hd95": 3.0, "sensitivity": dice, "precision": dice, "hd95_defined": 140}
     return {"size": 10, "row": row, "seed": seed, "source": "commit x", "machine": "m", "meta_steps": 0,
             "tea_steps": 0, "train_epoch_s": 60.0, "wall_s": {"train": 60.0, "eval": 60.0},
-            "val": {f"val/dice_{k}": val for k in run.LABELS}, "curve_summary": {},
+            "val": {f"val/dice_{k}": val for k in run.EXP.labels}, "curve_summary": {},
             "randaugment": {"n": 2, "m": 2, "tuned": False} if row == "randaugment" else None,
-            "test": {c: {k: metrics for k in run.LABELS} for c in run.TTA}}
+            "test": {c: {k: metrics for k in run.EXP.labels} for c in run.TTA}}
 
 
 def test_tables_pair_learned_rows_with_the_best_fixed_row_by_validation(tmp_path):
@@ -69,5 +71,5 @@ def test_tables_pair_learned_rows_with_the_best_fixed_row_by_validation(tmp_path
     assert "| 3 | +1.0 |" in joint_none and "| 2/3 |" in joint_none  # differences 0, +1, +2 points
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert rows[0] == "size,row,seed,tta,class,metric,value"
-    assert len(rows) == 1 + 9 * len(run.TTA) * len(run.LABELS) * 4
+    assert len(rows) == 1 + 9 * len(run.TTA) * len(run.EXP.labels) * 4
     assert np.isclose(float(rows[1].split(",")[-1]), 0.8)

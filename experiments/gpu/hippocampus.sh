@@ -22,7 +22,7 @@ export PYTHONPATH="$PWD${site:+:$site}" PYTHONUNBUFFERED=1
 begin=$(date +%s)
 results=experiments/hippocampus/results_gpu
 runs=runs/hippocampus_gpu
-run_py=experiments/hippocampus/run.py
+run_py="experiments/protocol/run.py experiments/hippocampus"
 if command -v nvidia-smi > /dev/null; then
     nvidia-smi --query-gpu=timestamp,name,utilization.gpu,memory.used --format=csv -l 15 > "$out/smi.csv" 2>&1 &
 fi

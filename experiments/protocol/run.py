@@ -1,11 +1,14 @@
-"""MSD Hippocampus in 3D: rows x seeds x training sizes, each run its own process, per-run JSON, paired tables.
+"""The evidence protocol: rows x seeds x training sizes, each run its own process, per-run JSON, paired tables.
 
-Run from the repository root after `python experiments/hippocampus/prepare.py` (README.md has the protocol):
+An experiment is a folder (experiments/hippocampus/, experiments/bundled/) holding the row configs (<row>.toml, one
+per row of ROWS, plus tea_posthoc.toml), test_cases.json and experiment.json (title, foreground labels, training size
+-> data.split.fold of its splits_final.json, default data and run folders, the command that prepares the data). Run
+from the repository root after that command (the experiment's README.md has the protocol):
 
-    python experiments/hippocampus/run.py --jobs 2                     # everything still missing, then the tables
-    python experiments/hippocampus/run.py --tune-randaugment --jobs 2  # the RandAugment N x M grid on validation
-    python experiments/hippocampus/run.py --rows none nnunet --seeds 0 1 --sizes 10 --jobs 1
-    python experiments/hippocampus/run.py --aggregate                  # tables from the committed JSON files only
+    python experiments/protocol/run.py experiments/hippocampus --jobs 2        # everything missing, then the tables
+    python experiments/protocol/run.py experiments/hippocampus --tune-randaugment --jobs 2   # the RandAugment grid
+    python experiments/protocol/run.py experiments/hippocampus --rows none nnunet --seeds 0 1 --sizes 10 --jobs 1
+    python experiments/protocol/run.py experiments/hippocampus --aggregate     # tables from the committed JSON files
 
 A run (size, row, seed) trains `fit` into <out>/train<size>/<row>/seed<k>/ (resuming from its last epoch checkpoint),
 records the learning curve (curves.py), learns a TEA post hoc on the frozen segmenter where the row has none of its
@@ -53,8 +56,6 @@ comparison = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = comparison  # dataclasses look their module up while the file executes
 _spec.loader.exec_module(comparison)
 
-LABELS = ("Anterior", "Posterior")
-SIZES = {10: 0, 40: 1}  # training cases -> data.split.fold of splits_final.json
 TTA = ("none", "flips", "learned")
 TUNE_SEED = 100
 GRID = [(n, m) for n in (1, 2, 3) for m in (1, 2, 3)]
@@ -84,6 +85,41 @@ BY_NAME = {row.name: row for row in ROWS}
 DERIVED = {"tra_specific_tea": "tra_specific"}  # row -> row whose run's "learned" column it is
 
 
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment folder (module docstring); `EXP` is the one this process runs, set once by `main`."""
+
+    dir: Path
+    title: str
+    labels: tuple[str, ...]  # the foreground labels scored, in table order
+    sizes: dict[int, int]  # training cases -> data.split.fold of splits_final.json
+    data: Path
+    out: Path
+    prepare: str
+
+    @classmethod
+    def load(cls, folder: Path) -> Experiment:
+        spec = json.loads((folder / "experiment.json").read_text())
+        return cls(dir=folder, title=spec["title"], labels=tuple(spec["labels"]),
+                   sizes={int(k): int(v) for k, v in spec["sizes"].items()}, data=Path(spec["data"]),
+                   out=Path(spec["out"]), prepare=spec["prepare"])
+
+    def config(self, row: str) -> Path:
+        return self.dir / f"{row}.toml"
+
+    def test_cases(self) -> list[str]:
+        return json.loads((self.dir / "test_cases.json").read_text())
+
+
+EXP: Experiment
+
+
+def use_experiment(folder: Path) -> Experiment:
+    global EXP
+    EXP = Experiment.load(Path(folder))
+    return EXP
+
+
 def size_dir(size: int) -> str:
     return f"train{size}"
 
@@ -110,7 +146,7 @@ def run_dir_for(out: Path, size: int, row: str, seed: int, results: Path) -> Pat
 
 def overrides_for(size: int, row: str, seed: int, out: Path, results: Path, extra: list[str] = ()) -> list[str]:
     """The config overrides of one run: seed, fold, data folder, RandAugment's N and M, retrain's policy, `extra`."""
-    overrides = [*extra, f"seed={seed}", f"data.split.fold={SIZES[size]}"]
+    overrides = [*extra, f"seed={seed}", f"data.split.fold={EXP.sizes[size]}"]
     if row == "randaugment":
         n, m, _ = tuned_randaugment(results, size)
         overrides += [f"augment.randaugment_n={n}", f"augment.randaugment_m={m}"]
@@ -190,7 +226,7 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
     source = comparison.source_state()
     run_dir = run_dir_for(out, size, row.name, seed, results)
     overrides = overrides_for(size, row.name, seed, out, results, extra)
-    cfg = load_config(HERE / f"{row.name}.toml", overrides)
+    cfg = load_config(EXP.config(row.name), overrides)
     add_wall(run_dir, "train", train(cfg, run_dir, curve_every))
     totals = epoch_totals(run_dir)
     tea_totals = {"steps": 0, "epoch_s": 0.0}
@@ -199,7 +235,7 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
     else:  # a TEA learned post hoc on the frozen segmenter, from the same identity-and-flips start in every row
         tea_dir = run_dir / "tea_posthoc"
         start = run_dir / "policy.json"
-        tea_cfg = load_config(HERE / "tea_posthoc.toml", [
+        tea_cfg = load_config(EXP.config("tea_posthoc"), [
             *overrides_for(size, "tea_posthoc", seed, out, results, extra),
             f'train.init_checkpoint="{run_dir / "checkpoint.pt"}"',
             f'augment.policy="{start if start.is_file() else "nnunet"}"'])
@@ -207,13 +243,13 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
         tea_totals = epoch_totals(tea_dir)
         learned_policy = tea_dir / "policy.json"
     info = read_dataset_info(cfg.data.root)
-    test_cases = json.loads((HERE / "test_cases.json").read_text())[:test_limit]
+    test_cases = EXP.test_cases()[:test_limit]
     gt_dir = out / "gt"
     comparison.link_ground_truth(info.root, test_cases, gt_dir)
     test = {}
     for column, policy in zip(TTA, (None, "flips-tta", str(learned_policy)), strict=True):
         column_dir = run_dir / f"tta_{column}"
-        rows = scored(column_dir, len(test_cases) * len(LABELS))
+        rows = scored(column_dir, len(test_cases) * len(EXP.labels))
         if rows is None:  # predict and score; a column scored before an interruption is read back instead
             started = time.perf_counter()
             rows, _ = comparison.evaluate_run(run_dir / "checkpoint.pt", policy, info.root, dict(info.labels),
@@ -227,13 +263,13 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
     n, m, tuned = tuned_randaugment(results, size)
     result = {
         "size": size, "row": row.name, "seed": seed, "source": source, "machine": machine(),
-        "config": f"experiments/hippocampus/{row.name}.toml", "overrides": overrides,
+        "config": str(EXP.config(row.name)), "overrides": overrides,
         "randaugment": {"n": n, "m": m, "tuned": tuned} if row.name == "randaugment" else None,
         "segmenter_steps": totals["steps"], "meta_steps": totals["meta_steps"],
         "tea_steps": totals["tea_steps"] if row.name == "joint" else tea_totals["steps"],
         "train_epoch_s": totals["epoch_s"], "tea_epoch_s": tea_totals["epoch_s"],
         "wall_s": add_wall(run_dir, "", 0.0), "val": totals["val"],
-        "curve_summary": summarise_curve(curve, list(LABELS)),
+        "curve_summary": summarise_curve(curve, list(EXP.labels)),
         "curve": [{k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()} for line in curve],
         "test": test, "test_cases": len(test_cases),
         "policy": comparison.policy_notes(learned_policy if row.name in ("tra_agnostic", "tra_specific", "joint",
@@ -252,13 +288,14 @@ def tune_one(size: int, n: int, m: int, out: Path, results: Path, extra: list[st
     """One grid cell: train with (N, M) at the tuning seed; fit's final validation only, no test case is read."""
     torch.set_num_threads(1)
     run_dir = out / "tune" / size_dir(size) / f"randaugment_n{n}_m{m}" / f"seed{TUNE_SEED}"
-    overrides = [*extra, f"seed={TUNE_SEED}", f"data.split.fold={SIZES[size]}", f"augment.randaugment_n={n}",
+    overrides = [*extra, f"seed={TUNE_SEED}", f"data.split.fold={EXP.sizes[size]}", f"augment.randaugment_n={n}",
                  f"augment.randaugment_m={m}"]
-    cfg = load_config(HERE / "randaugment.toml", overrides)
+    cfg = load_config(EXP.config("randaugment"), overrides)
     wall = train(cfg, run_dir, None)
     totals = epoch_totals(run_dir)
     result = {"size": size, "n": n, "m": m, "seed": TUNE_SEED, "wall_s": wall, "train_epoch_s": totals["epoch_s"],
-              "val": totals["val"], "val_dice_mean": float(np.mean([totals["val"][f"val/dice_{k}"] for k in LABELS])),
+              "val": totals["val"],
+              "val_dice_mean": float(np.mean([totals["val"][f"val/dice_{k}"] for k in EXP.labels])),
               "source": comparison.source_state(), "machine": machine()}
     write_json(grid_path(results, size, n, m), result)
     return result
@@ -321,7 +358,7 @@ def _nan(value) -> float:
 
 
 def mean_dice(r: dict, column: str) -> float:
-    return float(np.mean([_nan(r["test"][column][k]["dice"]) for k in LABELS]))
+    return float(np.mean([_nan(r["test"][column][k]["dice"]) for k in EXP.labels]))
 
 
 def write_tables(results: Path) -> None:
@@ -331,34 +368,35 @@ def write_tables(results: Path) -> None:
     writer.writerow(["size", "row", "seed", "tta", "class", "metric", "value"])
     for r in sorted(runs, key=lambda r: (r["size"], [x.name for x in ROWS].index(r["row"]), r["seed"])):
         for column in TTA:
-            for name in LABELS:
+            for name in EXP.labels:
                 for metric in ("dice", "hd95", "sensitivity", "precision"):
                     writer.writerow([r["size"], r["row"], r["seed"], column, name, metric,
                                      f"{_nan(r['test'][column][name][metric]):.6g}"])
-    md = ["# MSD Hippocampus results", "",
-          "Written by `python experiments/hippocampus/run.py` from the per-run JSON files under `results/` (protocol "
-          "in README.md). Cells: mean ± sample std over seeds of the per-seed mean over the 140 test cases; Dice, "
-          "sensitivity, precision in %, HD95 in mm (a case without a defined HD95 is left out). n: seeds.", ""]
-    for size in SIZES:
+    md = [f"# {EXP.title} results", "",
+          f"Written by `python experiments/protocol/run.py {EXP.dir.as_posix()}` from the per-run JSON files beside "
+          "this file (protocol in the experiment's README.md). Cells: mean ± sample std over seeds of the per-seed "
+          f"mean over the {len(EXP.test_cases())} test cases; Dice, sensitivity, precision in %, HD95 in mm (a case "
+          "without a defined HD95 is left out). n: seeds.", ""]
+    for size in EXP.sizes:
         sized = [r for r in runs if r["size"] == size]
         if not sized:
             continue
         by_row = {row.name: sorted([r for r in sized if r["row"] == row.name], key=lambda r: r["seed"])
                   for row in ROWS}
         md += [f"## {size} training cases", "", "Without TTA (row 7: its learned TTA, the rest of it is row 6):", "",
-               "| # | row | n | " + " | ".join(f"{k} {m}" for k in LABELS for m in ("Dice", "HD95", "SEN", "PRC"))
+               "| # | row | n | " + " | ".join(f"{k} {m}" for k in EXP.labels for m in ("Dice", "HD95", "SEN", "PRC"))
                + " | val Dice | train s | meta-steps | TEA steps |", "|---|---|---|" + "---|" * 12]
         for index, row in enumerate(ROWS, start=1):
             group = by_row[row.name]
             if not group:
                 continue
             cells = []
-            for name in LABELS:
+            for name in EXP.labels:
                 for metric, scale in (("dice", 100), ("hd95", 1), ("sensitivity", 100), ("precision", 100)):
                     column = "learned" if row.name in DERIVED else "none"
                     mean, std = _mean_std([_nan(r["test"][column][name][metric]) for r in group])
                     cells.append(f"{scale * mean:.1f} ± {scale * std:.1f}")
-            val, _ = _mean_std([np.mean([r["val"][f"val/dice_{k}"] for k in LABELS]) for r in group])
+            val, _ = _mean_std([np.mean([r["val"][f"val/dice_{k}"] for k in EXP.labels]) for r in group])
             title = row.title
             if row.name == "randaugment":
                 settings = sorted({(r["randaugment"]["n"], r["randaugment"]["m"], r["randaugment"]["tuned"])
@@ -377,7 +415,7 @@ def write_tables(results: Path) -> None:
                     mean, std = _mean_std([mean_dice(r, column) for r in group])
                     cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}")
                 md.append(f"| {index} | {row.title} | {len(group)} | " + " | ".join(cells) + " |")
-        fixed = {name: _mean_std([np.mean([r["val"][f"val/dice_{k}"] for k in LABELS]) for r in by_row[name]])[0]
+        fixed = {name: _mean_std([np.mean([r["val"][f"val/dice_{k}"] for k in EXP.labels]) for r in by_row[name]])[0]
                  for name in FIXED if by_row[name]}
         if fixed:
             best = max(fixed, key=lambda name: fixed[name])
@@ -409,7 +447,7 @@ def write_tables(results: Path) -> None:
                     continue
                 wall, curve = r["wall_s"], r["curve_summary"]
                 md.append(f"| {row.name} | {r['seed']} | {100 * mean_dice(r, 'none'):.1f} | "
-                          f"{100 * np.mean([r['val'][f'val/dice_{k}'] for k in LABELS]):.1f} | "
+                          f"{100 * np.mean([r['val'][f'val/dice_{k}'] for k in EXP.labels]):.1f} | "
                           f"{wall.get('train', math.nan) / 60:.0f} | {r.get('tea_epoch_s', 0) / 60:.0f} | "
                           f"{wall.get('eval', math.nan) / 60:.0f} | "
                           + (f"{curve['val_loss_rise']:+.3f} from epoch {curve['best_val_loss_epoch']}; "
@@ -436,14 +474,14 @@ class Job:
 
 def plan(args: argparse.Namespace, out: Path, results: Path) -> list[Job]:
     jobs = []
-    common = ["--out", str(out), "--results", str(results), "--data", str(args.data),
+    common = [str(EXP.dir), "--out", str(out), "--results", str(results), "--data", str(args.data),
               "--curve-every", str(args.curve_every), *(f"--set={o}" for o in args.overrides[1:])]
     common += ["--test-limit", str(args.test_limit)] if args.test_limit else []
     if args.tune_randaugment:
         for size in args.sizes:
             for n, m in GRID:
                 jobs.append(Job(f"tune_{size_dir(size)}_n{n}_m{m}",
-                                ["--tune-one", str(size), str(n), str(m), *common], grid_path(results, size, n, m)))
+                                [*common, "--tune-one", str(size), str(n), str(m)], grid_path(results, size, n, m)))
         return jobs
     for size in args.sizes:
         for seed in args.seeds:
@@ -458,7 +496,7 @@ def plan(args: argparse.Namespace, out: Path, results: Path) -> list[Job]:
                         done.rename(done.with_name(f"seed{seed}_n{old['n']}_m{old['m']}.json"))
                 after = result_path(results, size, row.after, seed) if row.after else None
                 jobs.append(Job(f"{size_dir(size)}_{row.name}_seed{seed}",
-                                ["--one", str(size), row.name, str(seed), *common], done, after))
+                                [*common, "--one", str(size), row.name, str(seed)], done, after))
     return jobs
 
 
@@ -508,13 +546,13 @@ def schedule(jobs: list[Job], n_jobs: int, logs: Path, stop_after: float | None)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/hippocampus"), help="run folders (default %(default)s)")
-    parser.add_argument("--data", type=Path, default=Path("runs/data/hippocampus"),
-                        help="data folder written by prepare.py (default %(default)s)")
-    parser.add_argument("--results", type=Path, default=HERE / "results", help="per-run JSON files and the tables")
+    parser.add_argument("experiment", type=Path, help="experiment folder (experiment.json, row configs, test cases)")
+    parser.add_argument("--out", type=Path, help="run folders (default: the experiment's)")
+    parser.add_argument("--data", type=Path, help="data folder its prepare command wrote (default: the experiment's)")
+    parser.add_argument("--results", type=Path, help="per-run JSON files and the tables (default EXPERIMENT/results)")
     parser.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", type=int, help="training sizes (default: every size of the experiment)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each")
     parser.add_argument("--curve-every", type=int, default=4, help="epochs between learning-curve points")
     parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
@@ -527,12 +565,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", nargs=3, metavar=("SIZE", "ROW", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--tune-one", nargs=3, type=int, metavar=("SIZE", "N", "M"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    out, results = args.out, args.results
+    if not (args.experiment / "experiment.json").is_file():
+        parser.error(f"{args.experiment} holds no experiment.json; pass an experiment folder such as "
+                     "experiments/hippocampus")
+    use_experiment(args.experiment)
+    args.sizes = args.sizes or list(EXP.sizes)
+    if unknown := sorted(set(args.sizes) - set(EXP.sizes)):
+        parser.error(f"--sizes {unknown}: {EXP.title} has training sizes {list(EXP.sizes)}")
+    args.data = args.data or EXP.data
+    out, results = args.out or EXP.out, args.results or EXP.dir / "results"
     args.overrides = [f'data.root="{args.data}"', *args.overrides]
     if args.one:
         size, row, seed = int(args.one[0]), args.one[1], int(args.one[2])
         result = run_one(size, row, seed, out, results, args.curve_every, args.overrides, args.test_limit)
-        print(json.dumps({c: {k: round(result["test"][c][k]["dice"], 4) for k in LABELS} for c in TTA}))
+        print(json.dumps({c: {k: round(result["test"][c][k]["dice"], 4) for k in EXP.labels} for c in TTA}))
         return 0
     if args.tune_one:
         size, n, m = args.tune_one
@@ -542,8 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     if not args.aggregate:
         if not (args.data / "dataset.json").is_file():
-            print(f"error: {args.data} holds no dataset.json; run experiments/hippocampus/prepare.py first",
-                  file=sys.stderr)
+            print(f"error: {args.data} holds no dataset.json; run `{EXP.prepare}` first", file=sys.stderr)
             return 1
         jobs = plan(args, out, results)
         stop_after = None if args.stop_after is None else args.stop_after * 60
