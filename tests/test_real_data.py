@@ -182,8 +182,9 @@ def test_prepare_reads_the_decathlon_tar_layout(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_table_script_runs_a_fixed_and_the_joint_row_end_to_end(tmp_path):
-    """experiments/protocol/run.py on experiments/hippocampus at a few steps: train, curve, post-hoc TEA, predict and score two test cases
-    in each TTA column, per-run JSON and the tables; what a GPU lease or a week of CPU runs relies on."""
+    """experiments/protocol/run.py on experiments/hippocampus at a few steps: train, curve, post-hoc TEA, predict and
+    score two test cases in each TTA column, per-run JSON and the tables; what a GPU lease or a week of CPU runs
+    relies on."""
     import subprocess
 
     data = tmp_path / "hippocampus"
@@ -191,7 +192,8 @@ def test_the_table_script_runs_a_fixed_and_the_joint_row_end_to_end(tmp_path):
     results = tmp_path / "results"
     done = subprocess.run(
         [sys.executable, str(EXPERIMENT.parent / "protocol" / "run.py"), str(EXPERIMENT), "--rows", "none", "joint",
-         "--seeds", "0", "--sizes", "10", "--jobs", "2", "--out", str(tmp_path / "runs"), "--results", str(results), "--data", str(data),
+         "--seeds", "0", "--sizes", "10", "--jobs", "2", "--out", str(tmp_path / "runs"), "--results", str(results),
+         "--data", str(data),
          "--set", "train.epochs=2", "--set", "train.iterations=3", "--set", "augment.warmup_iterations=2",
          "--test-limit", "2", "--curve-every", "1"],
         capture_output=True, text=True, timeout=900)

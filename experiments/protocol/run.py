@@ -92,6 +92,7 @@ class Experiment:
     dir: Path
     title: str
     labels: tuple[str, ...]  # the foreground labels scored, in table order
+    paired: tuple[str, ...]  # the labels whose mean Dice ranks rows and pairs them (the experiment's question)
     sizes: dict[int, int]  # training cases -> data.split.fold of splits_final.json
     data: Path
     out: Path
@@ -101,6 +102,7 @@ class Experiment:
     def load(cls, folder: Path) -> Experiment:
         spec = json.loads((folder / "experiment.json").read_text())
         return cls(dir=folder, title=spec["title"], labels=tuple(spec["labels"]),
+                   paired=tuple(spec.get("paired", spec["labels"])),
                    sizes={int(k): int(v) for k, v in spec["sizes"].items()}, data=Path(spec["data"]),
                    out=Path(spec["out"]), prepare=spec["prepare"])
 
@@ -295,7 +297,7 @@ def tune_one(size: int, n: int, m: int, out: Path, results: Path, extra: list[st
     totals = epoch_totals(run_dir)
     result = {"size": size, "n": n, "m": m, "seed": TUNE_SEED, "wall_s": wall, "train_epoch_s": totals["epoch_s"],
               "val": totals["val"],
-              "val_dice_mean": float(np.mean([totals["val"][f"val/dice_{k}"] for k in EXP.labels])),
+              "val_dice_mean": val_dice(totals),
               "source": comparison.source_state(), "machine": machine()}
     write_json(grid_path(results, size, n, m), result)
     return result
@@ -312,9 +314,11 @@ def choose_randaugment(results: Path, size: int) -> None:
         return
     grid = [json.loads(p.read_text()) for p in cells]
     best = max(grid, key=lambda g: g["val_dice_mean"])
+    recipe = load_config(EXP.config("randaugment")).train
+    steps = recipe.epochs * recipe.iterations
     write_json(results / size_dir(size) / "randaugment_tuned.json", {
-        "choice": {"n": best["n"], "m": best["m"]}, "criterion": "highest mean validation Dice (Anterior, "
-        f"Posterior), tuning seed {TUNE_SEED}, 2000 steps per cell",
+        "choice": {"n": best["n"], "m": best["m"]}, "criterion": f"highest mean validation Dice "
+        f"({', '.join(EXP.paired)}), tuning seed {TUNE_SEED}, {steps} steps per cell",
         "grid": [{"n": g["n"], "m": g["m"], "val_dice_mean": g["val_dice_mean"], "wall_s": g["wall_s"]}
                  for g in grid],
         "tuning_cpu_s": float(sum(g["train_epoch_s"] for g in grid))})
@@ -358,7 +362,13 @@ def _nan(value) -> float:
 
 
 def mean_dice(r: dict, column: str) -> float:
-    return float(np.mean([_nan(r["test"][column][k]["dice"]) for k in EXP.labels]))
+    """Test Dice of one run and TTA column, averaged over the experiment's paired labels."""
+    return float(np.mean([_nan(r["test"][column][k]["dice"]) for k in EXP.paired]))
+
+
+def val_dice(r: dict) -> float:
+    """fit's final validation Dice, averaged over the experiment's paired labels."""
+    return float(np.mean([r["val"][f"val/dice_{k}"] for k in EXP.paired]))
 
 
 def write_tables(results: Path) -> None:
@@ -373,7 +383,8 @@ def write_tables(results: Path) -> None:
                     writer.writerow([r["size"], r["row"], r["seed"], column, name, metric,
                                      f"{_nan(r['test'][column][name][metric]):.6g}"])
     md = [f"# {EXP.title} results", "",
-          f"Written by `python experiments/protocol/run.py {EXP.dir.as_posix()}` from the per-run JSON files beside "
+          f"Written by `python experiments/protocol/run.py {Path(os.path.relpath(EXP.dir)).as_posix()}` from the "
+          "per-run JSON files beside "
           "this file (protocol in the experiment's README.md). Cells: mean ± sample std over seeds of the per-seed "
           f"mean over the {len(EXP.test_cases())} test cases; Dice, sensitivity, precision in %, HD95 in mm (a case "
           "without a defined HD95 is left out). n: seeds.", ""]
@@ -396,7 +407,7 @@ def write_tables(results: Path) -> None:
                     column = "learned" if row.name in DERIVED else "none"
                     mean, std = _mean_std([_nan(r["test"][column][name][metric]) for r in group])
                     cells.append(f"{scale * mean:.1f} ± {scale * std:.1f}")
-            val, _ = _mean_std([np.mean([r["val"][f"val/dice_{k}"] for k in EXP.labels]) for r in group])
+            val, _ = _mean_std([val_dice(r) for r in group])
             title = row.title
             if row.name == "randaugment":
                 settings = sorted({(r["randaugment"]["n"], r["randaugment"]["m"], r["randaugment"]["tuned"])
@@ -405,7 +416,7 @@ def write_tables(results: Path) -> None:
             md.append(f"| {index} | {title} | {len(group)} | " + " | ".join(cells)
                       + f" | {100 * val:.1f} | {np.mean([r['train_epoch_s'] for r in group]):.0f} | "
                       f"{group[0]['meta_steps']} | {group[0]['tea_steps']} |")
-        md += ["", "Mean Dice over Anterior and Posterior (%) by TTA column:", "",
+        md += ["", f"Mean Dice over {' and '.join(EXP.paired)} (%) by TTA column:", "",
                "| # | row | n | " + " | ".join(TTA) + " |", "|---|---|---|" + "---|" * len(TTA)]
         for index, row in enumerate(ROWS, start=1):
             group = by_row[row.name]
@@ -415,7 +426,7 @@ def write_tables(results: Path) -> None:
                     mean, std = _mean_std([mean_dice(r, column) for r in group])
                     cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}")
                 md.append(f"| {index} | {row.title} | {len(group)} | " + " | ".join(cells) + " |")
-        fixed = {name: _mean_std([np.mean([r["val"][f"val/dice_{k}"] for k in EXP.labels]) for r in by_row[name]])[0]
+        fixed = {name: _mean_std([val_dice(r) for r in by_row[name]])[0]
                  for name in FIXED if by_row[name]}
         if fixed:
             best = max(fixed, key=lambda name: fixed[name])
@@ -447,7 +458,7 @@ def write_tables(results: Path) -> None:
                     continue
                 wall, curve = r["wall_s"], r["curve_summary"]
                 md.append(f"| {row.name} | {r['seed']} | {100 * mean_dice(r, 'none'):.1f} | "
-                          f"{100 * np.mean([r['val'][f'val/dice_{k}'] for k in EXP.labels]):.1f} | "
+                          f"{100 * val_dice(r):.1f} | "
                           f"{wall.get('train', math.nan) / 60:.0f} | {r.get('tea_epoch_s', 0) / 60:.0f} | "
                           f"{wall.get('eval', math.nan) / 60:.0f} | "
                           + (f"{curve['val_loss_rise']:+.3f} from epoch {curve['best_val_loss_epoch']}; "

@@ -1,0 +1,106 @@
+"""experiments/protocol on its two experiments (MSD Hippocampus, the bundled benchmark): every row shares one recipe,
+the paired statistics behind the tables, and a whole run of the bundled experiment at a few steps."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from augsearch.config import load_config
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENT = EXPERIMENTS / "hippocampus"
+PROTOCOL = EXPERIMENTS / "protocol"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"protocol_{name}", PROTOCOL / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load("run")
+run.use_experiment(EXPERIMENT)
+
+
+@pytest.mark.parametrize(("folder", "steps", "patch"), [("hippocampus", 2000, [32, 32, 32]), ("bundled", 1000, [64, 64])])
+def test_rows_differ_from_the_no_augmentation_row_only_in_name_and_augment(folder, steps, patch):
+    experiment = EXPERIMENTS / folder
+    base = load_config(experiment / "none.toml").to_dict()
+    trained = [row.name for row in run.ROWS if row.name not in run.DERIVED]
+    assert sorted(p.stem for p in experiment.glob("*.toml")) == sorted([*trained, "tea_posthoc"])
+    for name in trained:
+        cfg = load_config(experiment / f"{name}.toml").to_dict()
+        assert {k: v for k, v in cfg.items() if k not in ("name", "augment")} == \
+               {k: v for k, v in base.items() if k not in ("name", "augment")}, name
+    assert base["train"]["epochs"] * base["train"]["iterations"] == steps and base["train"]["patch_size"] == patch
+    posthoc = load_config(experiment / "tea_posthoc.toml")
+    assert not posthoc.train.update_model and posthoc.augment.tea.learn and not posthoc.augment.tra.learn
+
+
+@pytest.mark.slow
+def test_the_bundled_experiment_runs_end_to_end_and_pairs_on_the_lesion(tmp_path):
+    """prepare.py, then a fixed, the joint and the retrain row at a few steps: per-run JSON and the tables."""
+    bundled = EXPERIMENTS / "bundled"
+    data = tmp_path / "data"
+    assert subprocess.run([sys.executable, str(bundled / "prepare.py"), "--out", str(data)], check=False,
+                          capture_output=True).returncode == 0
+    splits = json.loads((data / "splits_final.json").read_text())
+    assert [len(f["train"]) for f in splits] == [6, 12] and splits[0]["train"] == splits[1]["train"][:6]
+    assert not set(splits[1]["train"] + splits[1]["val"]) & set(json.loads((bundled / "test_cases.json").read_text()))
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, str(PROTOCOL / "run.py"), str(bundled), "--rows", "none", "joint", "retrain", "--seeds", "0",
+         "--sizes", "6", "--jobs", "2", "--out", str(tmp_path / "runs"), "--results", str(results), "--data",
+         str(data), "--set", "train.epochs=2", "--set", "train.iterations=3", "--set", "augment.warmup_iterations=2",
+         "--test-limit", "3", "--curve-every", "1"], check=False, capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text() for p in (tmp_path / "runs" / "logs").glob("*.log"))
+    assert done.returncode == 0, done.stdout + done.stderr + logs
+    retrain = json.loads((results / "train6" / "retrain" / "seed0.json").read_text())
+    assert retrain["segmenter_steps"] == 6 and retrain["test_cases"] == 3 and retrain["meta_steps"] == 0
+    assert any("runs/train6/joint/seed0/policy.json" in o for o in retrain["overrides"])
+    table = (results / "results.md").read_text()
+    assert "# Bundled 2D benchmark results" in table and "Mean Dice over lesion (%)" in table
+    assert "**none** without TTA" in table and "| joint | none | 1 |" in table
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_agreement():
+    low, high = run.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert low < 3.0 < high and low >= 1.0 and high <= 5.0
+    assert run.bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    assert all(math.isnan(v) for v in run.bootstrap_ci([1.0]))
+
+
+def _result(row: str, seed: int, dice: float, val: float) -> dict:
+    metrics = {"dice": dice, "hd95": 3.0, "sensitivity": dice, "precision": dice, "hd95_defined": 140}
+    return {"size": 10, "row": row, "seed": seed, "source": "commit x", "machine": "m", "meta_steps": 0,
+            "tea_steps": 0, "train_epoch_s": 60.0, "wall_s": {"train": 60.0, "eval": 60.0},
+            "val": {f"val/dice_{k}": val for k in run.EXP.labels}, "curve_summary": {},
+            "randaugment": {"n": 2, "m": 2, "tuned": False} if row == "randaugment" else None,
+            "test": {c: {k: metrics for k in run.EXP.labels} for c in run.TTA}}
+
+
+def test_tables_pair_learned_rows_with_the_best_fixed_row_by_validation(tmp_path):
+    # nnunet has the higher validation Dice but the lower test Dice: validation, not test, picks the comparator
+    runs = [_result("none", s, 0.80, 0.70) for s in range(3)] + [_result("nnunet", s, 0.70, 0.75) for s in range(3)]
+    runs += [_result("joint", s, 0.70 + 0.01 * s, 0.7) for s in range(3)]
+    for r in runs:
+        path = run.result_path(tmp_path, r["size"], r["row"], r["seed"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    run.write_tables(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "**nnunet** without TTA" in md
+    joint_none = next(line for line in md.splitlines() if line.startswith("| joint | none |"))
+    assert "| 3 | +1.0 |" in joint_none and "| 2/3 |" in joint_none  # differences 0, +1, +2 points
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[0] == "size,row,seed,tta,class,metric,value"
+    assert len(rows) == 1 + 9 * len(run.TTA) * len(run.EXP.labels) * 4
+    assert np.isclose(float(rows[1].split(",")[-1]), 0.8)
