@@ -271,7 +271,7 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
         "tea_steps": totals["tea_steps"] if row.name == "joint" else tea_totals["steps"],
         "train_epoch_s": totals["epoch_s"], "tea_epoch_s": tea_totals["epoch_s"],
         "wall_s": add_wall(run_dir, "", 0.0), "val": totals["val"],
-        "curve_summary": summarise_curve(curve, list(EXP.labels)),
+        "curve_summary": summarise_curve(curve, list(EXP.paired)),
         "curve": [{k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()} for line in curve],
         "test": test, "test_cases": len(test_cases),
         "policy": comparison.policy_notes(learned_policy if row.name in ("tra_agnostic", "tra_specific", "joint",
