@@ -1,14 +1,15 @@
-"""Process and port helpers for tests that start servers or Ray: free loopback ports and the processes below a pid,
-read from /proc."""
+"""Process and port helpers for tests that start servers or Ray: free loopback ports and the processes below a pid."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import subprocess
 import time
-from pathlib import Path
+
+import psutil
 
 
 def free_port() -> int:
@@ -19,26 +20,16 @@ def free_port() -> int:
 
 
 def descendants(root: int) -> dict[int, str]:
-    """Processes below `root` (pid -> command line), from /proc."""
-    parents, commands = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                    errors="replace")
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-
-    def below(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == root:
-                return True
-        return False
-
-    return {pid: cmd for pid, cmd in commands.items() if below(pid)}
+    """Processes below `root` (pid -> command line); empty when `root` is gone."""
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    found = {}
+    for child in children:
+        with contextlib.suppress(psutil.Error):  # it may end while we look
+            found[child.pid] = " ".join(child.cmdline())
+    return found
 
 
 def ray_processes() -> list[int]:

@@ -3,6 +3,7 @@ SIGTERM handled like Ctrl-C, search.max_concurrent_trials honoured. Everything o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,8 +14,9 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from processes import free_port
+from processes import descendants, free_port
 from smoke import SMOKE, set_args
 
 from augsearch.cli import main
@@ -28,40 +30,26 @@ def tiny(data_root: Path, *extra: str) -> list[str]:
     return set_args(sets)
 
 
-def process_table() -> dict[int, tuple[int, str, str]]:
-    """pid -> (parent pid, start time, command line), from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            table[int(entry.name)] = (int(fields[1]), fields[19], cmd)
-    return table
-
-
-def ray_descendants(root: int) -> dict[int, str]:
+def ray_descendants(root: int) -> dict[int, float]:
     """pid -> start time of the Ray processes below ROOT."""
-    table = process_table()
-    found, frontier = {}, [root]
-    while frontier:
-        pid = frontier.pop()
-        for child, (parent, start, cmd) in table.items():
-            if parent == pid and child not in found:
-                found[child] = (start, cmd)
-                frontier.append(child)
-    return {pid: start for pid, (start, cmd) in found.items() if any(n in cmd for n in RAY_PROCESS_NAMES)}
+    found = {}
+    for pid, cmd in descendants(root).items():
+        if any(n in cmd for n in RAY_PROCESS_NAMES):
+            with contextlib.suppress(psutil.Error):
+                found[pid] = psutil.Process(pid).create_time()
+    return found
 
 
-def survivors(noted: dict[int, str], wait_s: float = 20.0) -> dict[int, str]:
-    """The noted processes (same pid and start time) still running after up to WAIT_S seconds."""
+def survivors(noted: dict[int, float], wait_s: float = 20.0) -> dict[int, str]:
+    """The noted processes (same pid and start time, not zombies) still running after up to WAIT_S seconds."""
     deadline = time.monotonic() + wait_s
     while True:
-        table = process_table()
-        left = {pid: table[pid][2] for pid, start in noted.items()
-                if pid in table and table[pid][1] == start and table[pid][2]}  # zombies have no command line
+        left = {}
+        for pid, start in noted.items():
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                if proc.create_time() == start and proc.status() != psutil.STATUS_ZOMBIE:
+                    left[pid] = " ".join(proc.cmdline())
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)

@@ -17,6 +17,7 @@ Usage: python experiments/serve/load_test.py [--work runs/serve-load] [--clients
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -34,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil  # installed with the test extra (pip install -e '.[test]')
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -174,43 +176,20 @@ def free_port() -> int:
 
 
 def process_tree(root: int) -> dict[int, str]:
-    """Processes below `root` (pid -> command line), from /proc."""
-    parents, commands = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                    errors="replace").strip()
-            except OSError:
-                continue
-
-    def below(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == root:
-                return True
-        return False
-
-    return {pid: cmd for pid, cmd in commands.items() if below(pid)}
+    """Processes below `root` (pid -> command line)."""
+    found = {}
+    for child in psutil.Process(root).children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # it may end while we look
+            found[child.pid] = " ".join(child.cmdline())
+    return found
 
 
 def rss_mb(pid: int) -> float | None:
+    """Resident memory (MiB) of `pid`; None once it has ended."""
     try:
-        import psutil
-
         return psutil.Process(pid).memory_info().rss / 2**20
-    except ImportError:
-        pass
-    except Exception:  # the process ended
+    except psutil.Error:
         return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def serve_memory(root: int) -> dict[str, float]:
@@ -280,8 +259,8 @@ def load(url: str, body: bytes, clients: int, requests: int, timeout: float, dea
 
 def alive(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
