@@ -104,3 +104,12 @@ def test_tables_pair_learned_rows_with_the_best_fixed_row_by_validation(tmp_path
     assert rows[0] == "size,row,seed,tta,class,metric,value"
     assert len(rows) == 1 + 9 * len(run.TTA) * len(run.EXP.labels) * 4
     assert np.isclose(float(rows[1].split(",")[-1]), 0.8)
+
+
+def test_a_variant_runs_another_experiments_configs_with_its_own_overrides_and_data():
+    variant = run.Experiment.load(EXPERIMENTS / "bundled_fg_gamma_up")
+    assert variant.config("joint").resolve() == (EXPERIMENTS / "bundled" / "joint.toml").resolve()
+    assert variant.test_cases() == json.loads((EXPERIMENTS / "bundled" / "test_cases.json").read_text())
+    cfg = load_config(EXPERIMENTS / "bundled" / "joint.toml", list(variant.overrides))
+    assert cfg.train.patch_size == [32, 32] and variant.paired == ("lesion",)
+    assert "--shift fg_gamma_up --size 128" in variant.prepare and str(variant.data) in variant.prepare

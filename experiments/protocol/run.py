@@ -1,8 +1,9 @@
 """The evidence protocol: rows x seeds x training sizes, each run its own process, per-run JSON, paired tables.
 
 An experiment is a folder (experiments/hippocampus/, experiments/bundled/) holding the row configs (<row>.toml, one
-per row of ROWS, plus tea_posthoc.toml), test_cases.json and experiment.json (title, foreground labels, training size
--> data.split.fold of its splits_final.json, default data and run folders, the command that prepares the data). Run
+per row of ROWS, plus tea_posthoc.toml), test_cases.json and experiment.json (title, foreground labels, the labels
+rows are paired on, training size -> data.split.fold of its splits_final.json, default data and run folders, the
+command that prepares the data; a variant names another experiment's "configs" folder and its own "overrides"). Run
 from the repository root after that command (the experiment's README.md has the protocol):
 
     python experiments/protocol/run.py experiments/hippocampus --jobs 2        # everything missing, then the tables
@@ -97,6 +98,8 @@ class Experiment:
     data: Path
     out: Path
     prepare: str
+    configs: Path  # the folder of the row configs: this one, or another experiment's (a variant: "../bundled")
+    overrides: tuple[str, ...]  # config overrides of every run of this experiment (a variant's recipe change)
 
     @classmethod
     def load(cls, folder: Path) -> Experiment:
@@ -104,10 +107,11 @@ class Experiment:
         return cls(dir=folder, title=spec["title"], labels=tuple(spec["labels"]),
                    paired=tuple(spec.get("paired", spec["labels"])),
                    sizes={int(k): int(v) for k, v in spec["sizes"].items()}, data=Path(spec["data"]),
-                   out=Path(spec["out"]), prepare=spec["prepare"])
+                   out=Path(spec["out"]), prepare=spec["prepare"], configs=folder / spec.get("configs", "."),
+                   overrides=tuple(spec.get("overrides", ())))
 
     def config(self, row: str) -> Path:
-        return self.dir / f"{row}.toml"
+        return self.configs / f"{row}.toml"
 
     def test_cases(self) -> list[str]:
         return json.loads((self.dir / "test_cases.json").read_text())
@@ -148,7 +152,7 @@ def run_dir_for(out: Path, size: int, row: str, seed: int, results: Path) -> Pat
 
 def overrides_for(size: int, row: str, seed: int, out: Path, results: Path, extra: list[str] = ()) -> list[str]:
     """The config overrides of one run: seed, fold, data folder, RandAugment's N and M, retrain's policy, `extra`."""
-    overrides = [*extra, f"seed={seed}", f"data.split.fold={EXP.sizes[size]}"]
+    overrides = [*EXP.overrides, *extra, f"seed={seed}", f"data.split.fold={EXP.sizes[size]}"]
     if row == "randaugment":
         n, m, _ = tuned_randaugment(results, size)
         overrides += [f"augment.randaugment_n={n}", f"augment.randaugment_m={m}"]
@@ -290,7 +294,8 @@ def tune_one(size: int, n: int, m: int, out: Path, results: Path, extra: list[st
     """One grid cell: train with (N, M) at the tuning seed; fit's final validation only, no test case is read."""
     torch.set_num_threads(1)
     run_dir = out / "tune" / size_dir(size) / f"randaugment_n{n}_m{m}" / f"seed{TUNE_SEED}"
-    overrides = [*extra, f"seed={TUNE_SEED}", f"data.split.fold={EXP.sizes[size]}", f"augment.randaugment_n={n}",
+    overrides = [*EXP.overrides, *extra, f"seed={TUNE_SEED}", f"data.split.fold={EXP.sizes[size]}",
+                 f"augment.randaugment_n={n}",
                  f"augment.randaugment_m={m}"]
     cfg = load_config(EXP.config("randaugment"), overrides)
     wall = train(cfg, run_dir, None)
@@ -314,7 +319,7 @@ def choose_randaugment(results: Path, size: int) -> None:
         return
     grid = [json.loads(p.read_text()) for p in cells]
     best = max(grid, key=lambda g: g["val_dice_mean"])
-    recipe = load_config(EXP.config("randaugment")).train
+    recipe = load_config(EXP.config("randaugment"), list(EXP.overrides)).train
     steps = recipe.epochs * recipe.iterations
     write_json(results / size_dir(size) / "randaugment_tuned.json", {
         "choice": {"n": best["n"], "m": best["m"]}, "criterion": f"highest mean validation Dice "
