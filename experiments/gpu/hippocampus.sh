@@ -4,8 +4,10 @@
 #   SOURCE: the 200-case folder (../shared/data/msd_hippocampus_200 or a copy carried with the tree); OUT_DIR gets
 #   hippocampus.tgz (the per-run JSON files, logs, curves and policies; no checkpoint, no prediction) and smi.csv (GPU
 #   utilisation every 15 s); MINUTES: when to pack, whatever has finished by then. SIZE: training size (default 10).
-# Side by side: the RandAugment grid followed by the RandAugment row, the fixed rows and the learned rows, every run with one torch thread on `cuda`, into experiments/hippocampus/results_gpu/ and runs/hippocampus_gpu/ (a
-# second call on the same machine resumes the runs from their epoch checkpoints). Beside the first runs, a smoke pass
+# Side by side: the RandAugment grid followed by the RandAugment row, the fixed rows and the learned rows, every run
+# with one torch thread on `cuda`, into experiments/hippocampus/results_gpu/ and runs/hippocampus_gpu/ (a
+# second call on the same machine resumes the runs from their epoch checkpoints; a later lease skips every run whose
+# JSON is committed under results_gpu/ and goes on with the rest). Beside the first runs, a smoke pass
 # of two rows at a few steps into a scratch folder (SKIP_SMOKE=1 skips it): a failure there ends the call at once.
 # Wheels may sit in .whl/.
 set -uo pipefail
