@@ -532,6 +532,9 @@ def schedule(jobs: list[Job], n_jobs: int, logs: Path, stop_after: float | None)
                 if len(running) >= n_jobs:
                     break
                 pending.remove(job)
+                if job.done.is_file():  # finished meanwhile by another invocation (say, one for other seeds)
+                    print(f"skip {job.name}: finished elsewhere", flush=True)
+                    continue
                 with open(logs / f"{job.name}.log", "a") as log:  # the child keeps its own descriptor
                     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *job.args], stdout=log,
                                             stderr=subprocess.STDOUT, env=env)
