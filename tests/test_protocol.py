@@ -66,6 +66,15 @@ def test_the_bundled_experiment_runs_end_to_end_and_pairs_on_the_lesion(tmp_path
     retrain = json.loads((results / "train6" / "retrain" / "seed0.json").read_text())
     assert retrain["segmenter_steps"] == 6 and retrain["test_cases"] == 3 and retrain["meta_steps"] == 0
     assert any("runs/train6/joint/seed0/policy.json" in o for o in retrain["overrides"])
+    first = json.loads((results / "train6" / "none" / "seed0.json").read_text())
+    (results / "train6" / "none" / "seed0.json").unlink()  # an interrupted run: trained and scored, no JSON yet
+    scores = tmp_path / "runs" / "train6" / "none" / "seed0" / "tta_none" / "evaluation.csv"
+    stamp = scores.stat().st_mtime_ns
+    again = subprocess.run([*done.args[:3], "--rows", "none", *done.args[7:]], check=False, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads((results / "train6" / "none" / "seed0.json").read_text())["test"] == first["test"]
+    assert scores.stat().st_mtime_ns == stamp  # the scores were read back, not predicted again
     table = (results / "results.md").read_text()
     assert "# Bundled 2D benchmark results" in table and "Mean Dice over lesion (%)" in table
     assert "**none** without TTA" in table and "| joint | none | 1 |" in table

@@ -108,8 +108,7 @@ def evaluate_run(checkpoint: Path, policy: str | None, root: Path, labels: dict[
                   overwrite=True)
     rows, summary = evaluate_folders(pred_dir, gt_dir, {k: v for k, v in labels.items() if v != 0})
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["case", "class", "dice", "sensitivity", "precision", "hd95"],
-                            extrasaction="ignore", lineterminator="\n")  # lesion counts: not in these tables
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["case", "class"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(run_dir / "evaluation.csv", buffer.getvalue())

@@ -43,7 +43,7 @@ import torch
 from augsearch.atomic import write_json, write_text
 from augsearch.config import load_config
 from augsearch.data.dataset import read_dataset_info
-from augsearch.metrics import summarise
+from augsearch.metrics import METRICS, summarise
 from augsearch.train import fit
 
 HERE = Path(__file__).resolve().parent
@@ -198,9 +198,10 @@ def scored(run_dir: Path, n_rows: int) -> list[dict] | None:
     path = run_dir / "evaluation.csv"
     if not path.is_file():
         return None
-    rows = [{k: v if k in ("case", "class") else float(v) for k, v in row.items()}
+    rows = [{k: v if k in ("case", "class") else float(v or "nan") for k, v in row.items()}
             for row in csv.DictReader(io.StringIO(path.read_text()))]
-    return rows if len(rows) == n_rows else None
+    complete = len(rows) == n_rows and set(METRICS) <= set(rows[0])  # a file from before a metric was added: redo
+    return rows if complete else None
 
 
 def epoch_totals(run_dir: Path) -> dict:
