@@ -294,7 +294,15 @@ class SearchConfig(_Section):
         description="'independent': each trial learns its own policy; 'shared': num_workers trials (workers) push "
         "their policy gradients to one policy server that averages them and steps one policy.",
     )
-    num_workers: int = Field(1, ge=1, description="Workers of a shared search; worker i has seed seed+i and shard i.")
+    num_workers: int = Field(
+        1, ge=1, description="Workers of a shared search; worker i has seed seed + 1000 i and shard i (search.shard)."
+    )
+    shard: Literal["disjoint", "all"] = Field(
+        "disjoint",
+        description="Shared search: 'disjoint': worker i trains on every num_workers-th training case from position "
+        "i; 'all': every worker trains on all training cases (few cases, where shards would starve each segmenter; "
+        "the workers still draw independent batches, augmentations and initialisations from their own seeds).",
+    )
     worker: int = Field(0, ge=0, description="This worker's index (set per trial by a shared search).")
     sync_timeout_s: float = Field(
         120.0, gt=0, description="Shared search: how long a policy round waits for the slowest live worker."

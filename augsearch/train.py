@@ -100,7 +100,7 @@ def _load_data(cfg: ExperimentConfig) -> _Data:
         raise DatasetError(root / "labelsTr", "foreground voxels in the training labels",
                            f"only background in all {len(train)} training label maps",
                            "check the label files with `augsearch data check`")
-    if cfg.search.policy_sharing == "shared":
+    if cfg.search.policy_sharing == "shared" and cfg.search.shard == "disjoint":
         train = worker_shard(train, cfg.search.worker, cfg.search.num_workers)
     val = load_cases(info, splits.val, preprocess, cache)
     if not val:

@@ -118,6 +118,9 @@ def test_workers_train_on_disjoint_shards(data_root, tmp_path):
     result = fit(cfg, tmp_path / "w1", progress=False)
     trained = json.loads((result.run_dir / "policy.json").read_text())["provenance"]["train_cases"]
     assert len(trained) == 2  # the smoke benchmark's 4 training cases, every second from position 1
+    every = fit(cfg.model_copy(update={"search": cfg.search.model_copy(update={"shard": "all"})}), tmp_path / "all",
+                progress=False)
+    assert len(json.loads((every.run_dir / "policy.json").read_text())["provenance"]["train_cases"]) == 4
 
 
 # ------------------------------------------------------------------------------------------- shared searches
@@ -173,7 +176,7 @@ def test_workers_share_one_policy_on_ray(local_ray, data_root, tmp_path, workers
     assert all(r["status"] == "TERMINATED" and r["metrics"]["epoch"] == 2 for r in found.values())
     fits = [out / trial / "fit" for trial in sorted(found)]
     seeds = sorted(json.loads((d / "config.json").read_text())["seed"] for d in fits)
-    assert seeds == list(range(workers))
+    assert seeds == [1000 * w for w in range(workers)]  # neighbouring base seeds share no worker seed
     shards = [set(json.loads((d / "policy.json").read_text())["provenance"]["train_cases"]) for d in fits]
     assert sum(map(len, shards)) == len(set().union(*shards)) == 4  # disjoint, and every training case
     logits = [policy_logits(d) for d in fits]

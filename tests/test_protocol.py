@@ -34,8 +34,9 @@ run.use_experiment(EXPERIMENT)
 def test_rows_differ_from_the_no_augmentation_row_only_in_name_and_augment(folder, steps, patch):
     experiment = EXPERIMENTS / folder
     base = load_config(experiment / "none.toml").to_dict()
-    trained = [row.name for row in run.ROWS if row.name not in run.DERIVED]
+    trained = [row.name for row in run.ROWS if row.name not in run.DERIVED and row.config is None]
     assert sorted(p.stem for p in experiment.glob("*.toml")) == sorted([*trained, "tea_posthoc"])
+    assert all(experiment / f"{row.config}.toml" in experiment.glob("*.toml") for row in run.ROWS if row.config)
     for name in trained:
         cfg = load_config(experiment / f"{name}.toml").to_dict()
         assert {k: v for k, v in cfg.items() if k not in ("name", "augment")} == \

@@ -27,11 +27,7 @@ from augsearch.tune.summary import SearchResult, read_rows
 from augsearch.tune.trial import prepare_data
 
 MANIFEST_FORMAT = "augsearch-search"
-
-
 MANIFEST_VERSION = 1
-
-
 
 
 def new_search(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = None,
@@ -79,9 +75,9 @@ def _check_shared(cfg: ExperimentConfig, use_ray: bool) -> None:
     """A shared search runs search.num_workers workers of one config around one policy server."""
     search = cfg.search
     if search.space or search.num_samples != 1 or search.scheduler != "none":
-        raise SearchError("search.policy_sharing='shared' runs num_workers workers of one config (worker i: seed + i, "
-                          "shard i); it takes no search.space, num_samples=1 and scheduler='none'. Empty the space "
-                          "(e.g. --set 'search.space={}') or use policy_sharing='independent'")
+        raise SearchError("search.policy_sharing='shared' runs num_workers workers of one config (worker i: seed + "
+                          "1000 i, shard i); it takes no search.space, num_samples=1 and scheduler='none'. Empty the "
+                          "space (e.g. --set 'search.space={}') or use policy_sharing='independent'")
     if not (cfg.augment.tra.learn or cfg.augment.tea.learn):
         raise SearchError("search.policy_sharing='shared' needs a learned policy (augment.tra.learn or "
                           "augment.tea.learn); there is nothing to share")

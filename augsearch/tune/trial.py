@@ -35,14 +35,19 @@ def prepare_data(cfg: ExperimentConfig) -> None:
     ensure_dataset(cfg.data)
 
 
+# Worker i of a shared search runs with seed base seed + WORKER_SEED_STRIDE * i: searches with neighbouring base seeds
+# (the seeds of a table) share no worker seed.
+WORKER_SEED_STRIDE = 1000
+
+
 def trial_config(base: dict[str, Any], params: dict[str, Any], cpus: float) -> ExperimentConfig:
     """The trial's config: base + varied values, with torch threads set to the trial's CPUs.
 
-    A worker of a shared search (params {"search.worker": i}) runs with seed base seed + i.
+    A worker of a shared search (params {"search.worker": i}) runs with seed base seed + WORKER_SEED_STRIDE * i.
     """
     overrides = {**params, "train.num_threads": max(1, int(cpus))}
     if "search.worker" in params:
-        overrides["seed"] = int(base.get("seed", 0)) + int(params["search.worker"])
+        overrides["seed"] = int(base.get("seed", 0)) + WORKER_SEED_STRIDE * int(params["search.worker"])
     return config_from_dict(apply_overrides(base, overrides), source="trial config")
 
 
@@ -63,7 +68,6 @@ def run_trial(
     policy_server: the shared search's server (None for independent trials)."""
     started = time.time()
     import torch
-
 
     cfg = trial_config(base, params, cpus)
     # fit prints one line per epoch under the trial's name, with the policy summary
@@ -89,7 +93,6 @@ def run_trial(
 
 
 def _checkpoint_epoch(path: Path) -> int:
-
     return load_checkpoint(path).epoch
 
 

@@ -17,7 +17,10 @@ own, predicts the test cases (test_cases.json) with each TTA column (none, flips
 `augsearch.predict.files.predict_files`, scores them with `augsearch.metrics.evaluate_folders` and writes
 results/train<size>/<row>/seed<k>.json. A run whose JSON exists is skipped. Row `retrain` waits for `joint` of the
 same size and seed and trains with its policy.json; row `tra_specific_tea` is row `tra_specific`'s model with its
-post-hoc TEA (no run of its own). Runs start in the order sizes, seeds, rows, so one size finishes before the next.
+post-hoc TEA (no run of its own). Row `shared` runs the joint config as an `augsearch search` with one policy shared by
+SHARED_WORKERS workers on the embedded local Ray (worker 0 has the run's seed; the row scores worker 0's segmenter
+with the shared policy; it occupies SHARED_WORKERS cores), and `shared_retrain` trains a fresh segmenter with the
+final shared policy fixed. Runs start in the order sizes, seeds, rows, so one size finishes before the next.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +49,8 @@ from augsearch.config import load_config
 from augsearch.data.dataset import read_dataset_info
 from augsearch.metrics import METRICS, summarise
 from augsearch.train import fit
+from augsearch.tune.search import new_search, read_manifest, resume_search
+from augsearch.tune.summary import read_rows
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -61,6 +67,11 @@ TTA = ("none", "flips", "learned")
 TUNE_SEED = 100
 GRID = [(n, m) for n in (1, 2, 3) for m in (1, 2, 3)]
 FIXED = ("none", "nnunet", "randaugment", "trivialaugment")
+SHARED_WORKERS = 2
+# Row `shared`: the joint config, one policy over SHARED_WORKERS workers that each train on every training case (6
+# cases do not split into useful shards), one CPU each
+SHARED = ("search.policy_sharing=\"shared\"", f"search.num_workers={SHARED_WORKERS}", "search.shard=\"all\"",
+          "search.cpus_per_trial=1", "search.sync_timeout_s=600")
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,13 @@ class Row:
     title: str
     own_tea: bool = False  # the row's policy.json holds the TEA of its "learned" column
     after: str | None = None  # row of the same size and seed whose run must finish first
+    config: str | None = None  # another row whose <row>.toml this row trains (default: its own)
+    policy_from: str | None = None  # row of the same size and seed whose final policy.json this row trains with
+    shared: bool = False  # a shared search (SHARED) instead of one fit
+
+    @property
+    def cores(self) -> int:
+        return SHARED_WORKERS if self.shared else 1
 
 
 ROWS = (
@@ -80,7 +98,12 @@ ROWS = (
     Row("tra_specific", "learned TRA, class-specific"),
     Row("tra_specific_tea", "class-specific TRA + learned TEA (post hoc)"),
     Row("joint", "joint class-specific TRA + TEA", own_tea=True),
-    Row("retrain", "retrain: fresh segmenter, final joint policy fixed", own_tea=True, after="joint"),
+    Row("retrain", "retrain: fresh segmenter, final joint policy fixed", own_tea=True, after="joint",
+        policy_from="joint"),
+    Row("shared", f"joint, one policy shared by {SHARED_WORKERS} workers", own_tea=True, config="joint",
+        shared=True),
+    Row("shared_retrain", "retrain: fresh segmenter, final shared policy fixed", own_tea=True, after="shared",
+        config="retrain", policy_from="shared"),
 )
 BY_NAME = {row.name: row for row in ROWS}
 DERIVED = {"tra_specific_tea": "tra_specific"}  # row -> row whose run's "learned" column it is
@@ -111,7 +134,7 @@ class Experiment:
                    overrides=tuple(spec.get("overrides", ())))
 
     def config(self, row: str) -> Path:
-        return self.configs / f"{row}.toml"
+        return self.configs / f"{BY_NAME[row].config or row if row in BY_NAME else row}.toml"
 
     def test_cases(self) -> list[str]:
         return json.loads((self.dir / "test_cases.json").read_text())
@@ -152,12 +175,14 @@ def run_dir_for(out: Path, size: int, row: str, seed: int, results: Path) -> Pat
 
 def overrides_for(size: int, row: str, seed: int, out: Path, results: Path, extra: list[str] = ()) -> list[str]:
     """The config overrides of one run: seed, fold, data folder, RandAugment's N and M, retrain's policy, `extra`."""
-    overrides = [*EXP.overrides, *extra, f"seed={seed}", f"data.split.fold={EXP.sizes[size]}"]
+    spec = BY_NAME.get(row)
+    overrides = [*EXP.overrides, *(SHARED if spec and spec.shared else ()), *extra, f"seed={seed}",
+                 f"data.split.fold={EXP.sizes[size]}"]
     if row == "randaugment":
         n, m, _ = tuned_randaugment(results, size)
         overrides += [f"augment.randaugment_n={n}", f"augment.randaugment_m={m}"]
-    if row == "retrain":
-        overrides.append(f'augment.policy="{run_dir_for(out, size, "joint", seed, results) / "policy.json"}"')
+    if spec is not None and spec.policy_from:
+        overrides.append(f'augment.policy="{run_dir_for(out, size, spec.policy_from, seed, results) / "policy.json"}"')
     return overrides
 
 
@@ -181,6 +206,29 @@ def train(cfg, run_dir: Path, curve_every: int | None) -> float:
     callbacks = [CurveRecorder(cfg, run_dir, curve_every)] if curve_every else []
     fit(cfg, run_dir, callbacks=callbacks, resume=checkpoint if checkpoint.is_file() else None, progress=True)
     return time.perf_counter() - started
+
+
+def train_shared(cfg, run_dir: Path) -> tuple[float, list[dict]]:
+    """The shared search into run_dir/search on the embedded local Ray (resumed when interrupted); copies worker 0's
+    checkpoint, policy and metrics into run_dir. Returns the wall seconds spent here and every worker's totals."""
+    search_dir = run_dir / "search"
+    started, wall = time.perf_counter(), 0.0
+    if not (run_dir / "metrics.jsonl").is_file():
+        if (search_dir / "tuner.pkl").is_file():
+            read_manifest(search_dir)
+            result = resume_search(search_dir)
+        else:  # never started, or stopped before Ray Tune wrote its state: start afresh
+            shutil.rmtree(search_dir, ignore_errors=True)
+            result = new_search(cfg, search_dir)
+        if result.interrupted or result.failed or len(result.rows) != cfg.search.num_workers:
+            raise RuntimeError(f"shared search {search_dir} did not finish: {[r['status'] for r in result.rows]}")
+        wall = time.perf_counter() - started
+    workers = sorted(read_rows(search_dir), key=lambda r: r["params"]["search.worker"])
+    fits = [search_dir / w["trial"] / "fit" for w in workers]
+    for name in ("checkpoint.pt", "policy.json", "config.json", "metrics.jsonl"):  # metrics.jsonl last: done marker
+        shutil.copy2(fits[0] / name, run_dir / f".{name}.part")
+        os.replace(run_dir / f".{name}.part", run_dir / name)
+    return wall, [{"worker": w["params"]["search.worker"], **epoch_totals(f)} for w, f in zip(workers, fits)]
 
 
 def add_wall(run_dir: Path, phase: str, seconds: float) -> dict:
@@ -234,11 +282,17 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
     run_dir = run_dir_for(out, size, row.name, seed, results)
     overrides = overrides_for(size, row.name, seed, out, results, extra)
     cfg = load_config(EXP.config(row.name), overrides)
-    add_wall(run_dir, "train", train(cfg, run_dir, curve_every))
+    workers = []
+    if row.shared:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        seconds, workers = train_shared(cfg, run_dir)
+        add_wall(run_dir, "train", seconds)
+    else:
+        add_wall(run_dir, "train", train(cfg, run_dir, curve_every))
     totals = epoch_totals(run_dir)
     tea_totals = {"steps": 0, "epoch_s": 0.0}
     if row.own_tea:
-        learned_policy = Path(cfg.augment.policy) if row.name == "retrain" else run_dir / "policy.json"
+        learned_policy = Path(cfg.augment.policy) if row.policy_from else run_dir / "policy.json"
     else:  # a TEA learned post hoc on the frozen segmenter, from the same identity-and-flips start in every row
         tea_dir = run_dir / "tea_posthoc"
         start = run_dir / "policy.json"
@@ -273,14 +327,15 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
         "config": str(EXP.config(row.name)), "overrides": overrides,
         "randaugment": {"n": n, "m": m, "tuned": tuned} if row.name == "randaugment" else None,
         "segmenter_steps": totals["steps"], "meta_steps": totals["meta_steps"],
-        "tea_steps": totals["tea_steps"] if row.name == "joint" else tea_totals["steps"],
-        "train_epoch_s": totals["epoch_s"], "tea_epoch_s": tea_totals["epoch_s"],
+        "tea_steps": totals["tea_steps"] if row.own_tea and not row.policy_from else tea_totals["steps"],
+        "train_epoch_s": sum(w["epoch_s"] for w in workers) if workers else totals["epoch_s"],
+        "tea_epoch_s": tea_totals["epoch_s"],
+        "workers": [{k: v for k, v in w.items() if k != "val"} | {"val_dice": val_dice(w)} for w in workers],
         "wall_s": add_wall(run_dir, "", 0.0), "val": totals["val"],
         "curve_summary": summarise_curve(curve, list(EXP.paired)),
         "curve": [{k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()} for line in curve],
         "test": test, "test_cases": len(test_cases),
-        "policy": comparison.policy_notes(learned_policy if row.name in ("tra_agnostic", "tra_specific", "joint",
-                                                                          "retrain") else None),
+        "policy": comparison.policy_notes(learned_policy if row.name not in FIXED else None),
         "posthoc_tea": comparison.policy_notes(learned_policy) if not row.own_tea else {},
     }
     write_json(result_path(results, size, row.name, seed), finite(result))
@@ -487,6 +542,7 @@ class Job:
     args: list[str]  # arguments of this script's --one / --tune-one
     done: Path  # the JSON this job writes
     after: Path | None = None  # a JSON that must exist before it starts
+    cores: int = 1  # of the --jobs cores it occupies
 
 
 def plan(args: argparse.Namespace, out: Path, results: Path) -> list[Job]:
@@ -513,12 +569,13 @@ def plan(args: argparse.Namespace, out: Path, results: Path) -> list[Job]:
                         done.rename(done.with_name(f"seed{seed}_n{old['n']}_m{old['m']}.json"))
                 after = result_path(results, size, row.after, seed) if row.after else None
                 jobs.append(Job(f"{size_dir(size)}_{row.name}_seed{seed}",
-                                [*common, "--one", str(size), row.name, str(seed)], done, after))
+                                [*common, "--one", str(size), row.name, str(seed)], done, after, row.cores))
     return jobs
 
 
 def schedule(jobs: list[Job], n_jobs: int, logs: Path, stop_after: float | None) -> int:
-    """Run pending jobs as subprocesses, `n_jobs` at a time; a job waits for its `after` JSON. Returns failures."""
+    """Run pending jobs as subprocesses on `n_jobs` cores (a job takes its `cores`, at least one job runs); a job waits
+    for its `after` JSON. Returns failures."""
     logs.mkdir(parents=True, exist_ok=True)
     pending = [j for j in jobs if not j.done.is_file()]
     skipped = len(jobs) - len(pending)
@@ -530,7 +587,8 @@ def schedule(jobs: list[Job], n_jobs: int, logs: Path, stop_after: float | None)
         while pending or running:
             late = stop_after is not None and time.monotonic() - started > stop_after
             for job in [j for j in pending if not late and (j.after is None or j.after.is_file())]:
-                if len(running) >= n_jobs:
+                busy = sum(j.cores for j, _ in running.values())
+                if running and busy + job.cores > n_jobs:
                     break
                 pending.remove(job)
                 if job.done.is_file():  # finished meanwhile by another invocation (say, one for other seeds)
@@ -573,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--sizes", nargs="+", type=int, help="training sizes (default: every size of the experiment)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each")
+    parser.add_argument("--jobs", type=int, default=1, help="cores: runs at once, one torch thread each (row shared takes "
+                        f"{SHARED_WORKERS})")
     parser.add_argument("--curve-every", type=int, default=4, help="epochs between learning-curve points")
     parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
                         help="start no new run after this many minutes (running ones finish)")
