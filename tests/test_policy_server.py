@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,7 +71,8 @@ def test_server_state_averages_contributions_and_resumes_from_its_file(tmp_path)
     state.apply([Contribution(0, 0, g1, None), Contribution(1, 0, g2, torch.ones(5))])
     reference = PolicyServerState(augment, train, tra, tea)
     reference.apply([Contribution(0, 0, (g1 + g2) / 2, torch.ones(5))])
-    assert torch.allclose(state.tra_logits, reference.tra_logits) and torch.equal(state.tea_logits, reference.tea_logits)
+    assert torch.allclose(state.tra_logits, reference.tra_logits)
+    assert torch.equal(state.tea_logits, reference.tea_logits)
     assert not torch.equal(state.tra_logits, tra)
     state.save(tmp_path / STATE_NAME)
     restarted = PolicyServerState.load(tmp_path / STATE_NAME, augment, train)
@@ -141,7 +144,8 @@ def test_interrupted_shared_search_resumes_to_the_uninterrupted_policy(data_root
     assert main(["search", str(SMOKE), "--no-ray", "--out", str(whole), *shared_args(data_root)]) == 0
     monkeypatch.setenv(CRASH_ENV, str(tmp_path / "crashed"))
     cut = tmp_path / "cut"
-    assert main(["search", str(SMOKE), "--no-ray", "--out", str(cut), *shared_args(data_root, "search.max_failures=0")]) == 1
+    args = shared_args(data_root, "search.max_failures=0")
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(cut), *args]) == 1
     assert torch.load(cut / STATE_NAME, weights_only=True)["round"] == 2  # saved with the epoch-1 validation
     monkeypatch.delenv(CRASH_ENV)
     assert main(["search", "--resume", str(cut)]) == 0
@@ -210,32 +214,42 @@ def test_a_worker_that_dies_rejoins_and_the_shared_policy_loses_nothing(local_ra
     assert torch.load(out / STATE_NAME, weights_only=True)["contributions"] == 12
 
 
-@pytest.mark.slow
-def test_a_killed_policy_server_restarts_from_its_state_file_and_the_search_finishes(local_ray, data_root, tmp_path):
+@contextlib.contextmanager
+def server_killed_after_the_first_validation(out: Path) -> Iterator[dict]:
+    """Around a shared search into `out` run by this process: kills its policy server actor once the state file holds
+    round 2 (written with the epoch-1 validations); Ray restarts it, as after a crash of its process. Yields a dict
+    that then holds the restarted server's `info()`."""
     import ray
 
-    out = tmp_path / "search"
     seen: dict[str, object] = {}
+    search_ended = threading.Event()
 
-    def kill_after_the_first_validation() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if (out / STATE_NAME).is_file():
-                saved = torch.load(out / STATE_NAME, weights_only=True)["round"]
-                if saved >= 2:  # written with the epoch-1 validations
+    def kill() -> None:
+        while not search_ended.is_set():
+            # the search's own ray.init first: a call before it would start a Ray of its own
+            if ray.is_initialized() and (out / STATE_NAME).is_file():
+                if torch.load(out / STATE_NAME, weights_only=True)["round"] >= 2:
                     server = ray.get_actor(actor_name(out))
-                    ray.kill(server, no_restart=False)  # Ray restarts it, as after a crash of its process
+                    ray.kill(server, no_restart=False)
                     seen["info"] = ray.get(server.info.remote(), timeout=120)
                     return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_after_the_first_validation)
+    killer = threading.Thread(target=kill)
     killer.start()
-    args = shared_args(data_root, "search.num_workers=2", "train.epochs=3")
     try:
-        assert main(["search", str(SMOKE), "--out", str(out), *args]) == 0
+        yield seen
     finally:
+        search_ended.set()
         killer.join()
+
+
+@pytest.mark.slow
+def test_a_killed_policy_server_restarts_from_its_state_file_and_the_search_finishes(local_ray, data_root, tmp_path):
+    out = tmp_path / "search"
+    args = shared_args(data_root, "search.num_workers=2", "train.epochs=3")
+    with server_killed_after_the_first_validation(out) as seen:
+        assert main(["search", str(SMOKE), "--out", str(out), *args]) == 0
     info = seen["info"]
     assert info["resumed_from"] is not None and info["resumed_from"] >= 2  # the restarted server read its file
     found = rows(out)
