@@ -7,8 +7,9 @@
 # Side by side: the RandAugment grid followed by the RandAugment row, the fixed rows and the learned rows, every run
 # with one torch thread on `cuda`, into experiments/hippocampus/results_gpu/ and runs/hippocampus_gpu/ (a
 # second call on the same machine resumes the runs from their epoch checkpoints; a later lease skips every run whose
-# JSON is committed under results_gpu/ and goes on with the rest). Beside the first runs, a smoke pass
-# of two rows at a few steps into a scratch folder (SKIP_SMOKE=1 skips it): a failure there ends the call at once.
+# JSON is committed under results_gpu/ and goes on with the rest). Beside the first runs, a smoke pass of three rows
+# (shared: a search on its own local Ray) at a few steps into a scratch folder (SKIP_SMOKE=1 skips it): a failure
+# there ends the call at once.
 # Wheels may sit in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,11 +38,11 @@ mkdir -p "$runs"
 pids=($!)
 python3 $run_py --rows none nnunet trivialaugment "${common[@]}" --jobs 4 > "$runs.fixed.log" 2>&1 &
 pids+=($!)
-python3 $run_py --rows tra_agnostic tra_specific joint retrain "${common[@]}" --jobs 8 > "$runs.learned.log" 2>&1 &
+python3 $run_py --rows tra_agnostic tra_specific joint retrain shared shared_retrain "${common[@]}" --jobs 8 > "$runs.learned.log" 2>&1 &
 pids+=($!)
 if [ -z "${SKIP_SMOKE:-}" ]; then  # beside the first runs; a failure ends the call (and its runs) at once
     rm -rf runs/gpu_smoke
-    python3 $run_py --rows none joint --seeds 0 --sizes "$size" --jobs 2 --out runs/gpu_smoke \
+    python3 $run_py --rows none joint shared --seeds 0 --sizes "$size" --jobs 2 --out runs/gpu_smoke \
         --results runs/gpu_smoke/results --set "train.device=\"$device\"" --set train.epochs=2 \
         --set train.iterations=4 --set augment.warmup_iterations=2 --test-limit 2 --curve-every 1 \
         || { for f in runs/gpu_smoke/logs/*.log; do tail -n 30 "$f"; done; exit 1; }

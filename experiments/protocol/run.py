@@ -282,6 +282,9 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
     run_dir = run_dir_for(out, size, row.name, seed, results)
     overrides = overrides_for(size, row.name, seed, out, results, extra)
     cfg = load_config(EXP.config(row.name), overrides)
+    if row.shared and cfg.train.device != "cpu":  # Ray hides the GPU from a trial that asks for none
+        overrides.append(f"search.gpus_per_trial={1 / SHARED_WORKERS}")
+        cfg = load_config(EXP.config(row.name), overrides)
     workers = []
     if row.shared:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -630,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="per-run JSON files and the tables (default EXPERIMENT/results)")
     parser.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--sizes", nargs="+", type=int, help="training sizes (default: every size of the experiment)")
+    parser.add_argument("--sizes", nargs="+", type=int,
+                        help="training sizes (default: every size of the experiment)")
     parser.add_argument("--jobs", type=int, default=1, help="cores: runs at once, one torch thread each (row shared takes "
                         f"{SHARED_WORKERS})")
     parser.add_argument("--curve-every", type=int, default=4, help="epochs between learning-curve points")
