@@ -106,6 +106,8 @@ ROWS = (
         config="retrain", policy_from="shared"),
 )
 BY_NAME = {row.name: row for row in ROWS}
+# (row, baseline): paired within the learned family: does retraining, does pooling over workers pay?
+WITHIN = (("retrain", "joint"), ("shared", "joint"), ("shared_retrain", "retrain"), ("shared_retrain", "shared"))
 DERIVED = {"tra_specific_tea": "tra_specific"}  # row -> row whose run's "learned" column it is
 
 
@@ -435,6 +437,41 @@ def val_dice(r: dict) -> float:
     return float(np.mean([r["val"][f"val/dice_{k}"] for k in EXP.paired]))
 
 
+def paired_line(label: str, diffs: list[float]) -> str:
+    low, high = bootstrap_ci(diffs)
+    return (f"| {label} | {len(diffs)} | {np.mean(diffs):+.1f} | [{low:+.1f}, {high:+.1f}] | "
+            f"{sum(d > 0 for d in diffs)}/{len(diffs)} |")
+
+
+def policy_spread(group: list[dict]) -> float:
+    """Mean over ops and groups of the std over seeds of the learned P(op applied): how far the seeds' policies
+    disagree (a policy that every seed learns alike scores 0)."""
+    notes = [r["policy"]["p_on"] for r in group if r.get("policy") and r["policy"].get("p_on")]
+    if len(notes) < 2:
+        return math.nan
+    keys = [(g, op) for g in notes[0] for op in notes[0][g]]
+    return float(np.mean([np.std([n[g][op] for n in notes], ddof=1) for g, op in keys]))
+
+
+def within_family(by_row: dict[str, list[dict]]) -> list[str]:
+    """Paired differences inside the learned family (WITHIN) and the seeds' disagreement on the learned policy."""
+    md = ["", "Inside the learned family: paired per-seed differences in mean Dice without TTA (percentage points), "
+          "95% bootstrap interval, wins:", "", "| row - baseline | seeds | difference | 95% interval | wins |",
+          "|---|---|---|---|---|"]
+    for row, baseline in WITHIN:
+        base = {r["seed"]: mean_dice(r, "none") for r in by_row[baseline]}
+        diffs = [100 * (mean_dice(r, "none") - base[r["seed"]]) for r in by_row[row] if r["seed"] in base]
+        if diffs:
+            md.append(paired_line(f"{row} - {baseline}", diffs))
+    spread = {row.name: policy_spread(by_row[row.name]) for row in ROWS
+              if row.name not in FIXED and row.name not in DERIVED and not row.policy_from}
+    md += ["", "Disagreement of the seeds' learned TRA policies (mean over ops and groups of the std over seeds of "
+           "P(op applied); 0 when every seed learns the same policy): "
+           + ", ".join(f"{name} {value:.3f} ({len(by_row[name])} seeds)" for name, value in spread.items()
+                       if not math.isnan(value)) + "."]
+    return md
+
+
 def write_tables(results: Path) -> None:
     runs = load_results(results)
     long = io.StringIO()
@@ -507,10 +544,8 @@ def write_tables(results: Path) -> None:
                     pairs = [(mean_dice(r, column), base[r["seed"]]) for r in by_row[row.name] if r["seed"] in base]
                     if (row.name == best and column == "none") or not pairs:
                         continue
-                    diffs = [100 * (a - b) for a, b in pairs]
-                    low, high = bootstrap_ci(diffs)
-                    md.append(f"| {row.name} | {column} | {len(diffs)} | {np.mean(diffs):+.1f} | "
-                              f"[{low:+.1f}, {high:+.1f}] | {sum(d > 0 for d in diffs)}/{len(diffs)} |")
+                    md.append(paired_line(f"{row.name} | {column}", [100 * (a - b) for a, b in pairs]))
+        md += within_family(by_row)
         md += ["", "Per seed, mean Dice without TTA (%), and the time of each run in minutes (training wall time "
                "with its curve points and validation; post-hoc TEA as summed epoch time; test prediction and "
                "scoring of the three TTA columns):", "",
@@ -633,10 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="per-run JSON files and the tables (default EXPERIMENT/results)")
     parser.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--sizes", nargs="+", type=int,
-                        help="training sizes (default: every size of the experiment)")
-    parser.add_argument("--jobs", type=int, default=1, help="cores: runs at once, one torch thread each (row shared takes "
-                        f"{SHARED_WORKERS})")
+    parser.add_argument("--sizes", nargs="+", type=int, help="training sizes (default: every size of the experiment)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help=f"cores: runs at once, one torch thread each (row shared takes {SHARED_WORKERS})")
     parser.add_argument("--curve-every", type=int, default=4, help="epochs between learning-curve points")
     parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
                         help="start no new run after this many minutes (running ones finish)")
