@@ -81,6 +81,38 @@ def test_the_bundled_experiment_runs_end_to_end_and_pairs_on_the_lesion(tmp_path
     assert "**none** without TTA" in table and "| joint | none | 1 |" in table
 
 
+@pytest.mark.slow
+def test_the_shared_rows_run_one_policy_over_two_workers_and_retrain_with_it(tmp_path):
+    """Row shared: a shared search on the embedded local Ray, worker 0's segmenter scored with the pooled policy;
+    row shared_retrain: a fresh segmenter trained with that policy fixed."""
+    bundled = EXPERIMENTS / "bundled"
+    data = tmp_path / "data"
+    assert subprocess.run([sys.executable, str(bundled / "prepare.py"), "--out", str(data)], check=False,
+                          capture_output=True).returncode == 0
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    done = subprocess.run(
+        [sys.executable, str(PROTOCOL / "run.py"), str(bundled), "--rows", "shared", "shared_retrain", "--seeds", "0",
+         "--sizes", "6", "--jobs", "2", "--out", str(runs), "--results", str(results), "--data", str(data),
+         "--set", "train.epochs=2", "--set", "train.iterations=3", "--set", "augment.warmup_iterations=2",
+         "--test-limit", "2"], check=False, capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text() for p in (runs / "logs").glob("*.log"))
+    assert done.returncode == 0, done.stdout + done.stderr + logs
+    shared = json.loads((results / "train6" / "shared" / "seed0.json").read_text())
+    assert [w["worker"] for w in shared["workers"]] == [0, 1] and shared["segmenter_steps"] == 6
+    assert shared["meta_steps"] == 4 and all(w["meta_steps"] == 4 for w in shared["workers"])
+    assert shared["train_epoch_s"] == pytest.approx(sum(w["epoch_s"] for w in shared["workers"]))
+    search = runs / "train6" / "shared" / "seed0" / "search"
+    fits = sorted(search.glob("*/fit"))
+    policies = [json.loads((f / "policy.json").read_text()) for f in fits]
+    assert len(fits) == 2 and policies[0]["tra"] == policies[1]["tra"]  # one policy, learned by both workers
+    assert sorted(json.loads((f / "config.json").read_text())["seed"] for f in fits) == [0, 1000]
+    assert all(len(p["provenance"]["train_cases"]) == 6 for p in policies)  # search.shard = "all"
+    retrain = json.loads((results / "train6" / "shared_retrain" / "seed0.json").read_text())
+    assert retrain["meta_steps"] == 0
+    assert any("runs/train6/shared/seed0/policy.json" in o for o in retrain["overrides"])
+    assert "| shared_retrain - shared | 1 |" in (results / "results.md").read_text()
+
+
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_agreement():
     low, high = run.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert low < 3.0 < high and low >= 1.0 and high <= 5.0
