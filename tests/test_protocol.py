@@ -30,7 +30,8 @@ run = _load("run")
 run.use_experiment(EXPERIMENT)
 
 
-@pytest.mark.parametrize(("folder", "steps", "patch"), [("hippocampus", 2000, [32, 32, 32]), ("bundled", 1000, [64, 64])])
+@pytest.mark.parametrize(("folder", "steps", "patch"),
+                         [("hippocampus", 2000, [32, 32, 32]), ("bundled", 1000, [64, 64])])
 def test_rows_differ_from_the_no_augmentation_row_only_in_name_and_augment(folder, steps, patch):
     experiment = EXPERIMENTS / folder
     base = load_config(experiment / "none.toml").to_dict()
