@@ -106,8 +106,10 @@ ROWS = (
         config="retrain", policy_from="shared"),
 )
 BY_NAME = {row.name: row for row in ROWS}
-# (row, baseline): paired within the learned family: does retraining, does pooling over workers pay?
-WITHIN = (("retrain", "joint"), ("shared", "joint"), ("shared_retrain", "retrain"), ("shared_retrain", "shared"))
+# (row, baseline): paired within the learned family: does the class-specific policy, retraining, pooling over
+# workers pay?
+WITHIN = (("tra_specific", "tra_agnostic"), ("retrain", "joint"), ("shared", "joint"), ("shared_retrain", "retrain"),
+          ("shared_retrain", "shared"))
 DERIVED = {"tra_specific_tea": "tra_specific"}  # row -> row whose run's "learned" column it is
 
 
