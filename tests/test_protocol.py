@@ -102,7 +102,8 @@ def test_the_shared_rows_run_one_policy_over_two_workers_and_retrain_with_it(tmp
     assert [w["worker"] for w in shared["workers"]] == [0, 1] and shared["segmenter_steps"] == 6
     assert shared["meta_steps"] == 4 and all(w["meta_steps"] == 4 for w in shared["workers"])
     assert shared["train_epoch_s"] == pytest.approx(sum(w["epoch_s"] for w in shared["workers"]))
-    search = runs / "train6" / "shared" / "seed0" / "search"
+    assert shared["shared_workers"] == 2
+    search = runs / "train6" / "shared_w2" / "seed0" / "search"
     fits = sorted(search.glob("*/fit"))
     policies = [json.loads((f / "policy.json").read_text()) for f in fits]
     assert len(fits) == 2 and policies[0]["tra"] == policies[1]["tra"]  # one policy, learned by both workers
@@ -110,8 +111,20 @@ def test_the_shared_rows_run_one_policy_over_two_workers_and_retrain_with_it(tmp
     assert all(len(p["provenance"]["train_cases"]) == 6 for p in policies)  # search.shard = "all"
     retrain = json.loads((results / "train6" / "shared_retrain" / "seed0.json").read_text())
     assert retrain["meta_steps"] == 0
-    assert any("runs/train6/shared/seed0/policy.json" in o for o in retrain["overrides"])
-    assert "| shared_retrain - shared | 1 |" in (results / "results.md").read_text()
+    assert any("runs/train6/shared_w2/seed0/policy.json" in o for o in retrain["overrides"])
+    table = (results / "results.md").read_text()
+    assert "| shared_retrain - shared | 1 |" in table and "joint, one policy shared by workers (2) | 1 |" in table
+    # another worker count: the two-worker results are set aside and both rows run again (not here: planned only)
+    args = run.argparse.Namespace(tune_randaugment=False, sizes=[6], seeds=[0], rows=["shared", "shared_retrain"],
+                                  data=data, curve_every=4, overrides=["x"], test_limit=None, shared_workers=3)
+    run.use_experiment(bundled, workers=3)
+    try:
+        jobs = run.plan(args, runs, results)
+    finally:
+        run.use_experiment(EXPERIMENT)
+    assert [j.cores for j in jobs] == [3, 1] and not any(j.done.is_file() for j in jobs)
+    assert (results / "train6" / "shared" / "seed0_w2.json").is_file()
+    assert (results / "train6" / "shared_retrain" / "seed0_w2.json").is_file()
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_agreement():

@@ -18,15 +18,17 @@ own, predicts the test cases (test_cases.json) with each TTA column (none, flips
 results/train<size>/<row>/seed<k>.json. A run whose JSON exists is skipped. Row `retrain` waits for `joint` of the
 same size and seed and trains with its policy.json; row `tra_specific_tea` is row `tra_specific`'s model with its
 post-hoc TEA (no run of its own). Row `shared` runs the joint config as an `augsearch search` with one policy shared by
-SHARED_WORKERS workers on the embedded local Ray (worker 0 has the run's seed; the row scores worker 0's segmenter
-with the shared policy; it occupies SHARED_WORKERS cores), and `shared_retrain` trains a fresh segmenter with the
-final shared policy fixed. Runs start in the order sizes, seeds, rows, so one size finishes before the next.
+--shared-workers workers (default 2) on the embedded local Ray (worker 0 has the run's seed; the row scores worker
+0's segmenter with the shared policy; it occupies that many cores, or shares the one GPU), and `shared_retrain`
+trains a fresh segmenter with the final shared policy fixed; a result of another worker count is set aside
+(seed<k>_w<N>.json) and run again. Runs start in the order sizes, seeds, rows, so one size finishes before the next.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -67,11 +69,7 @@ TTA = ("none", "flips", "learned")
 TUNE_SEED = 100
 GRID = [(n, m) for n in (1, 2, 3) for m in (1, 2, 3)]
 FIXED = ("none", "nnunet", "randaugment", "trivialaugment")
-SHARED_WORKERS = 2
-# Row `shared`: the joint config, one policy over SHARED_WORKERS workers that each train on every training case (6
-# cases do not split into useful shards), one CPU each
-SHARED = ("search.policy_sharing=\"shared\"", f"search.num_workers={SHARED_WORKERS}", "search.shard=\"all\"",
-          "search.cpus_per_trial=1", "search.sync_timeout_s=600")
+SHARED_ROWS = ("shared", "shared_retrain")  # rows whose results depend on the worker count
 
 
 @dataclass(frozen=True)
@@ -82,11 +80,7 @@ class Row:
     after: str | None = None  # row of the same size and seed whose run must finish first
     config: str | None = None  # another row whose <row>.toml this row trains (default: its own)
     policy_from: str | None = None  # row of the same size and seed whose final policy.json this row trains with
-    shared: bool = False  # a shared search (SHARED) instead of one fit
-
-    @property
-    def cores(self) -> int:
-        return SHARED_WORKERS if self.shared else 1
+    shared: bool = False  # a shared search (`shared_overrides`) instead of one fit
 
 
 ROWS = (
@@ -100,8 +94,7 @@ ROWS = (
     Row("joint", "joint class-specific TRA + TEA", own_tea=True),
     Row("retrain", "retrain: fresh segmenter, final joint policy fixed", own_tea=True, after="joint",
         policy_from="joint"),
-    Row("shared", f"joint, one policy shared by {SHARED_WORKERS} workers", own_tea=True, config="joint",
-        shared=True),
+    Row("shared", "joint, one policy shared by workers", own_tea=True, config="joint", shared=True),
     Row("shared_retrain", "retrain: fresh segmenter, final shared policy fixed", own_tea=True, after="shared",
         config="retrain", policy_from="shared"),
 )
@@ -127,6 +120,7 @@ class Experiment:
     prepare: str
     configs: Path  # the folder of the row configs: this one, or another experiment's (a variant: "../bundled")
     overrides: tuple[str, ...]  # config overrides of every run of this experiment (a variant's recipe change)
+    workers: int = 2  # workers of row shared (--shared-workers)
 
     @classmethod
     def load(cls, folder: Path) -> Experiment:
@@ -147,10 +141,19 @@ class Experiment:
 EXP: Experiment
 
 
-def use_experiment(folder: Path) -> Experiment:
+def use_experiment(folder: Path, workers: int = 2) -> Experiment:
     global EXP
-    EXP = Experiment.load(Path(folder))
+    EXP = dataclasses.replace(Experiment.load(Path(folder)), workers=workers)
     return EXP
+
+
+def shared_overrides(device: str) -> tuple[str, ...]:
+    """Row shared: the joint config as one policy over EXP.workers workers that each train on every training case
+    (6 cases do not split into useful shards), one CPU each, and an equal share of the GPU when there is one (Ray
+    hides the GPU from a trial that asks for none)."""
+    gpu = (f"search.gpus_per_trial={1 / EXP.workers}",) if device != "cpu" else ()
+    return ("search.policy_sharing=\"shared\"", f"search.num_workers={EXP.workers}", "search.shard=\"all\"",
+            "search.cpus_per_trial=1", "search.sync_timeout_s=600", *gpu)
 
 
 def size_dir(size: int) -> str:
@@ -174,14 +177,15 @@ def run_dir_for(out: Path, size: int, row: str, seed: int, results: Path) -> Pat
     if row == "randaugment":
         n, m, _ = tuned_randaugment(results, size)
         row = f"randaugment_n{n}_m{m}"
+    if row in SHARED_ROWS:
+        row = f"{row}_w{EXP.workers}"
     return out / size_dir(size) / row / f"seed{seed}"
 
 
 def overrides_for(size: int, row: str, seed: int, out: Path, results: Path, extra: list[str] = ()) -> list[str]:
     """The config overrides of one run: seed, fold, data folder, RandAugment's N and M, retrain's policy, `extra`."""
     spec = BY_NAME.get(row)
-    overrides = [*EXP.overrides, *(SHARED if spec and spec.shared else ()), *extra, f"seed={seed}",
-                 f"data.split.fold={EXP.sizes[size]}"]
+    overrides = [*EXP.overrides, *extra, f"seed={seed}", f"data.split.fold={EXP.sizes[size]}"]
     if row == "randaugment":
         n, m, _ = tuned_randaugment(results, size)
         overrides += [f"augment.randaugment_n={n}", f"augment.randaugment_m={m}"]
@@ -286,8 +290,8 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
     run_dir = run_dir_for(out, size, row.name, seed, results)
     overrides = overrides_for(size, row.name, seed, out, results, extra)
     cfg = load_config(EXP.config(row.name), overrides)
-    if row.shared and cfg.train.device != "cpu":  # Ray hides the GPU from a trial that asks for none
-        overrides.append(f"search.gpus_per_trial={1 / SHARED_WORKERS}")
+    if row.shared:
+        overrides += shared_overrides(cfg.train.device)
         cfg = load_config(EXP.config(row.name), overrides)
     workers = []
     if row.shared:
@@ -333,6 +337,7 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
         "size": size, "row": row.name, "seed": seed, "source": source, "machine": machine(),
         "config": str(EXP.config(row.name)), "overrides": overrides,
         "randaugment": {"n": n, "m": m, "tuned": tuned} if row.name == "randaugment" else None,
+        "shared_workers": EXP.workers if row.name in SHARED_ROWS else None,
         "segmenter_steps": totals["steps"], "meta_steps": totals["meta_steps"],
         "tea_steps": totals["tea_steps"] if row.own_tea and not row.policy_from else tea_totals["steps"],
         "train_epoch_s": sum(w["epoch_s"] for w in workers) if workers else totals["epoch_s"],
@@ -411,6 +416,11 @@ def bootstrap_ci(differences: list[float], resamples: int = 10_000, seed: int = 
     draws = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))
     means = values[draws].mean(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def shared_workers(result: dict) -> int:
+    """The worker count of a shared row's result (files from before the count was recorded: 2)."""
+    return int(result.get("shared_workers") or 2)
 
 
 def load_results(results: Path) -> list[dict]:
@@ -516,6 +526,8 @@ def write_tables(results: Path) -> None:
                 settings = sorted({(r["randaugment"]["n"], r["randaugment"]["m"], r["randaugment"]["tuned"])
                                    for r in group})
                 title += " " + ", ".join(f"N {n} M {m} ({'tuned' if t else 'untuned'})" for n, m, t in settings)
+            if row.name in SHARED_ROWS:
+                title += " (" + ", ".join(str(w) for w in sorted({shared_workers(r) for r in group})) + ")"
             md.append(f"| {index} | {title} | {len(group)} | " + " | ".join(cells)
                       + f" | {100 * val:.1f} | {np.mean([r['train_epoch_s'] for r in group]):.0f} | "
                       f"{group[0]['meta_steps']} | {group[0]['tea_steps']} |")
@@ -588,7 +600,8 @@ class Job:
 def plan(args: argparse.Namespace, out: Path, results: Path) -> list[Job]:
     jobs = []
     common = [str(EXP.dir), "--out", str(out), "--results", str(results), "--data", str(args.data),
-              "--curve-every", str(args.curve_every), *(f"--set={o}" for o in args.overrides[1:])]
+              "--curve-every", str(args.curve_every), "--shared-workers", str(args.shared_workers),
+              *(f"--set={o}" for o in args.overrides[1:])]
     common += ["--test-limit", str(args.test_limit)] if args.test_limit else []
     if args.tune_randaugment:
         for size in args.sizes:
@@ -607,9 +620,14 @@ def plan(args: argparse.Namespace, out: Path, results: Path) -> list[Job]:
                     old = json.loads(done.read_text())["randaugment"]
                     if (old["n"], old["m"]) != (n, m):  # superseded by the grid's choice: kept aside, rerun
                         done.rename(done.with_name(f"seed{seed}_n{old['n']}_m{old['m']}.json"))
+                if row.name in SHARED_ROWS and done.is_file():
+                    old = shared_workers(json.loads(done.read_text()))
+                    if old != EXP.workers:  # another worker count: kept aside, rerun
+                        done.rename(done.with_name(f"seed{seed}_w{old}.json"))
                 after = result_path(results, size, row.after, seed) if row.after else None
+                cores = EXP.workers if row.shared else 1
                 jobs.append(Job(f"{size_dir(size)}_{row.name}_seed{seed}",
-                                [*common, "--one", str(size), row.name, str(seed)], done, after, row.cores))
+                                [*common, "--one", str(size), row.name, str(seed)], done, after, cores))
     return jobs
 
 
@@ -672,7 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--sizes", nargs="+", type=int, help="training sizes (default: every size of the experiment)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help=f"cores: runs at once, one torch thread each (row shared takes {SHARED_WORKERS})")
+                        help="cores: runs at once, one torch thread each (row shared takes --shared-workers)")
+    parser.add_argument("--shared-workers", type=int, default=2, metavar="N",
+                        help="workers of row shared, each on its own core (default 2)")
     parser.add_argument("--curve-every", type=int, default=4, help="epochs between learning-curve points")
     parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
                         help="start no new run after this many minutes (running ones finish)")
@@ -687,7 +707,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.experiment / "experiment.json").is_file():
         parser.error(f"{args.experiment} holds no experiment.json; pass an experiment folder such as "
                      "experiments/hippocampus")
-    use_experiment(args.experiment)
+    if args.shared_workers < 1:
+        parser.error(f"--shared-workers must be at least 1, got {args.shared_workers}")
+    use_experiment(args.experiment, args.shared_workers)
     args.sizes = args.sizes or list(EXP.sizes)
     if unknown := sorted(set(args.sizes) - set(EXP.sizes)):
         parser.error(f"--sizes {unknown}: {EXP.title} has training sizes {list(EXP.sizes)}")
