@@ -10,6 +10,7 @@
 # JSON is committed under results_gpu/ and goes on with the rest). Beside the first runs, a smoke pass of three rows
 # (shared: a search on its own local Ray) at a few steps into a scratch folder (SKIP_SMOKE=1 skips it): a failure
 # there ends the call at once.
+# SHARED_WORKERS=N: the workers of row shared (default 2; each takes one of the learned rows' 8 slots).
 # Wheels may sit in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,7 +39,8 @@ mkdir -p "$runs"
 pids=($!)
 python3 $run_py --rows none nnunet trivialaugment "${common[@]}" --jobs 4 > "$runs.fixed.log" 2>&1 &
 pids+=($!)
-python3 $run_py --rows tra_agnostic tra_specific joint retrain shared shared_retrain "${common[@]}" --jobs 8 > "$runs.learned.log" 2>&1 &
+python3 $run_py --rows tra_agnostic tra_specific joint retrain shared shared_retrain "${common[@]}" --jobs 8 \
+    --shared-workers "${SHARED_WORKERS:-2}" > "$runs.learned.log" 2>&1 &
 pids+=($!)
 if [ -z "${SKIP_SMOKE:-}" ]; then  # beside the first runs; a failure ends the call (and its runs) at once
     rm -rf runs/gpu_smoke
