@@ -51,7 +51,7 @@ from augsearch.config import load_config
 from augsearch.data.dataset import read_dataset_info
 from augsearch.metrics import METRICS, summarise
 from augsearch.train import fit
-from augsearch.tune.search import new_search, read_manifest, resume_search
+from augsearch.tune.search import new_search, resume_search
 from augsearch.tune.summary import read_rows
 
 HERE = Path(__file__).resolve().parent
@@ -69,7 +69,6 @@ TTA = ("none", "flips", "learned")
 TUNE_SEED = 100
 GRID = [(n, m) for n in (1, 2, 3) for m in (1, 2, 3)]
 FIXED = ("none", "nnunet", "randaugment", "trivialaugment")
-SHARED_ROWS = ("shared", "shared_retrain")  # rows whose results depend on the worker count
 
 
 @dataclass(frozen=True)
@@ -99,6 +98,8 @@ ROWS = (
         config="retrain", policy_from="shared"),
 )
 BY_NAME = {row.name: row for row in ROWS}
+# rows whose results depend on the worker count: the shared search and those trained with its policy
+SHARED_ROWS = tuple(r.name for r in ROWS if r.shared or (r.policy_from and BY_NAME[r.policy_from].shared))
 # (row, baseline): paired within the learned family: does the class-specific policy, retraining, pooling over
 # workers pay?
 WITHIN = (("tra_specific", "tra_agnostic"), ("retrain", "joint"), ("shared", "joint"), ("shared_retrain", "retrain"),
@@ -132,7 +133,7 @@ class Experiment:
                    overrides=tuple(spec.get("overrides", ())))
 
     def config(self, row: str) -> Path:
-        return self.configs / f"{BY_NAME[row].config or row if row in BY_NAME else row}.toml"
+        return self.configs / f"{(BY_NAME[row].config or row) if row in BY_NAME else row}.toml"
 
     def test_cases(self) -> list[str]:
         return json.loads((self.dir / "test_cases.json").read_text())
@@ -221,9 +222,9 @@ def train_shared(cfg, run_dir: Path) -> tuple[float, list[dict]]:
     checkpoint, policy and metrics into run_dir. Returns the wall seconds spent here and every worker's totals."""
     search_dir = run_dir / "search"
     started, wall = time.perf_counter(), 0.0
-    if not (run_dir / "metrics.jsonl").is_file():
+    done = (run_dir / "metrics.jsonl").is_file()
+    if not done:
         if (search_dir / "tuner.pkl").is_file():
-            read_manifest(search_dir)
             result = resume_search(search_dir)
         else:  # never started, or stopped before Ray Tune wrote its state: start afresh
             shutil.rmtree(search_dir, ignore_errors=True)
@@ -233,9 +234,10 @@ def train_shared(cfg, run_dir: Path) -> tuple[float, list[dict]]:
         wall = time.perf_counter() - started
     workers = sorted(read_rows(search_dir), key=lambda r: r["params"]["search.worker"])
     fits = [search_dir / w["trial"] / "fit" for w in workers]
-    for name in ("checkpoint.pt", "policy.json", "config.json", "metrics.jsonl"):  # metrics.jsonl last: done marker
-        shutil.copy2(fits[0] / name, run_dir / f".{name}.part")
-        os.replace(run_dir / f".{name}.part", run_dir / name)
+    if not done:
+        for name in ("checkpoint.pt", "policy.json", "config.json", "metrics.jsonl"):  # metrics.jsonl last: marker
+            shutil.copy2(fits[0] / name, run_dir / f".{name}.part")
+            os.replace(run_dir / f".{name}.part", run_dir / name)
     return wall, [{"worker": w["params"]["search.worker"], **epoch_totals(f)} for w, f in zip(workers, fits)]
 
 
@@ -290,16 +292,15 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
     run_dir = run_dir_for(out, size, row.name, seed, results)
     overrides = overrides_for(size, row.name, seed, out, results, extra)
     cfg = load_config(EXP.config(row.name), overrides)
-    if row.shared:
+    workers = []
+    if row.shared:  # the search's settings depend on the device the row's config trains on
         overrides += shared_overrides(cfg.train.device)
         cfg = load_config(EXP.config(row.name), overrides)
-    workers = []
-    if row.shared:
         run_dir.mkdir(parents=True, exist_ok=True)
         seconds, workers = train_shared(cfg, run_dir)
-        add_wall(run_dir, "train", seconds)
     else:
-        add_wall(run_dir, "train", train(cfg, run_dir, curve_every))
+        seconds = train(cfg, run_dir, curve_every)
+    add_wall(run_dir, "train", seconds)
     totals = epoch_totals(run_dir)
     tea_totals = {"steps": 0, "epoch_s": 0.0}
     if row.own_tea:
