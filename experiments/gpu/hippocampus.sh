@@ -10,7 +10,8 @@
 # JSON is committed under results_gpu/ and goes on with the rest). Beside the first runs, a smoke pass of three rows
 # (shared: a search on its own local Ray) at a few steps into a scratch folder (SKIP_SMOKE=1 skips it): a failure
 # there ends the call at once.
-# SHARED_WORKERS=N: the workers of row shared (default 2; each takes one of the learned rows' 8 slots).
+# SHARED_WORKERS=N: the workers of row shared (default 2; each takes one of the learned rows' 8 slots). Rows shared
+# and shared_retrain need Ray: on a machine without it they are left out, and the log says so.
 # Wheels may sit in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,17 +35,22 @@ python3 experiments/hippocampus/prepare.py --source "$source" --out runs/data/hi
 deadline=$(( begin + minutes * 60 ))
 common=(--sizes "$size" --out "$runs" --results "$results" --set "train.device=\"$device\"")
 mkdir -p "$runs"
+learned=(tra_agnostic tra_specific joint retrain shared shared_retrain) smoke=(none joint shared)
+if ! python3 -c "import ray" 2> /dev/null; then
+    echo "Ray is not installed here: rows shared and shared_retrain are left out"
+    learned=(tra_agnostic tra_specific joint retrain) smoke=(none joint)
+fi
 ( python3 $run_py --tune-randaugment "${common[@]}" --jobs 4 \
     && python3 $run_py --rows randaugment "${common[@]}" --jobs 4 ) > "$runs.grid.log" 2>&1 &
 pids=($!)
 python3 $run_py --rows none nnunet trivialaugment "${common[@]}" --jobs 4 > "$runs.fixed.log" 2>&1 &
 pids+=($!)
-python3 $run_py --rows tra_agnostic tra_specific joint retrain shared shared_retrain "${common[@]}" --jobs 8 \
+python3 $run_py --rows "${learned[@]}" "${common[@]}" --jobs 8 \
     --shared-workers "${SHARED_WORKERS:-2}" > "$runs.learned.log" 2>&1 &
 pids+=($!)
 if [ -z "${SKIP_SMOKE:-}" ]; then  # beside the first runs; a failure ends the call (and its runs) at once
     rm -rf runs/gpu_smoke
-    python3 $run_py --rows none joint shared --seeds 0 --sizes "$size" --jobs 2 --out runs/gpu_smoke \
+    python3 $run_py --rows "${smoke[@]}" --seeds 0 --sizes "$size" --jobs 2 --out runs/gpu_smoke \
         --results runs/gpu_smoke/results --set "train.device=\"$device\"" --set train.epochs=2 \
         --set train.iterations=4 --set augment.warmup_iterations=2 --test-limit 2 --curve-every 1 \
         || { for f in runs/gpu_smoke/logs/*.log; do tail -n 30 "$f"; done; exit 1; }
