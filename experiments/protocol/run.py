@@ -367,7 +367,7 @@ def tune_one(size: int, n: int, m: int, out: Path, results: Path, extra: list[st
                  f"augment.randaugment_n={n}",
                  f"augment.randaugment_m={m}"]
     cfg = load_config(EXP.config("randaugment"), overrides)
-    wall = train(cfg, run_dir, None)
+    wall = add_wall(run_dir, "train", train(cfg, run_dir, None)).get("train", 0.0)
     totals = epoch_totals(run_dir)
     result = {"size": size, "n": n, "m": m, "seed": TUNE_SEED, "wall_s": wall, "train_epoch_s": totals["epoch_s"],
               "val": totals["val"],
