@@ -9,7 +9,7 @@ import torch
 from augsearch.cli import main
 from augsearch.policy.init import make_policy
 from augsearch.policy.io import load_policy, policy_json_schema, save_policy
-from augsearch.policy.presets import PRESETS, preset_document, preset_file_name
+from augsearch.policy.presets import PRESETS, policy_from_file_or_preset, preset_document, preset_file_name
 
 POLICIES = Path(__file__).resolve().parents[1] / "augsearch" / "policies"
 
@@ -40,6 +40,23 @@ def test_flips_tta_preset_selects_identity_and_single_flips():
     assert torch.all(policy.tra_probs()[..., 0] == 1.0)
     nnunet = load_policy(POLICIES / "presets" / "nnunet-2d.json")
     assert nnunet.tea_selected() == [(0, 1.0)]
+
+
+@pytest.mark.parametrize("baseline", ["randaugment", "trivialaugment"])
+def test_marginals_presets_start_an_independent_policy_at_the_baselines_per_op_marginals(baseline):
+    """Each op is applied as often and at the same bins as under the baseline sampler, but drawn independently."""
+    fixed = make_policy(2, ["background", "lesion"], sampling=baseline, randaugment_n=1, randaugment_m=3)
+    start = policy_from_file_or_preset(f"{baseline}-marginals", 2, ["background", "lesion"], randaugment_n=1,
+                                       randaugment_m=3)
+    assert start.sampling == "independent"
+    marginals = fixed.baseline_marginals()
+    for group in range(start.tra_probs().shape[0]):
+        torch.testing.assert_close(start.tra_probs()[group].double()[start.available],
+                                   marginals[start.available], atol=1e-6, rtol=0)
+    bins = start.sample_tra(torch.zeros(20000, dtype=torch.long), torch.Generator().manual_seed(0))
+    applied = (bins != 0).sum(1)
+    assert len(set(applied.tolist())) > 2  # independent draws: the number of ops applied varies
+    assert abs(float(applied.double().mean()) - 1.0) < 0.05  # on average the baseline's one op
 
 
 def test_cli_validate(tmp_path, capsys):

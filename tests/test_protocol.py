@@ -127,6 +127,26 @@ def test_the_shared_rows_run_one_policy_over_two_workers_and_retrain_with_it(tmp
     assert (results / "train6" / "shared_retrain" / "seed0_w2.json").is_file()
 
 
+def test_the_row_from_randaugment_learns_from_the_grids_choice_and_sets_an_older_choice_aside(tmp_path):
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    (results / "train10").mkdir(parents=True)
+    (results / "train10" / "randaugment_tuned.json").write_text(json.dumps({"choice": {"n": 1, "m": 3}}))
+    cfg = load_config(run.EXP.config("tra_from_randaugment"),
+                      run.overrides_for(10, "tra_from_randaugment", 0, runs, results))
+    assert cfg.augment.policy == "randaugment-marginals" and (cfg.augment.randaugment_n, cfg.augment.randaugment_m) \
+        == (1, 3)
+    assert cfg.augment.tra.learn and not cfg.augment.tra.class_specific  # the class-agnostic row's config
+    assert run.run_dir_for(runs, 10, "tra_from_randaugment", 0, results) == \
+        runs / "train10" / "tra_from_randaugment_n1_m3" / "seed0"
+    old = results / "train10" / "tra_from_randaugment" / "seed0.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps({"randaugment": {"n": 2, "m": 2, "tuned": False}}))
+    args = run.argparse.Namespace(tune_randaugment=False, sizes=[10], seeds=[0], rows=["tra_from_randaugment"],
+                                  data=tmp_path, curve_every=4, overrides=["x"], test_limit=None, shared_workers=2)
+    [job] = run.plan(args, runs, results)
+    assert job.done == old and not old.is_file() and (old.parent / "seed0_n2_m2.json").is_file()
+
+
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_agreement():
     low, high = run.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert low < 3.0 < high and low >= 1.0 and high <= 5.0

@@ -15,7 +15,11 @@ from augsearch.ops.tea import tea_pool
 from augsearch.policy.core import ZERO_LOGIT, Policy, Sampling, TeaEntryLike
 from augsearch.policy.groups import normalise_labels, resolve_groups
 
-INITS: tuple[str, ...] = ("identity", "uniform-0.1", "nnunet", "deepmedic", "uniform")
+INITS: tuple[str, ...] = ("identity", "uniform-0.1", "nnunet", "deepmedic", "uniform", "randaugment", "trivialaugment")
+
+
+# Inits that start a learnable (independently sampled) policy from a baseline sampler's per-op marginals.
+BASELINE_INITS: tuple[str, ...] = ("randaugment", "trivialaugment")
 
 
 TEA_INITS: tuple[str, ...] = ("flips", "single-flips", "identity", "uniform")
@@ -144,8 +148,11 @@ def make_policy(
 
     init (METHOD 3.3): "identity" (bin 0 with probability 1), "uniform-0.1" (P(on) = 0.1 per op), "nnunet" (--org 2),
     "deepmedic" (--org 3), "uniform" (equal logits); P(on) is split evenly over an op's available bins and logits are
-    log(p), so softmax reproduces the probabilities. With a baseline `sampling` ("randaugment", "trivialaugment",
-    "none") the logits are set to that sampler's per-op marginals instead (they describe it; sampling ignores them).
+    log(p), so softmax reproduces the probabilities. "randaugment" and "trivialaugment" start an independently sampled
+    policy from that sampler's per-op marginals (with randaugment_n, randaugment_m): each op is applied as often and
+    at the same bins, but ops are drawn independently, so the number applied varies. With a baseline `sampling`
+    ("randaugment", "trivialaugment", "none") the logits are set to that sampler's per-op marginals instead (they
+    describe it; sampling ignores them).
     patch_size makes rot90 bins and TEA quarter/half turns unavailable in non-square planes. ops restricts the op set
     (registry order kept) and the TEA pool to the entries of those ops; tea_exclude removes further TEA entries by name
     (`tea_available_mask`).
@@ -178,7 +185,7 @@ def make_policy(
     tea_logits = torch.tensor(logits_from_probs(tea_init_probs(entries, dims, tea_init)), dtype=torch.float32)
     tea_available = tea_available_mask(entries, ops, tea_exclude)
     tea_available[tea_turns_unavailable(entries, patch_size)] = False
-    policy = Policy(
+    settings = dict(
         dims=dims,
         op_specs=specs,
         group_labels=group_labels,
@@ -193,10 +200,12 @@ def make_policy(
         tea_top_k=tea_top_k,
         tau=tau,
     )
-    if sampling == "independent":
+    policy = Policy(**settings)
+    if sampling == "independent" and init not in BASELINE_INITS:
         rows = [_init_probs(init, spec.name, available[k, : len(spec.bins)].tolist()) for k, spec in enumerate(specs)]
     else:
-        marginals = policy.baseline_marginals()
+        describes = policy if sampling != "independent" else Policy(**{**settings, "sampling": init})
+        marginals = describes.baseline_marginals()
         rows = [marginals[k, : len(spec.bins)].tolist() for k, spec in enumerate(specs)]
     logits = torch.zeros(len(group_labels), len(specs), max_bins)
     for k, row in enumerate(rows):

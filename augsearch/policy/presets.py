@@ -34,6 +34,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "flips-tta": {"init": "identity", "tea_init": "single-flips"},
     "randaugment": {"sampling": "randaugment", "tea_init": "flips", "tea_top_k": 1},
     "trivialaugment": {"sampling": "trivialaugment", "tea_init": "flips", "tea_top_k": 1},
+    # learnable starts at a baseline's per-op marginals (the TRA search from RandAugment's operating point)
+    "randaugment-marginals": {"init": "randaugment", "tea_init": "flips", "tea_top_k": 1},
+    "trivialaugment-marginals": {"init": "trivialaugment", "tea_init": "flips", "tea_top_k": 1},
 }
 
 

@@ -35,10 +35,10 @@ python3 experiments/hippocampus/prepare.py --source "$source" --out runs/data/hi
 deadline=$(( begin + minutes * 60 ))
 common=(--sizes "$size" --out "$runs" --results "$results" --set "train.device=\"$device\"")
 mkdir -p "$runs"
-learned=(tra_agnostic tra_specific joint retrain shared shared_retrain) smoke=(none joint shared)
+learned=(tra_agnostic tra_specific joint retrain tra_from_randaugment shared shared_retrain) smoke=(none joint shared)
 if ! python3 -c "import ray" 2> /dev/null; then
     echo "Ray is not installed here: rows shared and shared_retrain are left out"
-    learned=(tra_agnostic tra_specific joint retrain) smoke=(none joint)
+    learned=(tra_agnostic tra_specific joint retrain tra_from_randaugment) smoke=(none joint)
 fi
 ( python3 $run_py --tune-randaugment "${common[@]}" --jobs 4 \
     && python3 $run_py --rows randaugment "${common[@]}" --jobs 4 ) > "$runs.grid.log" 2>&1 &

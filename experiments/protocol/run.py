@@ -21,7 +21,10 @@ post-hoc TEA (no run of its own). Row `shared` runs the joint config as an `augs
 --shared-workers workers (default 2) on the embedded local Ray (worker 0 has the run's seed; the row scores worker
 0's segmenter with the shared policy; it occupies that many cores, or shares the one GPU), and `shared_retrain`
 trains a fresh segmenter with the final shared policy fixed; a result of another worker count is set aside
-(seed<k>_w<N>.json) and run again. Runs start in the order sizes, seeds, rows, so one size finishes before the next.
+(seed<k>_w<N>.json) and run again. Row `tra_from_randaugment` learns the class-agnostic TRA from the per-op
+marginals of the tuned RandAugment (preset `randaugment-marginals`); like row `randaugment`, a result of another N, M
+is set aside (seed<k>_n<N>_m<M>.json) and run again. Runs start in the order sizes, seeds, rows, so one size finishes
+before the next.
 """
 
 from __future__ import annotations
@@ -80,6 +83,12 @@ class Row:
     config: str | None = None  # another row whose <row>.toml this row trains (default: its own)
     policy_from: str | None = None  # row of the same size and seed whose final policy.json this row trains with
     shared: bool = False  # a shared search (`shared_overrides`) instead of one fit
+    policy: str | None = None  # a preset replacing its config's augment.policy ("randaugment-..." takes the tuned N, M)
+
+    @property
+    def uses_tuned_randaugment(self) -> bool:
+        """Trains with the RandAugment grid's N and M (the row itself, or a start at its marginals)."""
+        return self.name == "randaugment" or (self.policy or "").startswith("randaugment")
 
 
 ROWS = (
@@ -96,14 +105,17 @@ ROWS = (
     Row("shared", "joint, one policy shared by workers", own_tea=True, config="joint", shared=True),
     Row("shared_retrain", "retrain: fresh segmenter, final shared policy fixed", own_tea=True, after="shared",
         config="retrain", policy_from="shared"),
+    Row("tra_from_randaugment", "learned TRA, class-agnostic, from tuned RandAugment's marginals",
+        config="tra_agnostic", policy="randaugment-marginals"),
 )
 BY_NAME = {row.name: row for row in ROWS}
 # rows whose results depend on the worker count: the shared search and those trained with its policy
 SHARED_ROWS = tuple(r.name for r in ROWS if r.shared or (r.policy_from and BY_NAME[r.policy_from].shared))
 # (row, baseline): paired within the learned family: does the class-specific policy, retraining, pooling over
-# workers pay?
+# workers, learning from RandAugment's operating point pay?
 WITHIN = (("tra_specific", "tra_agnostic"), ("retrain", "joint"), ("shared", "joint"), ("shared_retrain", "retrain"),
-          ("shared_retrain", "shared"))
+          ("shared_retrain", "shared"), ("tra_from_randaugment", "randaugment"),
+          ("tra_from_randaugment", "tra_agnostic"))
 DERIVED = {"tra_specific_tea": "tra_specific"}  # row -> row whose run's "learned" column it is
 
 
@@ -175,19 +187,22 @@ def tuned_randaugment(results: Path, size: int) -> tuple[int, int, bool]:
 
 
 def run_dir_for(out: Path, size: int, row: str, seed: int, results: Path) -> Path:
-    if row == "randaugment":
+    if row in BY_NAME and BY_NAME[row].uses_tuned_randaugment:
         n, m, _ = tuned_randaugment(results, size)
-        row = f"randaugment_n{n}_m{m}"
+        row = f"{row}_n{n}_m{m}"
     if row in SHARED_ROWS:
         row = f"{row}_w{EXP.workers}"
     return out / size_dir(size) / row / f"seed{seed}"
 
 
 def overrides_for(size: int, row: str, seed: int, out: Path, results: Path, extra: list[str] = ()) -> list[str]:
-    """The config overrides of one run: seed, fold, data folder, RandAugment's N and M, retrain's policy, `extra`."""
+    """The config overrides of one run: seed, fold, data folder, the row's policy preset, RandAugment's N and M,
+    retrain's policy, `extra`."""
     spec = BY_NAME.get(row)
     overrides = [*EXP.overrides, *extra, f"seed={seed}", f"data.split.fold={EXP.sizes[size]}"]
-    if row == "randaugment":
+    if spec is not None and spec.policy:
+        overrides.append(f'augment.policy="{spec.policy}"')
+    if spec is not None and spec.uses_tuned_randaugment:
         n, m, _ = tuned_randaugment(results, size)
         overrides += [f"augment.randaugment_n={n}", f"augment.randaugment_m={m}"]
     if spec is not None and spec.policy_from:
@@ -337,7 +352,7 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
     result = {
         "size": size, "row": row.name, "seed": seed, "source": source, "machine": machine(),
         "config": str(EXP.config(row.name)), "overrides": overrides,
-        "randaugment": {"n": n, "m": m, "tuned": tuned} if row.name == "randaugment" else None,
+        "randaugment": {"n": n, "m": m, "tuned": tuned} if row.uses_tuned_randaugment else None,
         "shared_workers": EXP.workers if row.name in SHARED_ROWS else None,
         "segmenter_steps": totals["steps"], "meta_steps": totals["meta_steps"],
         "tea_steps": totals["tea_steps"] if row.own_tea and not row.policy_from else tea_totals["steps"],
@@ -468,8 +483,8 @@ def policy_spread(group: list[dict]) -> float:
 
 def within_family(by_row: dict[str, list[dict]]) -> list[str]:
     """Paired differences inside the learned family (WITHIN) and the seeds' disagreement on the learned policy."""
-    md = ["", "Inside the learned family: paired per-seed differences in mean Dice without TTA (percentage points), "
-          "95% bootstrap interval, wins:", "", "| row - baseline | seeds | difference | 95% interval | wins |",
+    md = ["", "Inside the learned family, and against the fixed policy a learned row starts from: paired per-seed "
+          "differences in mean Dice without TTA (percentage points), 95% bootstrap interval, wins:", "", "| row - baseline | seeds | difference | 95% interval | wins |",
           "|---|---|---|---|---|"]
     for row, baseline in WITHIN:
         base = {r["seed"]: mean_dice(r, "none") for r in by_row[baseline]}
@@ -523,7 +538,7 @@ def write_tables(results: Path) -> None:
                     cells.append(f"{scale * mean:.1f} ± {scale * std:.1f}")
             val, _ = _mean_std([val_dice(r) for r in group])
             title = row.title
-            if row.name == "randaugment":
+            if row.uses_tuned_randaugment:
                 settings = sorted({(r["randaugment"]["n"], r["randaugment"]["m"], r["randaugment"]["tuned"])
                                    for r in group})
                 title += " " + ", ".join(f"N {n} M {m} ({'tuned' if t else 'untuned'})" for n, m, t in settings)
@@ -616,7 +631,7 @@ def plan(args: argparse.Namespace, out: Path, results: Path) -> list[Job]:
                 if row.name not in args.rows or row.name in DERIVED:
                     continue
                 done = result_path(results, size, row.name, seed)
-                if row.name == "randaugment" and done.is_file():
+                if row.uses_tuned_randaugment and done.is_file():
                     n, m, _ = tuned_randaugment(results, size)
                     old = json.loads(done.read_text())["randaugment"]
                     if (old["n"], old["m"]) != (n, m):  # superseded by the grid's choice: kept aside, rerun
