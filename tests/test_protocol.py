@@ -127,7 +127,8 @@ def test_the_shared_rows_run_one_policy_over_two_workers_and_retrain_with_it(tmp
     assert (results / "train6" / "shared_retrain" / "seed0_w2.json").is_file()
 
 
-def test_the_row_from_randaugment_learns_from_the_grids_choice_and_sets_an_older_choice_aside(tmp_path):
+def test_the_rows_from_randaugment_take_the_grids_choice_and_set_an_older_choice_aside(tmp_path):
+    """tra_from_randaugment learns from the tuned marginals; randaugment_marginals keeps them fixed (its control)."""
     results, runs = tmp_path / "results", tmp_path / "runs"
     (results / "train10").mkdir(parents=True)
     (results / "train10" / "randaugment_tuned.json").write_text(json.dumps({"choice": {"n": 1, "m": 3}}))
@@ -145,6 +146,10 @@ def test_the_row_from_randaugment_learns_from_the_grids_choice_and_sets_an_older
                                   data=tmp_path, curve_every=4, overrides=["x"], test_limit=None, shared_workers=2)
     [job] = run.plan(args, runs, results)
     assert job.done == old and not old.is_file() and (old.parent / "seed0_n2_m2.json").is_file()
+    control = load_config(run.EXP.config("randaugment_marginals"),
+                          run.overrides_for(10, "randaugment_marginals", 0, runs, results))
+    assert control.augment.policy == "randaugment-marginals" and not control.augment.tra.learn
+    assert (control.augment.randaugment_n, control.augment.randaugment_m) == (1, 3)
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_agreement():

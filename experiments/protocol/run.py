@@ -22,9 +22,10 @@ post-hoc TEA (no run of its own). Row `shared` runs the joint config as an `augs
 0's segmenter with the shared policy; it occupies that many cores, or shares the one GPU), and `shared_retrain`
 trains a fresh segmenter with the final shared policy fixed; a result of another worker count is set aside
 (seed<k>_w<N>.json) and run again. Row `tra_from_randaugment` learns the class-agnostic TRA from the per-op
-marginals of the tuned RandAugment (preset `randaugment-marginals`); like row `randaugment`, a result of another N, M
-is set aside (seed<k>_n<N>_m<M>.json) and run again. Runs start in the order sizes, seeds, rows, so one size finishes
-before the next.
+marginals of the tuned RandAugment (preset `randaugment-marginals`), and row `randaugment_marginals` trains with
+those marginals fixed (the control that separates learning from drawing ops independently); like row `randaugment`,
+a result of another N, M is set aside (seed<k>_n<N>_m<M>.json) and run again. Runs start in the order sizes, seeds,
+rows, so one size finishes before the next.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ TTA = ("none", "flips", "learned")
 TUNE_SEED = 100
 GRID = [(n, m) for n in (1, 2, 3) for m in (1, 2, 3)]
 FIXED = ("none", "nnunet", "randaugment", "trivialaugment")
+# fixed rows that isolate one effect for a learned row; not candidates for the best fixed row
+CONTROLS = ("randaugment_marginals",)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ ROWS = (
         config="retrain", policy_from="shared"),
     Row("tra_from_randaugment", "learned TRA, class-agnostic, from tuned RandAugment's marginals",
         config="tra_agnostic", policy="randaugment-marginals"),
+    Row("randaugment_marginals", "tuned RandAugment's marginals, ops drawn independently, fixed",
+        config="randaugment", policy="randaugment-marginals"),
 )
 BY_NAME = {row.name: row for row in ROWS}
 # rows whose results depend on the worker count: the shared search and those trained with its policy
@@ -115,7 +120,8 @@ SHARED_ROWS = tuple(r.name for r in ROWS if r.shared or (r.policy_from and BY_NA
 # workers, learning from RandAugment's operating point pay?
 WITHIN = (("tra_specific", "tra_agnostic"), ("retrain", "joint"), ("shared", "joint"), ("shared_retrain", "retrain"),
           ("shared_retrain", "shared"), ("tra_from_randaugment", "randaugment"),
-          ("tra_from_randaugment", "tra_agnostic"))
+          ("tra_from_randaugment", "randaugment_marginals"), ("tra_from_randaugment", "tra_agnostic"),
+          ("randaugment_marginals", "randaugment"))
 DERIVED = {"tra_specific_tea": "tra_specific"}  # row -> row whose run's "learned" column it is
 
 
@@ -363,7 +369,7 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
         "curve_summary": summarise_curve(curve, list(EXP.paired)),
         "curve": [{k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()} for line in curve],
         "test": test, "test_cases": len(test_cases),
-        "policy": comparison.policy_notes(learned_policy if row.name not in FIXED else None),
+        "policy": comparison.policy_notes(learned_policy if row.name not in FIXED + CONTROLS else None),
         "posthoc_tea": comparison.policy_notes(learned_policy) if not row.own_tea else {},
     }
     write_json(result_path(results, size, row.name, seed), finite(result))
@@ -484,7 +490,8 @@ def policy_spread(group: list[dict]) -> float:
 def within_family(by_row: dict[str, list[dict]]) -> list[str]:
     """Paired differences inside the learned family (WITHIN) and the seeds' disagreement on the learned policy."""
     md = ["", "Inside the learned family, and against the fixed policy a learned row starts from: paired per-seed "
-          "differences in mean Dice without TTA (percentage points), 95% bootstrap interval, wins:", "", "| row - baseline | seeds | difference | 95% interval | wins |",
+          "differences in mean Dice without TTA (percentage points), 95% bootstrap interval, wins:", "",
+          "| row - baseline | seeds | difference | 95% interval | wins |",
           "|---|---|---|---|---|"]
     for row, baseline in WITHIN:
         base = {r["seed"]: mean_dice(r, "none") for r in by_row[baseline]}
@@ -492,7 +499,7 @@ def within_family(by_row: dict[str, list[dict]]) -> list[str]:
         if diffs:
             md.append(paired_line(f"{row} - {baseline}", diffs))
     spread = {row.name: policy_spread(by_row[row.name]) for row in ROWS
-              if row.name not in FIXED and row.name not in DERIVED and not row.policy_from}
+              if row.name not in FIXED + CONTROLS and row.name not in DERIVED and not row.policy_from}
     md += ["", "Disagreement of the seeds' learned TRA policies (mean over ops and groups of the std over seeds of "
            "P(op applied); 0 when every seed learns the same policy): "
            + ", ".join(f"{name} {value:.3f} ({len(by_row[name])} seeds)" for name, value in spread.items()
