@@ -12,16 +12,13 @@
 # there ends the call at once.
 # SHARED_WORKERS=N: the workers of row shared (default 2; each takes one of the learned rows' 8 slots). Rows shared
 # and shared_retrain need Ray: on a machine without it they are left out, and the log says so.
-# Wheels may sit in .whl/.
+# Wheels may sit in .whl/, Ray in .ray/ (experiments/gpu/pack_ray.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source=$1 out=$2 minutes=$3 size=${4:-10}
 device=${DEVICE:-cuda}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
+source experiments/gpu/site.sh  # carried wheels and Ray
 site=${PYTHONPATH:-}
 export PYTHONPATH="$PWD${site:+:$site}" PYTHONUNBUFFERED=1
 begin=$(date +%s)

@@ -3,17 +3,15 @@
 # the meta-step per backend in 2D, 3D 64^3 and 3D 128^3, augmentation (and, with AUGMENT_BEFORE=DIR holding an
 # older augsearch/ package, that version's augmentation in turns with this one), TTA, plain training, and the tests
 # marked `gpu`. Usage: bash experiments/gpu/run.sh [OUT_DIR]  (default runs/gpu). Results: OUT_DIR/results.json
-# (one entry per benchmark) and OUT_DIR/log.txt. Wheels for packages the machine lacks may sit in .whl/.
+# (one entry per benchmark) and OUT_DIR/log.txt. Wheels for packages the machine lacks may sit in .whl/, Ray in .ray/
+# (experiments/gpu/pack_ray.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-runs/gpu}
 parts=$(mktemp -d)
 mkdir -p "$out"
 log="$out/log.txt"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
+source experiments/gpu/site.sh  # carried wheels and Ray
 site=${PYTHONPATH:-}
 export PYTHONPATH="$PWD${site:+:$site}" PYTHONUNBUFFERED=1
 { date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } >> "$log" 2>&1
