@@ -168,11 +168,13 @@ def use_experiment(folder: Path, workers: int = 2) -> Experiment:
 
 def shared_overrides(device: str) -> tuple[str, ...]:
     """Row shared: the joint config as one policy over EXP.workers workers that each train on every training case
-    (6 cases do not split into useful shards), one CPU each, and an equal share of the GPU when there is one (Ray
-    hides the GPU from a trial that asks for none)."""
+    (6 cases do not split into useful shards), one CPU each (an equal share of the CPUs where there are fewer: the
+    workers of a shared search must run at once), and an equal share of the GPU when there is one (Ray hides the GPU
+    from a trial that asks for none)."""
     gpu = (f"search.gpus_per_trial={1 / EXP.workers}",) if device != "cpu" else ()
+    cpus = min(1.0, (os.cpu_count() or 1) / EXP.workers)
     return ("search.policy_sharing=\"shared\"", f"search.num_workers={EXP.workers}", "search.shard=\"all\"",
-            "search.cpus_per_trial=1", "search.sync_timeout_s=600", *gpu)
+            f"search.cpus_per_trial={cpus:g}", "search.sync_timeout_s=600", *gpu)
 
 
 def size_dir(size: int) -> str:
