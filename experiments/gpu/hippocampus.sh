@@ -4,7 +4,8 @@
 #   SOURCE: the 200-case folder (../shared/data/msd_hippocampus_200 or a copy carried with the tree); OUT_DIR gets
 #   hippocampus.tgz (the per-run JSON files, logs, curves and policies; no checkpoint, no prediction) and smi.csv (GPU
 #   utilisation every 15 s); MINUTES: when to pack, whatever has finished by then. SIZE: training size (default 10).
-# Side by side: the RandAugment grid followed by the RandAugment row, the fixed rows and the learned rows, every run
+# Side by side: the RandAugment grid followed by the rows that take its choice (RandAugment, its marginals fixed and
+# learned from), the fixed rows and the learned rows, every run
 # with one torch thread on `cuda`, into experiments/hippocampus/results_gpu/ and runs/hippocampus_gpu/ (a
 # second call on the same machine resumes the runs from their epoch checkpoints; a later lease skips every run whose
 # JSON is committed under results_gpu/ and goes on with the rest). Beside the first runs, a smoke pass of three rows
@@ -32,13 +33,14 @@ python3 experiments/hippocampus/prepare.py --source "$source" --out runs/data/hi
 deadline=$(( begin + minutes * 60 ))
 common=(--sizes "$size" --out "$runs" --results "$results" --set "train.device=\"$device\"")
 mkdir -p "$runs"
-learned=(tra_agnostic tra_specific joint retrain tra_from_randaugment shared shared_retrain) smoke=(none joint shared)
+learned=(tra_agnostic tra_specific joint retrain shared shared_retrain) smoke=(none joint shared)
 if ! python3 -c "import ray" 2> /dev/null; then
     echo "Ray is not installed here: rows shared and shared_retrain are left out"
-    learned=(tra_agnostic tra_specific joint retrain tra_from_randaugment) smoke=(none joint)
+    learned=(tra_agnostic tra_specific joint retrain) smoke=(none joint)
 fi
 ( python3 $run_py --tune-randaugment "${common[@]}" --jobs 4 \
-    && python3 $run_py --rows randaugment "${common[@]}" --jobs 4 ) > "$runs.grid.log" 2>&1 &
+    && python3 $run_py --rows randaugment randaugment_marginals tra_from_randaugment "${common[@]}" --jobs 4 ) \
+    > "$runs.grid.log" 2>&1 &
 pids=($!)
 python3 $run_py --rows none nnunet trivialaugment "${common[@]}" --jobs 4 > "$runs.fixed.log" 2>&1 &
 pids+=($!)
