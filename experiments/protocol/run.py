@@ -490,22 +490,25 @@ def policy_spread(group: list[dict]) -> float:
 
 
 def within_family(by_row: dict[str, list[dict]]) -> list[str]:
-    """Paired differences inside the learned family (WITHIN) and the seeds' disagreement on the learned policy."""
-    md = ["", "Inside the learned family, and against the fixed policy a learned row starts from: paired per-seed "
-          "differences in mean Dice without TTA (percentage points), 95% bootstrap interval, wins:", "",
-          "| row - baseline | seeds | difference | 95% interval | wins |",
-          "|---|---|---|---|---|"]
+    """Paired differences inside the learned family (WITHIN) and the seeds' disagreement on the learned policy; each
+    part only where it has runs."""
+    lines = []
     for row, baseline in WITHIN:
         base = {r["seed"]: mean_dice(r, "none") for r in by_row[baseline]}
         diffs = [100 * (mean_dice(r, "none") - base[r["seed"]]) for r in by_row[row] if r["seed"] in base]
         if diffs:
-            md.append(paired_line(f"{row} - {baseline}", diffs))
+            lines.append(paired_line(f"{row} - {baseline}", diffs))
+    md = ["", "Inside the learned family, and against the fixed policy a learned row starts from: paired per-seed "
+          "differences in mean Dice without TTA (percentage points), 95% bootstrap interval, wins:", "",
+          "| row - baseline | seeds | difference | 95% interval | wins |",
+          "|---|---|---|---|---|", *lines] if lines else []
     spread = {row.name: policy_spread(by_row[row.name]) for row in ROWS
               if row.name not in FIXED + CONTROLS and row.name not in DERIVED and not row.policy_from}
-    md += ["", "Disagreement of the seeds' learned TRA policies (mean over ops and groups of the std over seeds of "
-           "P(op applied); 0 when every seed learns the same policy): "
-           + ", ".join(f"{name} {value:.3f} ({len(by_row[name])} seeds)" for name, value in spread.items()
-                       if not math.isnan(value)) + "."]
+    spread = {name: value for name, value in spread.items() if not math.isnan(value)}
+    if spread:
+        md += ["", "Disagreement of the seeds' learned TRA policies (mean over ops and groups of the std over seeds of "
+               "P(op applied); 0 when every seed learns the same policy): "
+               + ", ".join(f"{name} {value:.3f} ({len(by_row[name])} seeds)" for name, value in spread.items()) + "."]
     return md
 
 
