@@ -75,6 +75,7 @@ GRID = [(n, m) for n in (1, 2, 3) for m in (1, 2, 3)]
 FIXED = ("none", "nnunet", "randaugment", "trivialaugment")
 # fixed rows that isolate one effect for a learned row; not candidates for the best fixed row
 CONTROLS = ("randaugment_marginals",)
+NOT_LEARNED = FIXED + CONTROLS  # rows whose policy is their start: no learned policy to note or compare across seeds
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,7 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
         "curve_summary": summarise_curve(curve, list(EXP.paired)),
         "curve": [{k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()} for line in curve],
         "test": test, "test_cases": len(test_cases),
-        "policy": comparison.policy_notes(learned_policy if row.name not in FIXED + CONTROLS else None),
+        "policy": comparison.policy_notes(learned_policy if row.name not in NOT_LEARNED else None),
         "posthoc_tea": comparison.policy_notes(learned_policy) if not row.own_tea else {},
     }
     write_json(result_path(results, size, row.name, seed), finite(result))
@@ -503,7 +504,7 @@ def within_family(by_row: dict[str, list[dict]]) -> list[str]:
           "| row - baseline | seeds | difference | 95% interval | wins |",
           "|---|---|---|---|---|", *lines] if lines else []
     spread = {row.name: policy_spread(by_row[row.name]) for row in ROWS
-              if row.name not in FIXED + CONTROLS and row.name not in DERIVED and not row.policy_from}
+              if row.name not in NOT_LEARNED and row.name not in DERIVED and not row.policy_from}
     spread = {name: value for name, value in spread.items() if not math.isnan(value)}
     if spread:
         md += ["", "Disagreement of the seeds' learned TRA policies (mean over ops and groups of the std over seeds of "
