@@ -126,7 +126,9 @@ class TrainConfig(_Section):
     update_model: bool = Field(True, description="False freezes the segmenter (TEA-only search on a trained model).")
     init_checkpoint: str | None = Field(None, description="Start from this segmenter checkpoint (weights only).")
     validate_every: int = Field(1, ge=1, description="Epochs between whole-volume validations.")
-    checkpoint_every: int = Field(1, ge=1, description="Epochs between checkpoints (validation epochs always write one).")
+    checkpoint_every: int = Field(
+        1, ge=1, description="Epochs between checkpoints (validation epochs always write one)."
+    )
     sliding_window_batch: int = Field(8, ge=1)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default.")
@@ -154,8 +156,8 @@ class LossConfig(_Section):
         "a target), 'colab' (learned by a generator network); predictions merge them back into the background.",
     )
     context_classes: int | None = Field(
-        None, ge=1, description="t context sub-classes; None is 2 for 'kmeans' and 'colab', 1 for 'dilated' and 'organ' "
-        "(which make one).",
+        None, ge=1, description="t context sub-classes; None is 2 for 'kmeans' and 'colab', 1 for 'dilated' and "
+        "'organ' (which make one).",
     )
     context_organ_label: str | None = Field(None, description="'organ': the dataset label whose voxels are context.")
     context_dilation: int = Field(4, ge=1, description="'dilated': ring width around the foreground, in voxels.")
@@ -218,10 +220,12 @@ class TraSearchConfig(_Section):
     )
     outer_loss: Literal["ce_dice", "ce", "dice"] = "ce_dice"
     outer_rare_fraction: float = Field(
-        0.0, ge=0, le=1, description="Share of the outer-loss batch centred on a rare class (loss.rare_labels); 0 is off."
+        0.0, ge=0, le=1,
+        description="Share of the outer-loss batch centred on a rare class (loss.rare_labels); 0 is off.",
     )
     precondition: bool = Field(
-        False, description="Inner step and JVP tangent in the segmenter's Adam geometry (P * grad, P * v) instead of SGD's."
+        False,
+        description="Inner step and JVP tangent in the segmenter's Adam geometry (P * grad, P * v) instead of SGD's.",
     )
 
 

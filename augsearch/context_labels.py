@@ -96,8 +96,9 @@ def context_spec(cfg: LossConfig, label_names: Mapping[str, int]) -> ContextSpec
                                     f"classes: left unset it marks every foreground label rare, {name!r} included, "
                                     "though a context label is no target")
         if name in rare:
-            raise ContextLabelError(f"loss.context_organ_label = {name!r} is also in loss.rare_labels {rare}: a context "
-                                    "label is no target; name another label or drop it from loss.rare_labels")
+            raise ContextLabelError(f"loss.context_organ_label = {name!r} is also in loss.rare_labels {rare}: a "
+                                    "context label is no target; name another label or drop it from "
+                                    "loss.rare_labels")
         if len([v for v in label_names.values() if v != 0]) < 2:
             raise ContextLabelError(f"loss.context_organ_label = {name!r} would leave no target label; 'organ' needs a "
                                     "dataset with another foreground label")

@@ -84,7 +84,9 @@ def adversarial_perturbation(
     parameters receive no gradient; the extra optimiser step on (x + r_adv, y) is the caller's.
     """
     loss_fn_rare = loss_fn_rare or rare_restricted_loss
-    d = torch.randn(x.shape, generator=generator, device=_generator_device(generator, x.device), dtype=x.dtype).to(x.device)
+    d = torch.randn(
+        x.shape, generator=generator, device=_generator_device(generator, x.device), dtype=x.dtype
+    ).to(x.device)
     d = (xi * _normalise(d)).requires_grad_(True)
     classes = rare if asymmetric else torch.ones_like(rare, dtype=torch.bool)
     with torch.enable_grad():

@@ -310,7 +310,9 @@ class _Run:
                     rare=self.rare, asymmetric=loss_cfg.asymmetric, generator=self.generator,
                 )
                 out["train/mixup_loss"] = self._extra_step(
-                    lambda: soft_target_loss(_full_resolution(self.model(x_mix)), soft, valid, loss_cfg, self.rare).mean()
+                    lambda: soft_target_loss(
+                        _full_resolution(self.model(x_mix)), soft, valid, loss_cfg, self.rare
+                    ).mean()
                 )
             return out
 
@@ -521,7 +523,8 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
             run.epoch += 1
             metrics = {
                 "epoch": run.epoch, "step": run.global_step, "lr": lr,
-                **({"train/loss": float(np.mean(losses))} if losses else {}), "time/epoch_s": time.perf_counter() - started,
+                **({"train/loss": float(np.mean(losses))} if losses else {}),
+                "time/epoch_s": time.perf_counter() - started,
                 "meta/steps": run.step.stats.meta_steps, "tea/steps": run.step.stats.tea_steps,
                 "meta/empty_group_updates": run.step.stats.empty_group_updates,
                 **{f"nonfinite/{kind}": n for kind, n in run.step.guard.skipped.items()},
@@ -542,7 +545,8 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
             with open(run_dir / METRICS_NAME, "a") as handle:
                 handle.write(dumps_json(metrics) + "\n")
             if progress:
-                summary = f" | {run.policy.summary()}" if run.policy is not None and (aug.tra.learn or aug.tea.learn) else ""
+                summary = (f" | {run.policy.summary()}"
+                           if run.policy is not None and (aug.tra.learn or aug.tea.learn) else "")
                 print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics.get('train/loss', float('nan')):.4f} "
                       f"val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}{summary}", flush=True)
             report_ckpt = report_policy = None

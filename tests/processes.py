@@ -43,7 +43,9 @@ def assert_loopback_only() -> None:
     lines = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True, check=True).stdout.splitlines()
     listening = [line.split()[3] for line in lines
                  if any(int(pid) in ours for pid in re.findall(r"pid=(\d+)", line))]
-    assert listening and all(addr.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")) for addr in listening), listening
+    assert listening and all(
+        addr.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")) for addr in listening
+    ), listening
 
 
 def assert_no_ray_left() -> None:

@@ -104,7 +104,9 @@ def test_export_all_trials(search_dir, tmp_path):
     assert main(["export", str(search_dir), "--out", str(out), "--all"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["trial_00000", "trial_00001"]
     for trial in ("trial_00000", "trial_00001"):
-        assert (out / trial / "checkpoint.pt").read_bytes() == (search_dir / trial / "fit" / "checkpoint.pt").read_bytes()
+        assert (out / trial / "checkpoint.pt").read_bytes() == (
+            search_dir / trial / "fit" / "checkpoint.pt"
+        ).read_bytes()
         assert provenance(out / trial / "policy.json")["export"]["trial"] == trial
         load_policy(out / trial / "policy.json")
 
@@ -128,7 +130,8 @@ def test_export_breaks_metric_ties_by_mean_foreground_dice_and_writes_strict_jso
     # Both trials miss the rare class; the first listed is worse on the other foreground class.
     source = planted(search_dir, tmp_path, {
         "trial_00000": {"val/dice_rare": 0.0, "val/dice_mean": 0.385, "val/dice_organ": 0.77, "val/hd95": float("nan")},
-        "trial_00001": {"val/dice_rare": 0.0, "val/dice_mean": 0.478, "val/dice_organ": 0.956, "val/hd95": float("inf")},
+        "trial_00001": {"val/dice_rare": 0.0, "val/dice_mean": 0.478, "val/dice_organ": 0.956,
+                        "val/hd95": float("inf")},
     })
     out = tmp_path / "best"
     assert main(["export", str(source), "--out", str(out)]) == 0

@@ -161,7 +161,8 @@ def test_deep_supervision_weights_and_loss():
         outs[1], target[:, ::2, ::2], cfg, RARE
     )
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(deep_supervision_loss(outs[0], target, cfg, RARE), per_sample_loss(outs[0], target, cfg, RARE))
+    torch.testing.assert_close(deep_supervision_loss(outs[0], target, cfg, RARE),
+                               per_sample_loss(outs[0], target, cfg, RARE))
 
 
 def test_batch_loss_hand_value_and_mask():
@@ -193,7 +194,8 @@ def test_soft_dice_per_class_mask_and_batch():
     torch.testing.assert_close(d, torch.tensor([[2 / 2.5, 3 / 3.5]]))
     d_masked = soft_dice_per_class(probs, onehot, torch.tensor([[True, True, False]]), smooth=0.0)
     torch.testing.assert_close(d_masked, torch.tensor([[1.0, 1.0]]))
-    torch.testing.assert_close(soft_dice_per_class(probs.repeat(2, 1, 1), onehot.repeat(2, 1, 1), batch=True), d[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(soft_dice_per_class(probs.repeat(2, 1, 1), onehot.repeat(2, 1, 1), batch=True), d[0],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_rare_mask():

@@ -43,7 +43,8 @@ ROT = Spec(
     (OFF, Bin("+5", 0, 10, 1), Bin("-5", 0, 10, -1), Bin("+15", 10, 20, 1), Bin("-15", 10, 20, -1),
      Bin("rot90+", 90, 90, 1), Bin("rot90-", 90, 90, -1)),
 )
-NOISE = Spec("noise", "intensity", (OFF, Bin("0.025", 0, 0.05, 0), Bin("0.075", 0.05, 0.1, 0), Bin("0.125", 0.1, 0.15, 0)))
+NOISE = Spec("noise", "intensity",
+             (OFF, Bin("0.025", 0, 0.05, 0), Bin("0.075", 0.05, 0.1, 0), Bin("0.125", 0.1, 0.15, 0)))
 SPECS = (FLIP, ROT, NOISE)
 POOL = (
     Entry(0, "identity", "identity", None, False),
@@ -348,7 +349,7 @@ def test_summary_lists_top_ops_per_group():
     policy = _policy(tra_logits=logits, tea_logits=torch.log(torch.tensor([0.5, 0.3, 0.1, 0.1])))
     assert policy.summary(top=2) == (
         "Policy(background: flip_x .50, rotate_xy .00 ... | foreground: rotate_xy .31, flip_x .00 ... "
-        "| tea: identity .62, flip_x .38)"
+        "| tea: identity .50, flip_x .30 ...)"
     )
 
 

@@ -31,7 +31,9 @@ def test_schema_json_matches_the_code():
 @pytest.mark.parametrize("dims", [2, 3])
 def test_preset_files_match_the_code(name, dims):
     on_disk = json.loads((POLICIES / "presets" / preset_file_name(name, dims)).read_text())
-    assert on_disk == preset_document(name, dims), "regenerate: augsearch policy presets --write augsearch/policies/presets"
+    assert on_disk == preset_document(name, dims), (
+        "regenerate: augsearch policy presets --write augsearch/policies/presets"
+    )
 
 
 def test_flips_tta_preset_selects_identity_and_single_flips():

@@ -142,7 +142,8 @@ def test_sigterm_of_a_search_stops_it_like_ctrl_c(tmp_path, data_root):
     # Ray forwards its workers' output prefixed "(name pid=...)": a worker ended while importing may print its own
     # SystemExit there. The driver's own lines are what the user is shown.
     driver = "\n".join(line for line in err.splitlines() if not line.startswith("("))
-    assert "Stack trace" not in driver and "SIGTERM received" not in driver and "Traceback" not in driver, driver[-3000:]
+    assert ("Stack trace" not in driver and "SIGTERM received" not in driver
+            and "Traceback" not in driver), driver[-3000:]
     # Tune's own Ctrl-C path: state saved, the search reported as interrupted with the resume command
     assert proc.returncode == 130 and "interrupted; resume with" in driver, driver[-3000:]
     assert json.loads((out / "summary.json").read_text()).get("interrupted") is True

@@ -85,7 +85,8 @@ def test_soft_target_loss_equals_hard_loss_on_one_hot_targets():
     onehot = torch.nn.functional.one_hot(y, 3).movedim(-1, 1).double()
     cfg = LossConfig(margin=0.5, focal_gamma=2.0)
     valid = torch.ones(2, 4, 4, dtype=torch.bool)
-    torch.testing.assert_close(soft_target_loss(logits, onehot, valid, cfg, RARE), per_sample_loss(logits, y, cfg, RARE))
+    torch.testing.assert_close(soft_target_loss(logits, onehot, valid, cfg, RARE),
+                               per_sample_loss(logits, y, cfg, RARE))
     # Dropping voxels equals zeroing their CE and leaving them out of Dice.
     valid[:, :2] = False
     cfg_ce = LossConfig(kind="ce")

@@ -1,4 +1,5 @@
-"""An interrupted search (Ctrl-C) exits non-zero with how to resume, offers nothing for export, and export refuses it."""
+"""An interrupted search (Ctrl-C) exits non-zero with how to resume, offers nothing for export, and export refuses
+it."""
 
 from __future__ import annotations
 

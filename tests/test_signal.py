@@ -32,7 +32,8 @@ def test_bench_signal_runs_on_the_smoke_config(tmp_path):
     args = ["bench", "signal", "--device", "cpu", "--config", str(SMOKE), "--points", "8", "--draws", "4",
             "--workers", "1", "2", "--options", "base", "accumulate", "precondition", "rare_outer", "reinforce",
             "--accumulate", "2",
-            "--set", "train.iterations=4", "--set", "train.num_threads=1", "--set", f"data.root={json.dumps(str(data))}",
+            "--set", "train.iterations=4", "--set", "train.num_threads=1",
+            "--set", f"data.root={json.dumps(str(data))}",
             "--json", str(out)]
     assert main(args) == 0
     rows = json.loads(out.read_text())["results"]

@@ -138,6 +138,6 @@ def test_bad_config_is_rejected_with_the_key(tmp_path, capsys):
 
 def test_warmup_delays_the_first_meta_step(data_root, tmp_path):
     cfg = tiny(data_root, **{"augment.warmup_iterations": 3, "train.batch_size": 6})
-    result = fit(cfg, tmp_path / "run", progress=False)
+    fit(cfg, tmp_path / "run", progress=False)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["meta/steps"] for m in lines] == [0, 1]  # 4 iterations, the first 3 under the initial policy

@@ -39,5 +39,6 @@ def test_wheel_installed_outside_the_checkout_finds_presets_and_trains(tmp_path)
     config.write_text((REPO / "experiments" / "smoke.toml").read_text())
     sets = ["train.epochs=1", "train.iterations=2", "train.batch_size=2", "train.val_batch_size=2",
             f'data.root="{work / "data"}"', 'augment.policy="learned/quickstart/bench2d-joint.json"']
-    out = augsearch("train", str(config), "--out", str(work / "run"), "--quiet", *[a for s in sets for a in ("--set", s)])
+    out = augsearch("train", str(config), "--out", str(work / "run"), "--quiet",
+                    *[a for s in sets for a in ("--set", s)])
     assert (work / "run" / "checkpoint.pt").is_file() and (work / "run" / "policy.json").is_file(), out

@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ray_wall_s": ray_wall, "ray_sum_trial_s": ray_sum,
         "ray_parallel_efficiency": ray_sum / (ray_wall * concurrency),
         "first_wave_submit_to_start_s": max(t["submit_to_start_s"] for t in first_wave),
-        "median_submit_to_first_report_s": sorted(t["submit_to_first_report_s"] for t in per_trial)[len(per_trial) // 2],
+        "median_submit_to_first_report_s": sorted(
+            t["submit_to_first_report_s"] for t in per_trial
+        )[len(per_trial) // 2],
         "local_wall_s": local_wall, "local_sum_trial_s": local_sum,
         "ray_wall_over_local_wall": ray_wall / local_wall,
         "per_trial": per_trial,

@@ -144,7 +144,8 @@ def _measure(cfg, checkpoint: Path, tmp: Path, args: argparse.Namespace, steps: 
 
     def row(option: str, workers: int, draws, started: float, **extra) -> None:
         rows.append({"steps": steps, "option": option, "workers": workers, "draws": int(draws.shape[0]),
-                     **extra, **signal_statistics(draws, noise_seed=args.seed), "seconds": time.perf_counter() - started})
+                     **extra, **signal_statistics(draws, noise_seed=args.seed),
+                     "seconds": time.perf_counter() - started})
 
     def point(option_overrides: dict[str, Any], seed: int) -> _Point:
         option_cfg = config_from_dict(apply_overrides(cfg.to_dict(), option_overrides))

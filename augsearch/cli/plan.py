@@ -8,10 +8,12 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "plan", help="write a complete, commented config planned from a dataset's fingerprint (spacing, shapes, classes)"
+        "plan",
+        help="write a complete, commented config planned from a dataset's fingerprint (spacing, shapes, classes)",
     )
     parser.add_argument("dataset", help="dataset folder holding dataset.json, imagesTr/ and labelsTr/")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="where the search runs (default cuda)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
+                        help="where the search runs (default cuda)")
     parser.add_argument("--memory", type=float, default=None, metavar="GB",
                         help="device memory to plan for (default 8 on cuda, 4 on cpu)")
     parser.add_argument("--mode", choices=("joint", "tra", "tea", "none"), default="joint",
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     write_text(out, text)
     print(f"wrote {out}: patch {plan.patch_size}, batch {plan.batch_size}, spacing {plan.target_spacing}, "
-          f"{plan.epochs} x {plan.iterations} iterations (about {plan.epochs * plan.iterations * plan.ms_per_iteration / 60000:.0f} "
+          f"{plan.epochs} x {plan.iterations} iterations "
+          f"(about {plan.epochs * plan.iterations * plan.ms_per_iteration / 60000:.0f} "
           f"min on {plan.device})")
     return 0

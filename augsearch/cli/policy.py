@@ -69,7 +69,8 @@ def _show(args: argparse.Namespace) -> int:
     width = max(len(name) for name in policy.op_names)
     members = policy.group_label_names()
     for g, group in enumerate(policy.group_names):
-        lines += ["", f"group {group} (labels: {', '.join(members[group])})", f"  {'op':<{width}}  P(on)  likeliest bins"]
+        lines += ["", f"group {group} (labels: {', '.join(members[group])})",
+                  f"  {'op':<{width}}  P(on)  likeliest bins"]
         for k, name in enumerate(policy.op_names):
             row = probs[g, k]
             order = sorted(range(1, policy.n_bins[k]), key=lambda b: (-float(row[b]), b))[: args.bins]

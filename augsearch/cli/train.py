@@ -55,5 +55,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint:    {result.checkpoint_path}")
     if result.policy_path is not None:
         print(f"policy:        {result.policy_path}")
-    print(f"validation:    rare-class Dice {rare:.3f}, mean foreground Dice {result.metrics.get('val/dice_mean', float('nan')):.3f}")
+    print(f"validation:    rare-class Dice {rare:.3f}, "
+          f"mean foreground Dice {result.metrics.get('val/dice_mean', float('nan')):.3f}")
     return 0

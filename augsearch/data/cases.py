@@ -62,8 +62,8 @@ def load_cases(info: DatasetInfo, case_ids: list[str], preprocess: PreprocessCon
                cache_dir: str | Path | None = None, split: str = "Tr") -> list[Case]:
     """Preprocessed cases, read from `cache_dir` when an entry matches (no NIfTI read), else from disk and cached.
 
-    `split` is "Tr" (image + label) or "Ts" (image, and its label when labelsTs has it; else None). `cache_dir=None` disables caching. Missing CT
-    statistics are measured first (`complete_preprocess`).
+    `split` is "Tr" (image + label) or "Ts" (image, and its label when labelsTs has it; else None). `cache_dir=None`
+    disables caching. Missing CT statistics are measured first (`complete_preprocess`).
     """
     preprocess = complete_preprocess(info, preprocess, cache_dir)
     known = set(info.training if split == "Tr" else info.test)

@@ -77,8 +77,8 @@ def read_dataset_json(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(root, "a dataset folder", "no such folder",
-                           "point data.root at a folder holding dataset.json, or set data.generate = true with a [data.synth] "
-                           "section to write the bundled benchmark there")
+                           "point data.root at a folder holding dataset.json, or set data.generate = true with a "
+                           "[data.synth] section to write the bundled benchmark there")
     path = root / "dataset.json"
     if not path.is_file():
         raise DatasetError(path, "a dataset.json file", "no such file",

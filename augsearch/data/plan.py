@@ -150,7 +150,8 @@ def target_spacing(spacings: np.ndarray) -> tuple[list[float], str]:
                f"takes its 10th percentile ({low:g} mm instead of the median {target[coarse]:g})")
         target[coarse] = low
     else:
-        why = f"median spacing of the training cases (anisotropy {target.max() / target.min():.2f} <= {ANISOTROPY_RATIO:g})"
+        why = (f"median spacing of the training cases "
+               f"(anisotropy {target.max() / target.min():.2f} <= {ANISOTROPY_RATIO:g})")
     return [round(float(s), 6) for s in target], why
 
 
@@ -204,8 +205,8 @@ def plan_patch(shape: list[float], spacing: list[float], batch: int, base: int, 
         patch, kernels = _fit_to_pooling(patch, spacing)
     limit = (f"{MEMORY_SHARE:g} x {memory_gb:g} GB" if device == "cuda"
              else f"{MEMORY_SHARE:g} x {memory_gb:g} GB and {CPU_SECONDS_PER_ITERATION:g} s per CPU iteration")
-    why = (f"median shape {[int(n) for n in shape]} on the target grid, shrunk along the physically longest axis until a "
-           f"joint iteration of batch {batch} x base {base} fits {limit}; edges are multiples of the pooling "
+    why = (f"median shape {[int(n) for n in shape]} on the target grid, shrunk along the physically longest axis "
+           f"until a joint iteration of batch {batch} x base {base} fits {limit}; edges are multiples of the pooling "
            f"{divisors(kernels, len(patch))}")
     return patch, kernels, why
 
@@ -301,7 +302,8 @@ def make_plan(fp: Fingerprint, device: Device = "cuda", memory_gb: float | None 
     if mode in ("none", "tea"):
         ms /= 4.0  # no meta-step: about a quarter of a joint iteration (bench meta: jvp 4.4-7.2x a plain step)
     measured_on = "an H200" if device == "cuda" else "2 CPU threads"
-    why["budget"] = (f"{epochs} x {iterations} iterations; about {ms / 1000:.2f} s each, {epochs * iterations * ms / 60000:.0f} "
+    why["budget"] = (f"{epochs} x {iterations} iterations; about {ms / 1000:.2f} s each, "
+                     f"{epochs * iterations * ms / 60000:.0f} "
                      f"minutes in all, peak memory about {gb:.2f} GB (scaled from a joint iteration measured on "
                      f"{measured_on}, augsearch/data/plan.py COST_MS)")
     return Plan(fp=fp, device=device, memory_gb=memory_gb, mode=mode, target_spacing=spacing, patch_size=patch,

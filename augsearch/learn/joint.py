@@ -313,7 +313,8 @@ class JointStep:
         before = self._running_baseline.clone()
         means, counts = group_means(coefficients, group, n_groups)
         present = counts > 0
-        blended = self.augment_cfg.tra.baseline_decay * self._running_baseline + (1 - self.augment_cfg.tra.baseline_decay) * means
+        blended = (self.augment_cfg.tra.baseline_decay * self._running_baseline
+                   + (1 - self.augment_cfg.tra.baseline_decay) * means)
         self._running_baseline = torch.where(present, torch.where(self._baseline_seen, blended, means), before)
         self._baseline_seen = self._baseline_seen | present
         return before
@@ -418,7 +419,8 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer | None, model: torch.nn
         if not state or "exp_avg_sq" not in state or group is None:
             return None
         beta2, eps = group["betas"][1], group["eps"]
-        v_hat = (state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]) / (1 - beta2 ** float(state["step"]))
+        v_hat = ((state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"])
+                 / (1 - beta2 ** float(state["step"])))
         out[name] = 1.0 / (v_hat.sqrt() + eps)
     total = sum(float(t.sum()) for t in out.values())
     count = sum(t.numel() for t in out.values())

@@ -99,7 +99,8 @@ class Op(abc.ABC):
         bins = bins.long()
         if bins.device.type == "cpu" and bins.numel() and (bins.min() < 0 or bins.max() >= len(self.spec.bins)):
             raise OpInputError(f"{self.name}: bin indices must lie in [0, {len(self.spec.bins) - 1}], got "
-                               f"{bins.min().item()}..{bins.max().item()}; see the bins table in augsearch.ops.registry")
+                               f"{bins.min().item()}..{bins.max().item()}; see the bins table in "
+                               "augsearch.ops.registry")
         gen = make_generator(bins.device, generator)
         low, width, sign = _bin_tables(self.spec, bins.device)
         u = torch.rand(bins.shape, generator=gen, device=bins.device)

@@ -7,22 +7,23 @@ sampling its own band (the corrected behaviour of METHOD 10.2). Magnitude m is d
 
 | op | bins after "off" (label: band of m) | value applied |
 |---|---|---|
-| scale | +/-0.05: [0, .1], +/-0.15: [.1, .2], +/-0.25: [.2, .3], +/-0.35: [.3, .4], +/-0.45: [.4, .5] | factor (1+m)^sign, isotropic, "+" magnifies content |
-| rotate_xy, rotate_xz, rotate_yz | +/-5: [0, 10], +/-15: [10, 20], +/-25: [20, 30] degrees; rot90+, rot90- | angle sign*m; exact quarter turn (needs equal extents in the plane) |
+| scale | +/-0.05: [0, .1], +/-0.15, +/-0.25, +/-0.35, +/-0.45: [.4, .5] | (1+m)^sign, isotropic, "+" magnifies |
+| rotate_xy, _xz, _yz | +/-5: [0, 10], +/-15: [10, 20], +/-25: [20, 30] degrees; rot90+, rot90- | sign*m; quarter turn |
 | flip_x, flip_y, flip_z | on | flip of torch dim 2 / 3 / 4 |
 | gamma | +/-0.1: [0, .2], +/-0.3: [.2, .4], +/-0.5: [.4, .6] | gamma (1+m)^sign ("+" darkens) |
 | inverse_gamma | as gamma | gamma of the negated image ("+" brightens) |
 | intensity_shift | +/-0.05: [0, .1], +/-0.15: [.1, .2], +/-0.25: [.2, .3] | x + sign*m |
 | intensity_scale | as intensity_shift | x * (1+m)^sign |
 | contrast | as intensity_shift | (x - mean) * (1+m)^sign + mean, clipped |
-| blur_sharpen | blur0.5: [.4, .6], blur0.7: [.6, .8], blur0.9: [.8, 1], sharpen0.9, sharpen0.7, sharpen0.5 (same bands) | Gaussian blur sigma=m; x - LoG_m(x), clipped |
+| blur_sharpen | blur0.5: [.4, .6], blur0.7, blur0.9; sharpen0.9, 0.7, 0.5 (same bands) | blur sigma m; x - LoG_m(x) |
 | noise | 0.025: [0, .05], 0.075: [.05, .1], 0.125: [.1, .15] | x + N(0, m^2) |
 | low_resolution | 0.9: [.8, 1], 0.7: [.6, .8], 0.5: [.4, .6] | zoom m: linear down, nearest up |
 
 Bin order within an op: off, then by magnitude, "+" before "-" (rotations: rot90+, rot90- last). 2D holds scale,
 rotate_xy, flip_x, flip_y and every intensity op. Flips, blur/sharpen, noise and low resolution have no direction
-(sign 0). Tolerances: flips, rot90 and intensity ops invert exactly (0); scale and rotations within
-AFFINE_TOLERANCE on smooth images, central region.
+(sign 0). A quarter turn needs equal extents in its plane (augment.py leaves such bins out of other patches).
+Tolerances: flips, rot90 and intensity ops invert exactly (0); scale and rotations within AFFINE_TOLERANCE on
+smooth images, central region.
 
 `apply_params` is the one composition of ops in METHOD order, shared by TRA (augment_batch) and TEA (ops.tea).
 """
@@ -106,7 +107,8 @@ def _specs() -> tuple[tuple[OpSpec, Op], ...]:
         ContrastOp(spec("contrast", "intensity", BOTH, _SMALL_BINS, 0.0,
                         "scale by (1+m)^sign about the image mean, clipped to the image range")),
         BlurSharpenOp(spec("blur_sharpen", "intensity", BOTH,
-                           (OFF,) + _unsigned("blur", (0.5, 0.7, 0.9), 0.1) + _unsigned("sharpen", (0.9, 0.7, 0.5), 0.1),
+                           (OFF,) + _unsigned("blur", (0.5, 0.7, 0.9), 0.1)
+                           + _unsigned("sharpen", (0.9, 0.7, 0.5), 0.1),
                            0.0, "Gaussian blur (sigma m voxels) or sharpening x - LoG_m(x)")),
         NoiseOp(spec("noise", "intensity", BOTH, (OFF,) + _unsigned("", (0.025, 0.075, 0.125), 0.025), 0.0,
                      "additive Gaussian noise with standard deviation m")),

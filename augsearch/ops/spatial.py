@@ -129,8 +129,8 @@ def rot90_where(x: torch.Tensor, k: torch.Tensor, plane: tuple[int, int], first_
     if x.shape[dims[0]] != x.shape[dims[1]]:
         if bool((k != 0).any()):
             raise OpInputError(f"rot90 in the plane of torch dims {dims} needs equal extents, got shape "
-                               f"{tuple(x.shape)}; give the rot90 bins of that plane probability zero (a policy built with "
-                               "this patch size does: make_policy(patch_size=...) or Policy.with_patch_size)")
+                               f"{tuple(x.shape)}; give the rot90 bins of that plane probability zero (a policy built "
+                               "with this patch size does: make_policy(patch_size=...) or Policy.with_patch_size)")
         return x
     view = (-1,) + (1,) * (x.dim() - 1)
     k = torch.remainder(k, 4)

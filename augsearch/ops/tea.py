@@ -70,7 +70,9 @@ def _row(op_name: str, bin_label: str, magnitude: float, sign: int) -> torch.Ten
 @functools.lru_cache(maxsize=4)
 def _pool(dims: int) -> tuple[tuple[TeaEntry, ...], tuple[dict[str, torch.Tensor], ...]]:
     """Entries and, per entry, the params rows {op name: (P,)} of the ops it sets (all others stay identity)."""
-    items: list[tuple[str, str, float | None, bool, dict[str, torch.Tensor]]] = [("identity", "identity", None, True, {})]
+    items: list[tuple[str, str, float | None, bool, dict[str, torch.Tensor]]] = [
+        ("identity", "identity", None, True, {})
+    ]
     for c in (0.05, 0.15, 0.25, 0.35, 0.45):
         for direction, sign in (("up", 1), ("down", -1)):
             items.append((f"scale_{direction}_{c:g}", "scale", (1 + c) ** sign, True,

@@ -186,7 +186,8 @@ class Policy(torch.nn.Module):
         if tea_logits is None:
             tea_logits = torch.zeros(n_tea)
         if tuple(tea_logits.shape) != (n_tea,):
-            raise PolicyError(f"tea_logits must have shape ({n_tea},) (one per pool entry), got {tuple(tea_logits.shape)}.")
+            raise PolicyError(f"tea_logits must have shape ({n_tea},) (one per pool entry), "
+                              f"got {tuple(tea_logits.shape)}.")
         if not bool(torch.isfinite(tea_logits).all()):
             raise PolicyError("tea_logits must be finite; use a large negative logit for a probability of 0.")
         self.tea_logits = torch.nn.Parameter(tea_logits.detach().to(torch.float32).clone())
@@ -421,8 +422,12 @@ class Policy(torch.nn.Module):
             shown = [f"{self.op_names[k]} {_fmt_prob(float(p_on[g, k]))}" for k in order[:top]]
             more = " ..." if len(order) > top else ""
             parts.append(f"{group}: {', '.join(shown)}{more}")
-        tea = ", ".join(f"{self.tea_entries[i].name} {_fmt_prob(w)}" for i, w in self.tea_selected(min(2, self.tea_top_k)))
-        parts.append(f"tea: {tea}")
+        # The TEA's own probabilities: weights renormalised over the two shown would read as a two-view TTA.
+        tea_probs = self.tea_probs().detach().double().cpu().tolist()
+        available = [i for i in range(len(tea_probs)) if bool(self.tea_available[i])]
+        leaders = sorted(available, key=lambda i: (-tea_probs[i], i))
+        tea = ", ".join(f"{self.tea_entries[i].name} {_fmt_prob(tea_probs[i])}" for i in leaders[:2])
+        parts.append(f"tea: {tea}{' ...' if len(leaders) > 2 else ''}")
         return f"Policy({' | '.join(parts)})"
 
     def __repr__(self) -> str:

@@ -361,7 +361,8 @@ def policy_from_dict(data: Any, source: str = "<policy document>") -> Policy:
         raise PolicyFileError(f"{source}: expected a JSON object at the top level, got {type(data).__name__}.")
     if data.get("format") != FORMAT:
         raise PolicyFileError(
-            f"{source}: 'format' must be {FORMAT!r}, got {brief(data.get('format'))}; this is not an augsearch policy file."
+            f"{source}: 'format' must be {FORMAT!r}, got {brief(data.get('format'))}; "
+            "this is not an augsearch policy file."
         )
     if "schema_version" not in data:
         raise PolicyFileError(f"{source}: missing field 'schema_version' (this augsearch writes {SCHEMA_VERSION}).")
@@ -389,7 +390,8 @@ def policy_from_dict(data: Any, source: str = "<policy document>") -> Policy:
         for name, value in zip(g.labels, g.values):
             if labels.get(name) != value:
                 problems.append(
-                    f"groups.{g.name}: label {brief(name)} has value {brief(labels.get(name))} in label_names, not {value}"
+                    f"groups.{g.name}: label {brief(name)} has value {brief(labels.get(name))} in label_names, "
+                    f"not {value}"
                 )
         group_labels[g.name] = list(g.values)
 

@@ -105,7 +105,8 @@ def policy_from_file_or_preset(
     tea_init: str | None = None,
     tea_exclude: Sequence[str] = (),
 ) -> Policy:
-    """A preset name ('nnunet', or 'nnunet-3d'), a policy file path, or a path under the package's policies/ folder (e.g. 'learned/quickstart/bench2d-joint.json').
+    """A preset name ('nnunet', or 'nnunet-3d'), a policy file path, or a path under the package's policies/ folder
+    (e.g. 'learned/quickstart/bench2d-joint.json').
 
     Presets are built in code for these labels, groups and patch size. A file keeps its own groups and is bound to
     the dataset's labels (Policy.with_labels: background/foreground groups fit any dataset); explicit `groups` and

@@ -3,7 +3,8 @@
 The validation cases are the ones the run validated on: the policy provenance's `val_cases` when the checkpoint holds
 a policy, else the checkpoint's configured split resolved again on the dataset (which must have the checkpoint's
 data fingerprint). Each case is predicted on its preprocessed grid exactly as `augsearch predict` would (same policy,
-top-k, aggregation and spacing; a volume smaller than the window zero-padded to it), so the estimators are calibrated on the probabilities they will later be applied to.
+top-k, aggregation and spacing; a volume smaller than the window zero-padded to it), so the estimators are calibrated
+on the probabilities they will later be applied to.
 
 estimator.json: {"format": "augsearch-estimator", "version", "label_names", "default" (estimator used by predict),
 "tta": {"policy", "top_k", "aggregate"}, "val_cases", "validation_dice" (true Dice per class, mean over cases),

@@ -325,8 +325,8 @@ def predict_files(
     policy, input files' headers) before the first case is predicted. progress: tqdm bar over the cases (None: only
     on a terminal). min_component_mm3 / keep_largest (class names): connected-component clean-up of each label map on
     its file's grid (`augsearch.predict.postprocess`). estimate: estimator name for quality.csv (estimated Dice per
-    class and case, `augsearch.predict.calibration`); None: the default of the model's estimator.json, if it has one. An output folder that holds files is refused unless
-    `overwrite`, so two models' predictions never mix.
+    class and case, `augsearch.predict.calibration`); None: the default of the model's estimator.json, if it has one.
+    An output folder that holds files is refused unless `overwrite`, so two models' predictions never mix.
     """
     from tqdm import tqdm
 

@@ -164,8 +164,9 @@ class ModelInfo:
         """The input this model takes, in words (the `expected` of input errors)."""
         layout = "(X, Y, Z)" if self.dims == 3 else "(X, Y) or (X, Y, 1)"
         channels = "" if self.in_channels == 1 else f" with {self.in_channels} channels last"
-        return (f"a {self.dims}D NIfTI volume {layout}{channels}, finite values, each axis at least the patch "
-                f"{self.patch_size} after resampling to {self.spacing_mm or 'its own'} mm spacing")
+        return (f"a {self.dims}D NIfTI volume {layout}{channels}, finite values; it is resampled to "
+                f"{self.spacing_mm or 'its own'} mm spacing and zero-padded where an axis is shorter than the patch "
+                f"{self.patch_size}")
 
     def describe(self) -> dict[str, Any]:
         """The entry of GET /v1/models."""
@@ -552,7 +553,8 @@ class ServiceOptions:
 
     replicas: an int, or "auto" (Serve's autoscaling). models_per_replica: the multiplexing LRU size (None: every
     model stays loaded). batch_size: sliding windows per model call, all views together (`augsearch predict
-    --batch-size`); a GPU replica gains from more (experiments/serve/README.md); results differ by float rounding at most.
+    --batch-size`); a GPU replica gains from more (experiments/serve/README.md); results differ by float rounding at
+    most.
     """
 
     host: str = "127.0.0.1"

@@ -68,7 +68,9 @@ def validate_space(base: dict[str, Any], space: dict[str, Any]) -> None:
             try:
                 config_from_dict(apply_overrides(base, {key: value}), source=f"search.space[{key!r}]")
             except ConfigError as err:
-                raise SearchError(f"search.space[{key!r}] can take {value!r}, which the config rejects:\n{err}") from None
+                raise SearchError(
+                    f"search.space[{key!r}] can take {value!r}, which the config rejects:\n{err}"
+                ) from None
 
 
 def _candidate_values(key: str, spec: Any) -> list[Any]:

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Seeds {args.seeds}; cells: mean ± sample std over seeds. DSC, SEN, PRC as fractions, HD95 in mm, "
               "margins z_y - max_{c != y} z_c in logits of the merged K-class output (bg: background voxels; "
               "'test <0': share of test voxels of the class on the wrong side of the decision boundary).\n"
-              f"This invocation: {len(tasks)} runs in {time.perf_counter() - started:.0f} s wall with {args.jobs} jobs; "
+              f"This invocation: {len(tasks)} runs in {time.perf_counter() - started:.0f} s wall "
+              f"with {args.jobs} jobs; "
               f"machine {platform.machine()} {platform.processor() or ''} {_cpus()}; load average at the end "
               f"{_load()}; commit {commit}.\n\n")
     write_text(HERE / spec.table, header + write_table(results, rows))

@@ -40,8 +40,8 @@ from augsearch.predict.tta import predict_tta
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from moval_estimators import MOVAL_ESTIMATORS, fit_moval, moval_parameters
-from run import case_rows, fit_all, markdown, mean_dice, run_meta, summarise, synthetic_shift
+from moval_estimators import MOVAL_ESTIMATORS, fit_moval, moval_parameters  # noqa: E402
+from run import case_rows, fit_all, markdown, mean_dice, run_meta, summarise, synthetic_shift  # noqa: E402
 
 REPO = HERE.parents[1]
 CONFIG = REPO / "experiments" / "hippocampus" / "nnunet.toml"
@@ -130,7 +130,8 @@ def comparison(summary: dict, names: list[str]) -> str:
     for key, cell in summary["by_group_class"].items():
         pairs = [f"{cell[n]:.1f} / {cell[MOVAL_PREFIX + n]:.1f}" for n in names]
         lines.append(f"| {key} | {cell['n']} | {cell['true_mean']:.1f} | " + " | ".join(pairs) + " |")
-    lines += ["", "| condition (both classes) | true Dice | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    lines += ["", "| condition (both classes) | true Dice | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 2) + "|"]
     for condition, cell in summary["by_condition"].items():
         pairs = [f"{cell[n]:.1f} / {cell[MOVAL_PREFIX + n]:.1f}" for n in names]
         lines.append(f"| {condition} | {cell['true_mean']:.1f} | " + " | ".join(pairs) + " |")
@@ -185,7 +186,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--work", type=Path, default=Path("runs/estimate3d"), help="trained models (default %(default)s)")
+    parser.add_argument("--work", type=Path, default=Path("runs/estimate3d"),
+                        help="trained models (default %(default)s)")
     parser.add_argument("--data", type=Path, default=Path("runs/data/hippocampus"))
     parser.add_argument("--results", type=Path, default=RESULTS, help="per-run JSON files and the tables")
     parser.add_argument("--test-cases", type=int, default=TEST_CASES)

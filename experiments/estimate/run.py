@@ -176,7 +176,8 @@ def summarise(results: list[dict], names: list[str], groups: dict[str, list[str]
 
 
 def markdown(summary: dict, names: list[str]) -> str:
-    lines = [f"Mean absolute error of the estimated Dice (Dice points x 100), {summary['mode']} probabilities.", "","| group/class | n | true Dice | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+    lines = [f"Mean absolute error of the estimated Dice (Dice points x 100), {summary['mode']} probabilities.", "",
+             "| group/class | n | true Dice | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
     for key, cell in summary["by_group_class"].items():
         best = min(cell[n] for n in names if not math.isnan(cell[n]))
         cells = [(f"**{cell[n]:.1f}**" if cell[n] == best else f"{cell[n]:.1f}") for n in names]

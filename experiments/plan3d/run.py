@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = config["train"]["epochs"] * config["train"]["iterations"]
             rows.append({"run": run, "shift": SHIFTS[run.split("-")[0]], "seed": config["seed"], "cpu_minutes": None,
                          "planned_iterations": steps, **measure(args.out / run)})
-        write_json(args.out / "results-measured.json", {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                                                        "runs": rows})
+        write_json(args.out / "results-measured.json",
+                   {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "runs": rows})
         print(table(rows))
         return 0
     torch.set_num_threads(args.threads)
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [future.result() for future in futures]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     document = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit.strip(),
-                "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s) per run, {args.jobs} run(s) at once",
+                "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s) per run, "
+                           f"{args.jobs} run(s) at once",
                 "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                 "runs": results}
     results_path = args.out / ("results.json" if args.policy is None else f"results-{args.policy}.json")

@@ -61,7 +61,7 @@ from augsearch.tune.summary import read_rows
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from curves import CurveRecorder, read_curve, summarise_curve  # this folder is not a package
+from curves import CurveRecorder, read_curve, summarise_curve  # noqa: E402 (this folder is not a package)
 
 # experiments/comparison/run.py: ground-truth links, evaluate_run, policy_notes, source_state
 _spec = importlib.util.spec_from_file_location("comparison_run", HERE.parent / "comparison" / "run.py")

@@ -368,8 +368,10 @@ def gpu_probe_lines(results: dict) -> list[str]:
         + f" ms per window by batch size: batches of 32 are {ms['8'] / ms['32']:.1f}x faster per window than "
         f"batches of 8, but one request of this volume has {windows} windows, so at batch 8 its model time is "
         f"{windows * ms['8']:.0f} ms and batching across requests could save at most "
-        f"{windows * (ms['8'] - ms['32']):.0f} ms of it, against {results['request_anatomy']['outside_tta_ms']:.0f} ms per request "
-        "of reading, preprocessing and resampling back, which run on the CPU whatever the device (measured here). The endpoint's `--batch-size` takes the per-window "
+        f"{windows * (ms['8'] - ms['32']):.0f} ms of it, against "
+        f"{results['request_anatomy']['outside_tta_ms']:.0f} ms per request "
+        "of reading, preprocessing and resampling back, which run on the CPU whatever the device (measured here). "
+        "The endpoint's `--batch-size` takes the per-window "
         "gain without a queue across requests. The full load test did not run on that machine (it lacked Ray).",
         "",
     ]
@@ -474,10 +476,12 @@ def main() -> None:
                    "no gain worth a batching queue (one request's windows are already batched, all views "
                    "together)."))
     results = {
-        "gpus_per_replica": args.gpus_per_replica, "date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
+        "gpus_per_replica": args.gpus_per_replica, "date": datetime.date.today().isoformat(), "commit": commit(),
+        "machine": machine(),
         "volume": {"name": volume.name, "shape": list(nib.load(str(volume)).shape), "bytes": volume.stat().st_size},
         "views": load_policy(export / "policy.json").tea_top_k,
-        "cli": cli, "request_anatomy": anatomy, "window_batching": windows, "batching_decision": decision, "service": service,
+        "cli": cli, "request_anatomy": anatomy, "window_batching": windows, "batching_decision": decision,
+        "service": service,
         "served_equals_cli": same_segmentation(args.work / "served.nii.gz",
                                                scratch / "cli_0" / volume.name),
     }
