@@ -204,6 +204,10 @@ class TraSearchConfig(_Section):
         None, description="Class groups by label names; None is background vs all foreground labels."
     )
     lr: float = Field(5e-2, gt=0, description="Adam learning rate on the TRA logits (poly decay).")
+    beta1: float = Field(
+        0.9, ge=0, lt=1, description="Adam's beta1 on the TRA logits: near 0.99 its momentum averages the noisy "
+        "meta-gradients over about 100 steps (experiments/signal/README.md) before they move the policy."
+    )
     backend: Literal["jvp", "higher", "functional", "fd"] = "jvp"
     inner_lr: float | None = Field(None, gt=0, description="Inner SGD step; None uses the segmenter's current lr.")
     baseline: bool = Field(True, description="Centre per-sample meta-gradients within each class group.")

@@ -226,7 +226,8 @@ class _Run:
         self.optimizer = self._segmenter_optimizer() if cfg.train.update_model else None
         learn_tra = self.policy is not None and aug.tra.learn
         learn_tea = self.policy is not None and aug.tea.learn
-        self.tra_optimizer = torch.optim.Adam([self.policy.tra_logits], lr=aug.tra.lr) if learn_tra else None
+        self.tra_optimizer = (torch.optim.Adam([self.policy.tra_logits], lr=aug.tra.lr, betas=(aug.tra.beta1, 0.999))
+                              if learn_tra else None)
         self.tea_optimizer = torch.optim.Adam([self.policy.tea_logits], lr=aug.tea.lr) if learn_tea else None
 
         loss_cfg = cfg.loss

@@ -63,6 +63,18 @@ def test_one_worker_on_the_server_equals_the_independent_search_bit_for_bit(data
     assert saved["round"] == 4 and torch.equal(saved["tra_logits"], tra_s)
 
 
+def test_tra_beta1_reaches_the_search_and_the_server_alike(data_root, tmp_path):
+    momentum = {"augment.tra.beta1": 0.99}
+    alone = fit(smoke(data_root, **momentum), tmp_path / "alone", progress=False)
+    default = fit(smoke(data_root), tmp_path / "default", progress=False)
+    shared_cfg = smoke(data_root, **momentum, **{"search.policy_sharing": "shared"})
+    server = InProcessPolicyServer(shared_cfg.augment, shared_cfg.train, tmp_path / "server" / STATE_NAME)
+    shared = fit(shared_cfg, tmp_path / "shared", progress=False, policy_server=server)
+    assert server.state.tra_optimizer.param_groups[0]["betas"] == (0.99, 0.999)
+    assert torch.equal(policy_logits(alone.run_dir)[0], policy_logits(shared.run_dir)[0])
+    assert not torch.equal(policy_logits(alone.run_dir)[0], policy_logits(default.run_dir)[0])
+
+
 def test_server_state_averages_contributions_and_resumes_from_its_file(tmp_path):
     augment, train = AugmentConfig(), TrainConfig(epochs=2)
     tra, tea = torch.zeros(2, 3, 4), torch.zeros(5)

@@ -82,7 +82,8 @@ class PolicyServerState:
     def __post_init__(self) -> None:
         self.tra_logits = self.tra_logits.detach().clone().requires_grad_(True)
         self.tea_logits = self.tea_logits.detach().clone().requires_grad_(True)
-        self.tra_optimizer = torch.optim.Adam([self.tra_logits], lr=self.augment.tra.lr)
+        self.tra_optimizer = torch.optim.Adam([self.tra_logits], lr=self.augment.tra.lr,
+                                              betas=(self.augment.tra.beta1, 0.999))
         self.tea_optimizer = torch.optim.Adam([self.tea_logits], lr=self.augment.tea.lr)
 
     def apply(self, contributions: list[Contribution]) -> None:
