@@ -1,8 +1,8 @@
 """augsearch: learned class-specific training-time and test-time augmentation for medical image segmentation.
 
 Public API (imported on first use, so `import augsearch` stays light):
-`Policy`, `make_policy`, `load_policy`, `save_policy`, `list_ops`, `fit`, `load_config`, `predict_tta`,
-`TTAResult`, `metrics`.
+`Policy`, `make_policy`, `load_policy`, `save_policy`, `list_ops`, `PolicyAugmenter`, `fit`, `load_config`,
+`predict_tta`, `TTAResult`, `metrics`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_policy": "augsearch.policy.io",
     "save_policy": "augsearch.policy.io",
     "list_ops": "augsearch.ops.registry",
+    "PolicyAugmenter": "augsearch.policy.augmenter",
     "fit": "augsearch.train",
     "load_config": "augsearch.config",
     "predict_tta": "augsearch.predict.tta",
