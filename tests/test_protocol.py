@@ -194,3 +194,26 @@ def test_a_variant_runs_another_experiments_configs_with_its_own_overrides_and_d
     cfg = load_config(EXPERIMENTS / "bundled" / "joint.toml", list(variant.overrides))
     assert cfg.train.patch_size == [32, 32] and variant.paired == ("lesion",)
     assert "--shift fg_gamma_up --size 128" in variant.prepare and str(variant.data) in variant.prepare
+
+
+def test_pair_compares_two_folders_on_their_common_seeds(tmp_path, capsys):
+    pair = _load("pair")
+
+    def write(folder: Path, dice: dict[int, float]) -> Path:
+        folder.mkdir(parents=True)
+        for seed, value in dice.items():
+            test = {"none": {"lesion": {"dice": value}}, "learned": {"lesion": {"dice": value + 0.1}}}
+            (folder / f"seed{seed}.json").write_text(json.dumps({"seed": seed, "test": test}))
+        return folder
+
+    a = write(tmp_path / "a", {0: 0.30, 1: 0.40, 2: 0.35, 3: 0.9})
+    b = write(tmp_path / "b", {0: 0.20, 1: 0.45, 2: 0.25})
+    pair.main([str(a), str(b)])
+    out = capsys.readouterr().out
+    assert "over seeds [0, 1, 2]: +5.0" in out and "A wins 2/3" in out  # seed 3 has no partner
+    low, high = run.bootstrap_ci([10.0, -5.0, 10.0])
+    assert f"[{low:+.1f}, {high:+.1f}]" in out
+    pair.main([str(a), str(b), "--column", "learned", "--column-b", "none"])
+    assert "over seeds [0, 1, 2]: +15.0" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="seed<k>.json"):
+        pair.main([str(tmp_path), str(b)])
