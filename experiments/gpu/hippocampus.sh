@@ -13,6 +13,8 @@
 # there ends the call at once.
 # SHARED_WORKERS=N: the workers of row shared (default 2; each takes one of the learned rows' 8 slots). Rows shared
 # and shared_retrain need Ray: on a machine without it they are left out, and the log says so.
+# ROWS="row ...": run only these rows (JOBS slots, default 16) instead of the three groups, so that fewer runs share
+# the GPU and each ends within a lease (a run cut at a lease's end is lost); asking for shared rows without Ray fails.
 # Wheels may sit in .whl/, Ray in .ray/ (experiments/gpu/pack_ray.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,15 +40,25 @@ if ! python3 -c "import ray" 2> /dev/null; then
     echo "Ray is not installed here: rows shared and shared_retrain are left out"
     learned=(tra_agnostic tra_specific joint retrain) smoke=(none joint)
 fi
-( python3 $run_py --tune-randaugment "${common[@]}" --jobs 4 \
-    && python3 $run_py --rows randaugment randaugment_marginals tra_from_randaugment "${common[@]}" --jobs 4 ) \
-    > "$runs.grid.log" 2>&1 &
-pids=($!)
-python3 $run_py --rows none nnunet trivialaugment "${common[@]}" --jobs 4 > "$runs.fixed.log" 2>&1 &
-pids+=($!)
-python3 $run_py --rows "${learned[@]}" "${common[@]}" --jobs 8 \
-    --shared-workers "${SHARED_WORKERS:-2}" > "$runs.learned.log" 2>&1 &
-pids+=($!)
+if [ -n "${ROWS:-}" ]; then  # only these rows, every slot theirs: fewer runs share the GPU, so each ends sooner
+    if [[ " $ROWS " == *" shared"* ]] && ! python3 -c "import ray" 2> /dev/null; then
+        echo "ROWS asks for shared rows, but Ray is not installed here: carry .ray (experiments/gpu/pack_ray.sh)"
+        exit 1
+    fi
+    python3 $run_py --rows $ROWS "${common[@]}" --jobs "${JOBS:-16}" --shared-workers "${SHARED_WORKERS:-2}" \
+        > "$runs.rows.log" 2>&1 &
+    pids=($!)
+else
+    ( python3 $run_py --tune-randaugment "${common[@]}" --jobs 4 \
+        && python3 $run_py --rows randaugment randaugment_marginals tra_from_randaugment "${common[@]}" --jobs 4 ) \
+        > "$runs.grid.log" 2>&1 &
+    pids=($!)
+    python3 $run_py --rows none nnunet trivialaugment "${common[@]}" --jobs 4 > "$runs.fixed.log" 2>&1 &
+    pids+=($!)
+    python3 $run_py --rows "${learned[@]}" "${common[@]}" --jobs 8 \
+        --shared-workers "${SHARED_WORKERS:-2}" > "$runs.learned.log" 2>&1 &
+    pids+=($!)
+fi
 if [ -z "${SKIP_SMOKE:-}" ]; then  # beside the first runs; a failure ends the call (and its runs) at once
     rm -rf runs/gpu_smoke
     python3 $run_py --rows "${smoke[@]}" --seeds 0 --sizes "$size" --jobs 2 --out runs/gpu_smoke \
