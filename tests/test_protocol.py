@@ -68,6 +68,18 @@ def test_the_bundled_experiment_runs_end_to_end_and_pairs_on_the_lesion(tmp_path
     retrain = json.loads((results / "train6" / "retrain" / "seed0.json").read_text())
     assert retrain["segmenter_steps"] == 6 and retrain["test_cases"] == 3 and retrain["meta_steps"] == 0
     assert any("runs/train6/joint/seed0/policy.json" in o for o in retrain["overrides"])
+    kept = results / "train6" / "joint" / "seed0.policy.json"  # joint's final policy, kept beside the results
+    assert kept.read_bytes() == (tmp_path / "runs" / "train6" / "joint" / "seed0" / "policy.json").read_bytes()
+    assert not (results / "train6" / "none" / "seed0.policy.json").exists()
+    # on another machine (no run folders): the retrain trains with the kept policy
+    other_runs = tmp_path / "other_runs"
+    (results / "train6" / "retrain" / "seed0.json").unlink()
+    elsewhere = [*(str(other_runs) if a == str(tmp_path / "runs") else a for a in done.args)]
+    again = subprocess.run([*elsewhere[:3], "--rows", "retrain", *elsewhere[7:]], check=False, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    retrain = json.loads((results / "train6" / "retrain" / "seed0.json").read_text())
+    assert any(str(kept) in o for o in retrain["overrides"])
     first = json.loads((results / "train6" / "none" / "seed0.json").read_text())
     (results / "train6" / "none" / "seed0.json").unlink()  # an interrupted run: trained and scored, no JSON yet
     scores = tmp_path / "runs" / "train6" / "none" / "seed0" / "tta_none" / "evaluation.csv"

@@ -73,4 +73,4 @@ python3 $run_py --aggregate --results "$results" > /dev/null 2>&1
 tail -n 5 "$runs".*.log
 find "$results" "$runs" \( -name '*.json' -o -name '*.jsonl' -o -name '*.csv' -o -name '*.md' -o -name '*.log' \) \
     -not -path '*/test_pred/*' -print0 | tar czf "$out/hippocampus.tgz" --null -T - "$runs".*.log
-echo "packed after $(( $(date +%s) - begin )) s: $(ls "$results"/train*/*/seed*.json 2>/dev/null | wc -l) runs finished"
+echo "packed after $(( $(date +%s) - begin )) s: $(ls "$results"/train*/*/seed*.json 2>/dev/null | grep -c '/seed[0-9]*\.json$') runs finished"

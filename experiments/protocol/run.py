@@ -11,21 +11,22 @@ from the repository root after that command (the experiment's README.md has the 
     python experiments/protocol/run.py experiments/hippocampus --rows none nnunet --seeds 0 1 --sizes 10 --jobs 1
     python experiments/protocol/run.py experiments/hippocampus --aggregate     # tables from the committed JSON files
 
-A run (size, row, seed) trains `fit` into <out>/train<size>/<row>/seed<k>/ (resuming from its last epoch checkpoint),
-records the learning curve (curves.py), learns a TEA post hoc on the frozen segmenter where the row has none of its
-own, predicts the test cases (test_cases.json) with each TTA column (none, flips, learned) through
+A run (size, row, seed) trains `fit` into <out>/train<size>/<row>/seed<k>/ (resuming from its last epoch
+checkpoint), records the learning curve (curves.py), learns a TEA post hoc on the frozen segmenter where the row has
+none of its own, predicts the test cases (test_cases.json) with each TTA column (none, flips, learned) through
 `augsearch.predict.files.predict_files`, scores them with `augsearch.metrics.evaluate_folders` and writes
 results/train<size>/<row>/seed<k>.json. A run whose JSON exists is skipped. Row `retrain` waits for `joint` of the
-same size and seed and trains with its policy.json; row `tra_specific_tea` is row `tra_specific`'s model with its
-post-hoc TEA (no run of its own). Row `shared` runs the joint config as an `augsearch search` with one policy shared by
---shared-workers workers (default 2) on the embedded local Ray (worker 0 has the run's seed; the row scores worker
-0's segmenter with the shared policy; it occupies that many cores, or shares the one GPU), and `shared_retrain`
-trains a fresh segmenter with the final shared policy fixed; a result of another worker count is set aside
-(seed<k>_w<N>.json) and run again. Row `tra_from_randaugment` learns the class-agnostic TRA from the per-op
-marginals of the tuned RandAugment (preset `randaugment-marginals`), and row `randaugment_marginals` trains with
-those marginals fixed (the control that separates learning from drawing ops independently); like row `randaugment`,
-a result of another N, M is set aside (seed<k>_n<N>_m<M>.json) and run again. Runs start in the order sizes, seeds,
-rows, so one size finishes before the next.
+same size and seed and trains with its policy.json (joint's and shared's final policies are kept beside the results,
+seed<k>.policy.json under their run folder's name, so a retrain runs where their run folders are gone); row
+`tra_specific_tea` is row `tra_specific`'s model with its post-hoc TEA (no run of its own). Row `shared` runs the
+joint config as an `augsearch search` with one policy shared by --shared-workers workers (default 2) on the embedded
+local Ray (worker 0 has the run's seed; the row scores worker 0's segmenter with the shared policy; it occupies that
+many cores, or shares the one GPU), and `shared_retrain` trains a fresh segmenter with the final shared policy
+fixed; a result of another worker count is set aside (seed<k>_w<N>.json) and run again. Row `tra_from_randaugment`
+learns the class-agnostic TRA from the per-op marginals of the tuned RandAugment (preset `randaugment-marginals`),
+and row `randaugment_marginals` trains with those marginals fixed (the control that separates learning from drawing
+ops independently); like row `randaugment`, a result of another N, M is set aside (seed<k>_n<N>_m<M>.json) and run
+again. Runs start in the order sizes, seeds, rows, so one size finishes before the next.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ ROWS = (
 )
 BY_NAME = {row.name: row for row in ROWS}
 # rows whose results depend on the worker count: the shared search and those trained with its policy
+POLICY_SOURCES = {r.policy_from for r in ROWS if r.policy_from}  # rows whose final policy another row trains with
 SHARED_ROWS = tuple(r.name for r in ROWS if r.shared or (r.policy_from and BY_NAME[r.policy_from].shared))
 # (row, baseline): paired within the learned family: does the class-specific policy, retraining, pooling over
 # workers, learning from RandAugment's operating point pay?
@@ -204,6 +206,24 @@ def run_dir_for(out: Path, size: int, row: str, seed: int, results: Path) -> Pat
     return out / size_dir(size) / row / f"seed{seed}"
 
 
+def kept_policy(results: Path, size: int, row: str, seed: int) -> Path:
+    """The committed copy of a run's final policy.json, beside the results, keyed like its run folder (worker count,
+    N and M), so that a row trained with it (retrain) runs where the run folder is gone: another machine, a later
+    GPU lease."""
+    run_dir = run_dir_for(Path(), size, row, seed, results)
+    return results / size_dir(size) / run_dir.parent.name / f"seed{seed}.policy.json"
+
+
+def source_policy(out: Path, size: int, row: str, seed: int, results: Path) -> Path:
+    """The final policy.json of `row`'s run: in its run folder, else its kept copy; refused when neither exists."""
+    for path in (run_dir_for(out, size, row, seed, results) / "policy.json", kept_policy(results, size, row, seed)):
+        if path.is_file():
+            return path
+    raise SystemExit(f"row {row}, size {size}, seed {seed}: expected its final policy in "
+                     f"{run_dir_for(out, size, row, seed, results)} or {kept_policy(results, size, row, seed)}, found "
+                     f"neither; run row {row} for this seed first")
+
+
 def overrides_for(size: int, row: str, seed: int, out: Path, results: Path, extra: list[str] = ()) -> list[str]:
     """The config overrides of one run: seed, fold, data folder, the row's policy preset, RandAugment's N and M,
     retrain's policy, `extra`."""
@@ -215,7 +235,7 @@ def overrides_for(size: int, row: str, seed: int, out: Path, results: Path, extr
         n, m, _ = tuned_randaugment(results, size)
         overrides += [f"augment.randaugment_n={n}", f"augment.randaugment_m={m}"]
     if spec is not None and spec.policy_from:
-        overrides.append(f'augment.policy="{run_dir_for(out, size, spec.policy_from, seed, results) / "policy.json"}"')
+        overrides.append(f'augment.policy="{source_policy(out, size, spec.policy_from, seed, results)}"')
     return overrides
 
 
@@ -375,6 +395,11 @@ def run_one(size: int, row_name: str, seed: int, out: Path, results: Path, curve
         "policy": comparison.policy_notes(learned_policy if row.name not in NOT_LEARNED else None),
         "posthoc_tea": comparison.policy_notes(learned_policy) if not row.own_tea else {},
     }
+    if row.name in POLICY_SOURCES:  # a later row trains with this policy, maybe on another machine
+        kept = kept_policy(results, size, row.name, seed)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "policy.json", kept.with_suffix(".tmp"))
+        kept.with_suffix(".tmp").replace(kept)
     write_json(result_path(results, size, row.name, seed), finite(result))
     return result
 
