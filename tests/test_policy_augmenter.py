@@ -96,3 +96,13 @@ def test_quarter_turns_are_left_out_where_the_plane_is_not_square():
     image, mask = crops(16, augmenter.crop_size, [0] * 16)
     out_image, _ = augmenter(image, mask)  # augment_batch refuses rot90 bins drawn for a non-square plane
     assert out_image.shape == (16, 1, 16, 16, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_draws_and_ops_run_on_the_tensors_device():
+    augmenter = PolicyAugmenter(flip_foreground_only(3), (16, 16, 16), labels=LABELS)
+    image, mask = crops(3, augmenter.crop_size, [0, 2, 1])
+    out_image, out_mask = augmenter(image.cuda(), mask.cuda())
+    assert out_image.is_cuda and out_mask.is_cuda
+    assert torch.equal(out_image[0].cpu(), image[0]) and torch.equal(out_image[1].cpu(), image[1].flip(1))

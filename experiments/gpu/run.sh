@@ -37,7 +37,7 @@ for turn in 1 2 3; do
 done
 echo "== pytest -m gpu ($(date -u +%T))" >> "$log"
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_meta.py tests/test_augment.py \
-    tests/test_policy.py tests/test_inference.py tests/test_tta.py >> "$log" 2>&1
+    tests/test_policy.py tests/test_inference.py tests/test_tta.py tests/test_policy_augmenter.py >> "$log" 2>&1
 echo "pytest gpu: exit $?" | tee -a "$log"
 python3 - "$parts" "$out/results.json" <<'PY'
 import json, pathlib, sys
