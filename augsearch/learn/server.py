@@ -67,6 +67,11 @@ class PolicySnapshot:
     tea_logits: Tensor
 
 
+def tra_adam(tra_logits: Tensor, augment: AugmentConfig) -> torch.optim.Adam:
+    """The TRA logits' Adam, the same in a run and on the policy server (rate and beta1 from augment.tra)."""
+    return torch.optim.Adam([tra_logits], lr=augment.tra.lr, betas=(augment.tra.beta1, 0.999))
+
+
 @dataclass
 class PolicyServerState:
     """Logits, their Adam optimisers and the round counter: the arithmetic of the server, free of any transport."""
@@ -82,8 +87,7 @@ class PolicyServerState:
     def __post_init__(self) -> None:
         self.tra_logits = self.tra_logits.detach().clone().requires_grad_(True)
         self.tea_logits = self.tea_logits.detach().clone().requires_grad_(True)
-        self.tra_optimizer = torch.optim.Adam([self.tra_logits], lr=self.augment.tra.lr,
-                                              betas=(self.augment.tra.beta1, 0.999))
+        self.tra_optimizer = tra_adam(self.tra_logits, self.augment)
         self.tea_optimizer = torch.optim.Adam([self.tea_logits], lr=self.augment.tea.lr)
 
     def apply(self, contributions: list[Contribution]) -> None:

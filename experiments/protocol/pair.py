@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import bootstrap_ci  # noqa: E402 (this folder is not a package)
+from run import _mean_std, bootstrap_ci  # noqa: E402 (this folder is not a package)
 
 
 def dice_by_seed(folder: Path, column: str, label: str) -> dict[int, float]:
@@ -36,8 +36,7 @@ def dice_by_seed(folder: Path, column: str, label: str) -> dict[int, float]:
 
 
 def summary(values: list[float]) -> str:
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    mean, std = _mean_std(values)
     return f"{mean:.1f} +- {std:.1f} (n={len(values)})"
 
 
