@@ -8,7 +8,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from processes import assert_loopback_only, assert_no_ray_left  # noqa: E402
+from processes import assert_loopback_only, assert_no_ray_left, init_local_ray  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -46,9 +46,8 @@ def local_ray():
     """A loopback-only local Ray (2 CPUs, small object store) for one test module; no Ray process is left after."""
     import ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_DEDUP_LOGS"] = "0"
-    ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1")
+    init_local_ray()
     try:
         assert_loopback_only()
         yield

@@ -48,6 +48,18 @@ def assert_loopback_only() -> None:
     ), listening
 
 
+def init_local_ray() -> None:
+    """Starts a private loopback-only Ray (2 CPUs, small object store) in this process.
+
+    address="local": without it ray.init joins any Ray head it finds running on the machine (another test's, another
+    user's), and then refuses num_cpus."""
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False,
+             _node_ip_address="127.0.0.1")
+
+
 def assert_no_ray_left() -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and ray_processes():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from processes import descendants, free_port
+from processes import descendants, free_port, init_local_ray
 from smoke import SMOKE, set_args
 
 from augsearch.cli import main
@@ -169,8 +169,7 @@ def test_sigterm_of_train_ends_with_a_resume_hint(tmp_path, data_root):
 def test_max_concurrent_trials_one_runs_trials_one_after_another(tmp_path, data_root):
     import ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1")
+    init_local_ray()
     try:
         out = tmp_path / "s"
         # two trials of one CPU each on two CPUs: side by side unless the limit holds
