@@ -151,6 +151,9 @@ def test_the_rows_from_randaugment_take_the_grids_choice_and_set_an_older_choice
     assert cfg.augment.tra.learn and not cfg.augment.tra.class_specific  # the class-agnostic row's config
     assert run.run_dir_for(runs, 10, "tra_from_randaugment", 0, results) == \
         runs / "train10" / "tra_from_randaugment_n1_m3" / "seed0"
+    # a shared search from the marginals is keyed by both: another N, M or another worker count is another run
+    assert run.run_dir_for(runs, 10, "shared_from_randaugment", 0, results) == \
+        runs / "train10" / f"shared_from_randaugment_n1_m3_w{run.EXP.workers}" / "seed0"
     old = results / "train10" / "tra_from_randaugment" / "seed0.json"
     old.parent.mkdir()
     old.write_text(json.dumps({"randaugment": {"n": 2, "m": 2, "tuned": False}}))

@@ -26,7 +26,8 @@ fixed; a result of another worker count is set aside (seed<k>_w<N>.json) and run
 learns the class-agnostic TRA from the per-op marginals of the tuned RandAugment (preset `randaugment-marginals`),
 and row `randaugment_marginals` trains with those marginals fixed (the control that separates learning from drawing
 ops independently); like row `randaugment`, a result of another N, M is set aside (seed<k>_n<N>_m<M>.json) and run
-again. Runs start in the order sizes, seeds, rows, so one size finishes before the next.
+again. Rows `shared_from_randaugment` and `shared_from_randaugment_retrain` are rows `shared` and `shared_retrain`
+started from those marginals. Runs start in the order sizes, seeds, rows, so one size finishes before the next.
 """
 
 from __future__ import annotations
@@ -114,6 +115,11 @@ ROWS = (
         config="tra_agnostic", policy="randaugment-marginals"),
     Row("randaugment_marginals", "tuned RandAugment's marginals, ops drawn independently, fixed",
         config="randaugment", policy="randaugment-marginals"),
+    Row("shared_from_randaugment", "joint shared by workers, from tuned RandAugment's marginals", own_tea=True,
+        config="joint", shared=True, policy="randaugment-marginals"),
+    Row("shared_from_randaugment_retrain", "retrain: fresh segmenter, final shared policy from RandAugment's "
+        "marginals fixed", own_tea=True, after="shared_from_randaugment", config="retrain",
+        policy_from="shared_from_randaugment"),
 )
 BY_NAME = {row.name: row for row in ROWS}
 # rows whose results depend on the worker count: the shared search and those trained with its policy
@@ -124,7 +130,9 @@ SHARED_ROWS = tuple(r.name for r in ROWS if r.shared or (r.policy_from and BY_NA
 WITHIN = (("tra_specific", "tra_agnostic"), ("retrain", "joint"), ("shared", "joint"), ("shared_retrain", "retrain"),
           ("shared_retrain", "shared"), ("tra_from_randaugment", "randaugment"),
           ("tra_from_randaugment", "randaugment_marginals"), ("tra_from_randaugment", "tra_agnostic"),
-          ("randaugment_marginals", "randaugment"))
+          ("randaugment_marginals", "randaugment"), ("shared_from_randaugment", "randaugment_marginals"),
+          ("shared_from_randaugment", "tra_from_randaugment"), ("shared_from_randaugment", "shared"),
+          ("shared_from_randaugment_retrain", "shared_from_randaugment"))
 DERIVED = {"tra_specific_tea": "tra_specific"}  # row -> row whose run's "learned" column it is
 
 
@@ -198,12 +206,13 @@ def tuned_randaugment(results: Path, size: int) -> tuple[int, int, bool]:
 
 
 def run_dir_for(out: Path, size: int, row: str, seed: int, results: Path) -> Path:
+    folder = row
     if row in BY_NAME and BY_NAME[row].uses_tuned_randaugment:
         n, m, _ = tuned_randaugment(results, size)
-        row = f"{row}_n{n}_m{m}"
+        folder += f"_n{n}_m{m}"
     if row in SHARED_ROWS:
-        row = f"{row}_w{EXP.workers}"
-    return out / size_dir(size) / row / f"seed{seed}"
+        folder += f"_w{EXP.workers}"
+    return out / size_dir(size) / folder / f"seed{seed}"
 
 
 def kept_policy(results: Path, size: int, row: str, seed: int) -> Path:
