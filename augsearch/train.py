@@ -43,7 +43,7 @@ from augsearch.errors import AugsearchError, DatasetError
 from augsearch.learn.colab import ColabGenerator
 from augsearch.learn.guard import NonFiniteError, all_finite
 from augsearch.learn.joint import JointRuntime, JointStep
-from augsearch.learn.server import PolicyServer, PolicySync, tra_adam, worker_shard
+from augsearch.learn.server import PolicyServer, PolicySync, tea_adam, tra_adam, worker_shard
 from augsearch.losses import batch_loss, deep_supervision_loss, rare_mask
 from augsearch.model import UNet, model_config
 from augsearch.ops.tea import tea_margin, tea_pool
@@ -227,7 +227,7 @@ class _Run:
         learn_tra = self.policy is not None and aug.tra.learn
         learn_tea = self.policy is not None and aug.tea.learn
         self.tra_optimizer = tra_adam(self.policy.tra_logits, aug) if learn_tra else None
-        self.tea_optimizer = torch.optim.Adam([self.policy.tea_logits], lr=aug.tea.lr) if learn_tea else None
+        self.tea_optimizer = tea_adam(self.policy.tea_logits, aug) if learn_tea else None
 
         loss_cfg = cfg.loss
         outer_kind = aug.tra.outer_loss

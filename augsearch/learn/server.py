@@ -72,6 +72,11 @@ def tra_adam(tra_logits: Tensor, augment: AugmentConfig) -> torch.optim.Adam:
     return torch.optim.Adam([tra_logits], lr=augment.tra.lr, betas=(augment.tra.beta1, 0.999))
 
 
+def tea_adam(tea_logits: Tensor, augment: AugmentConfig) -> torch.optim.Adam:
+    """The TEA logits' Adam, the same in a run and on the policy server (rate from augment.tea)."""
+    return torch.optim.Adam([tea_logits], lr=augment.tea.lr)
+
+
 @dataclass
 class PolicyServerState:
     """Logits, their Adam optimisers and the round counter: the arithmetic of the server, free of any transport."""
@@ -88,7 +93,7 @@ class PolicyServerState:
         self.tra_logits = self.tra_logits.detach().clone().requires_grad_(True)
         self.tea_logits = self.tea_logits.detach().clone().requires_grad_(True)
         self.tra_optimizer = tra_adam(self.tra_logits, self.augment)
-        self.tea_optimizer = torch.optim.Adam([self.tea_logits], lr=self.augment.tea.lr)
+        self.tea_optimizer = tea_adam(self.tea_logits, self.augment)
 
     def apply(self, contributions: list[Contribution]) -> None:
         """One policy step on the mean of the contributions' gradients (each part over the workers that sent one)."""

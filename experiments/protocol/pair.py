@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import _mean_std, bootstrap_ci  # noqa: E402 (this folder is not a package)
+from run import mean_std, bootstrap_ci  # noqa: E402 (this folder is not a package)
 
 
 def dice_by_seed(folder: Path, column: str, label: str) -> dict[int, float]:
@@ -36,7 +36,7 @@ def dice_by_seed(folder: Path, column: str, label: str) -> dict[int, float]:
 
 
 def summary(values: list[float]) -> str:
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     return f"{mean:.1f} +- {std:.1f} (n={len(values)})"
 
 

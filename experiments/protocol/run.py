@@ -460,7 +460,7 @@ def choose_randaugment(results: Path, size: int) -> None:
 # Tables
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     finite = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if finite.size == 0:
         return math.nan, math.nan
@@ -581,9 +581,9 @@ def write_tables(results: Path) -> None:
             for name in EXP.labels:
                 for metric, scale in (("dice", 100), ("hd95", 1), ("sensitivity", 100), ("precision", 100)):
                     column = "learned" if row.name in DERIVED else "none"
-                    mean, std = _mean_std([_nan(r["test"][column][name][metric]) for r in group])
+                    mean, std = mean_std([_nan(r["test"][column][name][metric]) for r in group])
                     cells.append(f"{scale * mean:.1f} ± {scale * std:.1f}")
-            val, _ = _mean_std([val_dice(r) for r in group])
+            val, _ = mean_std([val_dice(r) for r in group])
             title = row.title
             if row.uses_tuned_randaugment:
                 settings = sorted({(r["randaugment"]["n"], r["randaugment"]["m"], r["randaugment"]["tuned"])
@@ -601,10 +601,10 @@ def write_tables(results: Path) -> None:
             if group:
                 cells = []
                 for column in TTA:
-                    mean, std = _mean_std([mean_dice(r, column) for r in group])
+                    mean, std = mean_std([mean_dice(r, column) for r in group])
                     cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}")
                 md.append(f"| {index} | {row.title} | {len(group)} | " + " | ".join(cells) + " |")
-        fixed = {name: _mean_std([val_dice(r) for r in by_row[name]])[0]
+        fixed = {name: mean_std([val_dice(r) for r in by_row[name]])[0]
                  for name in FIXED if by_row[name]}
         if fixed:
             best = max(fixed, key=lambda name: fixed[name])
