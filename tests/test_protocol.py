@@ -1,6 +1,7 @@
 """experiments/protocol on its two experiments (MSD Hippocampus, the bundled benchmark): every row shares one recipe,
 the paired statistics behind the tables, and a whole run of the bundled experiment at a few steps."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -35,7 +36,7 @@ run.use_experiment(EXPERIMENT)
 def test_rows_differ_from_the_no_augmentation_row_only_in_name_and_augment(folder, steps, patch):
     experiment = EXPERIMENTS / folder
     base = load_config(experiment / "none.toml").to_dict()
-    trained = [row.name for row in run.ROWS if row.name not in run.DERIVED and row.config is None]
+    trained = [row.name for row in run.ROWS if row.name not in run.NOT_RUN and row.config is None]
     assert sorted(p.stem for p in experiment.glob("*.toml")) == sorted([*trained, "tea_posthoc"])
     assert all(experiment / f"{row.config}.toml" in experiment.glob("*.toml") for row in run.ROWS if row.config)
     for name in trained:
@@ -200,6 +201,25 @@ def test_tables_pair_learned_rows_with_the_best_fixed_row_by_validation(tmp_path
     assert rows[0] == "size,row,seed,tta,class,metric,value"
     assert len(rows) == 1 + 9 * len(run.TTA) * len(run.EXP.labels) * 4
     assert np.isclose(float(rows[1].split(",")[-1]), 0.8)
+
+
+def test_the_chosen_start_rows_take_the_search_with_the_higher_validation_dice_and_retrain_its_policy():
+    runs = [_result("shared", 0, 0.50, 0.60), _result("shared_from_randaugment", 0, 0.40, 0.70),
+            _result("shared_retrain", 0, 0.55, 0.90), _result("shared_from_randaugment_retrain", 0, 0.45, 0.65),
+            _result("shared", 1, 0.50, 0.80), _result("shared_retrain", 1, 0.55, 0.90)]  # seed 1: one start only
+    made = {r["row"]: r for r in run.chosen(runs)}
+    assert set(made) == {"shared_chosen_start", "shared_chosen_start_retrain"}  # nothing for seed 1
+    search, retrain = made["shared_chosen_start"], made["shared_chosen_start_retrain"]
+    assert (search["seed"], search["chosen_from"], search["test"]) == (0, "shared_from_randaugment",
+                                                                       runs[1]["test"])
+    # the retrain follows its search's validation, not its own (shared_retrain validates higher)
+    assert retrain["chosen_from"] == "shared_from_randaugment_retrain" and retrain["test"] == runs[3]["test"]
+    assert not [job for job in run.plan(_plan_args(["shared_chosen_start"]), Path("out"), Path("res"))]
+
+
+def _plan_args(rows: list[str]):
+    return argparse.Namespace(rows=rows, sizes=[10], seeds=[0], tune_randaugment=False, data=Path("data"),
+                              curve_every=4, shared_workers=2, overrides=["data.root=x"], test_limit=None)
 
 
 def test_a_variant_runs_another_experiments_configs_with_its_own_overrides_and_data():

@@ -27,7 +27,10 @@ learns the class-agnostic TRA from the per-op marginals of the tuned RandAugment
 and row `randaugment_marginals` trains with those marginals fixed (the control that separates learning from drawing
 ops independently); like row `randaugment`, a result of another N, M is set aside (seed<k>_n<N>_m<M>.json) and run
 again. Rows `shared_from_randaugment` and `shared_from_randaugment_retrain` are rows `shared` and `shared_retrain`
-started from those marginals. Runs start in the order sizes, seeds, rows, so one size finishes before the next.
+started from those marginals. Rows `shared_chosen_start` and `shared_chosen_start_retrain` have no runs of their own:
+per seed they take the shared search (and its retrain) of whichever start, `nnunet` or RandAugment's marginals,
+scored the higher validation Dice, as a user running both would; their compute is both. Runs start in the order
+sizes, seeds, rows, so one size finishes before the next.
 """
 
 from __future__ import annotations
@@ -90,6 +93,10 @@ class Row:
     policy_from: str | None = None  # row of the same size and seed whose final policy.json this row trains with
     shared: bool = False  # a shared search (`shared_overrides`) instead of one fit
     policy: str | None = None  # a preset replacing its config's augment.policy ("randaugment-..." takes the tuned N, M)
+    # no run of its own: per seed, the run of `choose` whose row in `judge` (default `choose` itself, same order) has
+    # the highest validation Dice; its compute is every row of `choose`
+    choose: tuple[str, ...] = ()
+    judge: tuple[str, ...] = ()
 
     @property
     def uses_tuned_randaugment(self) -> bool:
@@ -120,6 +127,11 @@ ROWS = (
     Row("shared_from_randaugment_retrain", "retrain: fresh segmenter, final shared policy from RandAugment's "
         "marginals fixed", own_tea=True, after="shared_from_randaugment", config="retrain",
         policy_from="shared_from_randaugment"),
+    Row("shared_chosen_start", "joint shared by workers, start (`nnunet` or RandAugment's marginals) chosen by "
+        "validation", own_tea=True, choose=("shared", "shared_from_randaugment")),
+    Row("shared_chosen_start_retrain", "retrain: final shared policy of the start chosen by validation fixed",
+        own_tea=True, choose=("shared_retrain", "shared_from_randaugment_retrain"),
+        judge=("shared", "shared_from_randaugment")),
 )
 BY_NAME = {row.name: row for row in ROWS}
 # rows whose results depend on the worker count: the shared search and those trained with its policy
@@ -132,8 +144,12 @@ WITHIN = (("tra_specific", "tra_agnostic"), ("retrain", "joint"), ("shared", "jo
           ("tra_from_randaugment", "randaugment_marginals"), ("tra_from_randaugment", "tra_agnostic"),
           ("randaugment_marginals", "randaugment"), ("shared_from_randaugment", "randaugment_marginals"),
           ("shared_from_randaugment", "tra_from_randaugment"), ("shared_from_randaugment", "shared"),
-          ("shared_from_randaugment_retrain", "shared_from_randaugment"))
+          ("shared_from_randaugment_retrain", "shared_from_randaugment"),
+          ("shared_chosen_start", "shared"), ("shared_chosen_start", "shared_from_randaugment"),
+          ("shared_chosen_start", "randaugment"))
 DERIVED = {"tra_specific_tea": "tra_specific"}  # row -> row whose run's "learned" column it is
+CHOSEN = tuple(r.name for r in ROWS if r.choose)
+NOT_RUN = (*DERIVED, *CHOSEN)  # rows made from other rows' runs
 
 
 @dataclass(frozen=True)
@@ -483,7 +499,8 @@ def shared_workers(result: dict) -> int:
 
 
 def load_results(results: Path) -> list[dict]:
-    """Every run's JSON, plus the derived rows (tra_specific_tea from tra_specific's learned column)."""
+    """Every run's JSON, plus the rows made from them: tra_specific_tea (tra_specific's learned column) and the
+    rows chosen by validation (`chosen`), for the sizes and seeds where every row they choose among has run."""
     found = []
     for path in sorted(results.glob("train*/*/seed*.json")):
         if re.fullmatch(r"seed\d+\.json", path.name) and path.parent.name in BY_NAME:
@@ -491,7 +508,24 @@ def load_results(results: Path) -> list[dict]:
     for derived, base in DERIVED.items():
         for r in [r for r in found if r["row"] == base]:
             found.append({**r, "row": derived, "derived_from": base})
-    return found
+    return found + chosen(found)
+
+
+def chosen(runs: list[dict]) -> list[dict]:
+    """For each CHOSEN row, size and seed: the run of its `choose` rows whose `judge` row scores the highest
+    validation Dice (the first on a tie), renamed to the chosen row, with `chosen_from` naming its row."""
+    by_key = {(r["size"], r["row"], r["seed"]): r for r in runs}
+    made = []
+    for row in (BY_NAME[name] for name in CHOSEN):
+        judges = row.judge or row.choose
+        for size, seed in sorted({(r["size"], r["seed"]) for r in runs}):
+            candidates = [by_key.get((size, name, seed)) for name in row.choose]
+            verdicts = [by_key.get((size, name, seed)) for name in judges]
+            if None in candidates or None in verdicts:
+                continue
+            best = max(range(len(judges)), key=lambda i: (val_dice(verdicts[i]), -i))
+            made.append({**candidates[best], "row": row.name, "chosen_from": row.choose[best]})
+    return made
 
 
 def _nan(value) -> float:
@@ -538,7 +572,7 @@ def within_family(by_row: dict[str, list[dict]]) -> list[str]:
           "| row - baseline | seeds | difference | 95% interval | wins |",
           "|---|---|---|---|---|", *lines] if lines else []
     spread = {row.name: policy_spread(by_row[row.name]) for row in ROWS
-              if row.name not in NOT_LEARNED and row.name not in DERIVED and not row.policy_from}
+              if row.name not in NOT_LEARNED and row.name not in NOT_RUN and not row.policy_from}
     spread = {name: value for name, value in spread.items() if not math.isnan(value)}
     if spread:
         md += ["", "Disagreement of the seeds' learned TRA policies (mean over ops and groups of the std over seeds of "
@@ -630,7 +664,7 @@ def write_tables(results: Path) -> None:
                "overfitting (val loss rise; train-val Dice gap) |", "|---|---|---|---|---|---|---|---|"]
         for row in ROWS:
             for r in by_row[row.name]:
-                if row.name in DERIVED:
+                if row.name in NOT_RUN:
                     continue
                 wall, curve = r["wall_s"], r["curve_summary"]
                 md.append(f"| {row.name} | {r['seed']} | {100 * mean_dice(r, 'none'):.1f} | "
@@ -639,6 +673,10 @@ def write_tables(results: Path) -> None:
                           f"{wall.get('eval', math.nan) / 60:.0f} | "
                           + (f"{curve['val_loss_rise']:+.3f} from epoch {curve['best_val_loss_epoch']}; "
                              f"{curve['final_gap_dice']:+.3f}" if curve else "–") + " |")
+        for name in CHOSEN:
+            if by_row[name]:
+                md += ["", f"{name} chose (its compute is every row it chooses among): "
+                       + ", ".join(f"seed {r['seed']} {r['chosen_from']}" for r in by_row[name]) + "."]
         md.append("")
     sources = sorted({r["source"] for r in runs})
     machines = sorted({r["machine"] for r in runs})
@@ -675,7 +713,7 @@ def plan(args: argparse.Namespace, out: Path, results: Path) -> list[Job]:
     for size in args.sizes:
         for seed in args.seeds:
             for row in ROWS:
-                if row.name not in args.rows or row.name in DERIVED:
+                if row.name not in args.rows or row.name in NOT_RUN:
                     continue
                 done = result_path(results, size, row.name, seed)
                 if row.uses_tuned_randaugment and done.is_file():
