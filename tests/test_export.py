@@ -142,3 +142,49 @@ def test_export_breaks_metric_ties_by_mean_foreground_dice_and_writes_strict_jso
     assert export["trial"] == "trial_00001" and "mean foreground validation Dice" in export["selection"]
     assert export["metrics"]["val/hd95"] is None  # written as null, read back as None
     assert load_policy(out / "policy.json").op_names
+
+
+def test_export_of_several_searches_takes_the_best_trial_of_all_of_them(search_dir, tmp_path, capsys):
+    # two searches of the same data, as if started from two policies; the second holds the best trial overall
+    first = planted(search_dir, tmp_path / "a", {"trial_00000": {"val/dice_rare": 0.40},
+                                                 "trial_00001": {"val/dice_rare": 0.50}})
+    second = planted(search_dir, tmp_path / "b", {"trial_00000": {"val/dice_rare": 0.70},
+                                                  "trial_00001": {"val/dice_rare": 0.20}})
+    out = tmp_path / "best"
+    assert main(["export", str(first), str(second), "--out", str(out)]) == 0
+    assert (out / "checkpoint.pt").read_bytes() == (second / "trial_00000" / "fit" / "checkpoint.pt").read_bytes()
+    export = provenance(out / "policy.json")["export"]
+    assert export["run_dir"] == str(second.resolve()) and export["trial"] == "trial_00000"
+    assert export["compared"] == [str(first.resolve()), str(second.resolve())]
+    assert f"{first}: trial_00001 0.5" in export["selection"] and f"{second}: trial_00000 0.7" in export["selection"]
+    assert "0.7" in capsys.readouterr().out
+    # by another validation metric the first search wins
+    by_loss = tmp_path / "by_loss"
+    for folder, losses in ((first, (0.1, 0.3)), (second, (0.5, 0.6))):
+        summary = json.loads((folder / "summary.json").read_text())
+        for row, loss in zip(summary["trials"], losses):
+            row["metrics"]["val/loss"] = loss
+        (folder / "summary.json").write_text(json.dumps(summary))
+    assert main(["export", str(first), str(second), "--out", str(by_loss), "--metric", "val/loss"]) == 0
+    assert provenance(by_loss / "policy.json")["export"]["run_dir"] == str(first.resolve())
+
+
+def test_export_of_several_searches_refuses_what_does_not_compare(search_dir, train_run, tmp_path, capsys):
+    first = planted(search_dir, tmp_path / "a", {"trial_00000": {}, "trial_00001": {}})
+    other_data = planted(search_dir, tmp_path / "b", {"trial_00000": {}, "trial_00001": {}})
+    manifest = json.loads((other_data / "search.json").read_text())
+    manifest["config"]["data"]["split"]["fold"] = 3
+    (other_data / "search.json").write_text(json.dumps(manifest))
+    other_metric = planted(search_dir, tmp_path / "c", {"trial_00000": {}, "trial_00001": {}})
+    manifest = json.loads((other_metric / "search.json").read_text())
+    manifest["metric"] = "val/dice_mean"
+    (other_metric / "search.json").write_text(json.dumps(manifest))
+    cases = [([str(first), str(other_data)], "validate on different data"),
+             ([str(first), str(other_metric)], "different metrics"),
+             ([str(first), str(train_run[0])], "not a search directory"),
+             ([str(first), str(first), "--all"], "--all exports every trial of one search")]
+    for args, message in cases:
+        out = tmp_path / "out"
+        assert main(["export", *args, "--out", str(out)]) == 2, message
+        assert message in capsys.readouterr().err
+        assert not out.exists()

@@ -2,7 +2,8 @@
 
 Sources: a local run dir (`augsearch train`: checkpoint.pt + policy.json) or a search dir (`augsearch search`),
 whose best trial is chosen by a validation metric (search.metric unless told otherwise), never a test metric; ties go
-to the higher mean foreground validation Dice.
+to the higher mean foreground validation Dice. Several searches of the same data (for example one shared search per
+starting policy) are compared the same way, trial by trial, and the best of all of them is exported.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def export(source: str | Path, out: str | Path, *, all_trials: bool = False, met
     )
 
 
-def export_search(run_dir: Path, out: Path, *, all_trials: bool = False, metric: str | None = None) -> list[Path]:
-    """The best trial by a validation metric into OUT, or every trial with a checkpoint into OUT/<trial>/."""
+def finished_search(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(manifest, summary rows) of a search that has finished; refused while it is unfinished or interrupted."""
     manifest = json.loads((run_dir / MANIFEST_NAME).read_text())
     summary_path = run_dir / SUMMARY_JSON
     if not summary_path.is_file():
@@ -61,14 +62,28 @@ def export_search(run_dir: Path, out: Path, *, all_trials: bool = False, metric:
     if summary.get("interrupted"):
         raise ExportError(f"the search in {run_dir} was interrupted and its trials are half-trained; finish it with "
                           f"augsearch search --resume {run_dir}")
-    rows = summary["trials"]
+    return manifest, summary["trials"]
+
+
+def ranking(manifest: dict[str, Any], metric: str | None) -> tuple[str, str]:
+    """(metric, mode) that rank a search's trials: `metric` (a validation metric) or the search's own."""
     metric = metric or manifest["metric"]
     if not metric.startswith("val/"):
         raise ExportError(f"export ranks trials by validation metrics ('val/...'), got {metric!r}; test metrics "
                           f"must not choose the model")
-    mode = manifest["mode"] if metric == manifest["metric"] else metric_mode(metric)
-    base = {"source": "augsearch search", "run_dir": str(run_dir.resolve()), "experiment": manifest["config"]["name"],
+    return metric, manifest["mode"] if metric == manifest["metric"] else metric_mode(metric)
+
+
+def search_provenance(run_dir: Path, manifest: dict[str, Any], metric: str, mode: str) -> dict[str, Any]:
+    return {"source": "augsearch search", "run_dir": str(run_dir.resolve()), "experiment": manifest["config"]["name"],
             "search_metric": metric, "search_mode": mode}
+
+
+def export_search(run_dir: Path, out: Path, *, all_trials: bool = False, metric: str | None = None) -> list[Path]:
+    """The best trial by a validation metric into OUT, or every trial with a checkpoint into OUT/<trial>/."""
+    manifest, rows = finished_search(run_dir)
+    metric, mode = ranking(manifest, metric)
+    base = search_provenance(run_dir, manifest, metric, mode)
     if all_trials:
         chosen = [row for row in rows if row.get("checkpoint")]
         for row in chosen:  # every name checked before anything is written
@@ -85,6 +100,51 @@ def export_search(run_dir: Path, out: Path, *, all_trials: bool = False, metric:
         raise ExportError(f"no trial of {run_dir} with a checkpoint reported {metric!r}; reported validation "
                           f"metrics: {', '.join(reported) or 'none'}")
     return [_export_row(run_dir, best, out, {**base, "selection": selection_note(rows, best, metric)})]
+
+
+def export_best_of(run_dirs: list[Path], out: Path, *, metric: str | None = None, overwrite: bool = False) -> Path:
+    """The best trial of several finished searches on the same data into OUT, by one validation metric: the search
+    a user keeps when they cannot tell in advance which of its settings (a starting policy, say) fits their data."""
+    run_dirs = [Path(d) for d in run_dirs]
+    check_output_dir(out, overwrite=overwrite)
+    for run_dir in run_dirs:
+        if not (run_dir / MANIFEST_NAME).is_file():
+            raise ExportError(f"{run_dir} is not a search directory (no {MANIFEST_NAME}); several sources are "
+                              f"compared as searches: pass the --out directories of `augsearch search`")
+    searches = [(run_dir, *finished_search(run_dir)) for run_dir in run_dirs]
+    if metric is None and len({m["metric"] for _, m, _ in searches}) > 1:
+        raise ExportError("the searches rank their trials by different metrics (" + ", ".join(
+            f"{d}: {m['metric']}" for d, m, _ in searches) + "); choose the one to compare them by with --metric")
+    rankings = {ranking(manifest, metric) for _, manifest, _ in searches}
+    if len(rankings) > 1:
+        raise ExportError(f"the searches rank {metric or searches[0][1]['metric']} in different directions ("
+                          + ", ".join(f"{d}: {m['mode']}" for d, m, _ in searches) + "); compare them by --metric "
+                          "with an unambiguous direction")
+    metric, mode = rankings.pop()
+    validation = {d: _validation_cases(m) for d, m, _ in searches}
+    if len({json.dumps(v, sort_keys=True) for v in validation.values()}) > 1:
+        raise ExportError("the searches validate on different data, so their validation metrics do not compare: "
+                          + "; ".join(f"{d}: {v}" for d, v in validation.items())
+                          + ". Compare searches of the same data.root and data.split")
+    owner = {id(row): (run_dir, manifest) for run_dir, manifest, rows in searches for row in rows}
+    best = best_trial([row for _, _, rows in searches for row in rows], metric, mode)
+    if best is None:
+        raise ExportError(f"no trial of {', '.join(map(str, run_dirs))} with a checkpoint reported {metric!r}")
+    run_dir, manifest = owner[id(best)]
+    scores = []
+    for other, _, rows in searches:
+        top = best_trial(rows, metric, mode)
+        scores.append(f"{other}: {top['trial']} {top['metrics'][metric]:.4g}" if top else f"{other}: none")
+    note = (f"search {run_dir}, {selection_note([r for _, _, rows in searches for r in rows], best, metric)}; best "
+            f"of each search: {'; '.join(scores)}")
+    base = search_provenance(run_dir, manifest, metric, mode)
+    return _export_row(run_dir, best, out, {**base, "selection": note, "compared": [str(d.resolve()) for d in run_dirs]})
+
+
+def _validation_cases(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What decides a search's validation cases: its data folder and split settings."""
+    data = manifest["config"]["data"]
+    return {"root": data["root"], "split": data.get("split")}
 
 
 def metric_mode(metric: str) -> str:
