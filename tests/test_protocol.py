@@ -214,6 +214,7 @@ def test_the_chosen_start_rows_take_the_search_with_the_higher_validation_dice_a
                                                                        runs[1]["test"])
     # the retrain follows its search's validation, not its own (shared_retrain validates higher)
     assert retrain["chosen_from"] == "shared_from_randaugment_retrain" and retrain["test"] == runs[3]["test"]
+    assert (search["train_epoch_s"], retrain["train_epoch_s"]) == (120.0, 240.0)  # the compute of every run needed
     assert not [job for job in run.plan(_plan_args(["shared_chosen_start"]), Path("out"), Path("res"))]
 
 

@@ -513,7 +513,8 @@ def load_results(results: Path) -> list[dict]:
 
 def chosen(runs: list[dict]) -> list[dict]:
     """For each CHOSEN row, size and seed: the run of its `choose` rows whose `judge` row scores the highest
-    validation Dice (the first on a tie), renamed to the chosen row, with `chosen_from` naming its row."""
+    validation Dice (the first on a tie), renamed to the chosen row, with `chosen_from` naming its row and
+    `train_epoch_s` summed over every run the choice needed (its compute)."""
     by_key = {(r["size"], r["row"], r["seed"]): r for r in runs}
     made = []
     for row in (BY_NAME[name] for name in CHOSEN):
@@ -524,7 +525,9 @@ def chosen(runs: list[dict]) -> list[dict]:
             if None in candidates or None in verdicts:
                 continue
             best = max(range(len(judges)), key=lambda i: (val_dice(verdicts[i]), -i))
-            made.append({**candidates[best], "row": row.name, "chosen_from": row.choose[best]})
+            needed = {id(r): r for r in candidates + verdicts}.values()
+            made.append({**candidates[best], "row": row.name, "chosen_from": row.choose[best],
+                         "train_epoch_s": sum(r["train_epoch_s"] for r in needed)})
     return made
 
 
