@@ -137,8 +137,9 @@ def export_best_of(run_dirs: list[Path], out: Path, *, metric: str | None = None
         scores.append(f"{other}: {top['trial']} {top['metrics'][metric]:.4g}" if top else f"{other}: none")
     note = (f"search {run_dir}, {selection_note([r for _, _, rows in searches for r in rows], best, metric)}; best "
             f"of each search: {'; '.join(scores)}")
-    base = search_provenance(run_dir, manifest, metric, mode)
-    return _export_row(run_dir, best, out, {**base, "selection": note, "compared": [str(d.resolve()) for d in run_dirs]})
+    base = {**search_provenance(run_dir, manifest, metric, mode), "selection": note,
+            "compared": [str(d.resolve()) for d in run_dirs]}
+    return _export_row(run_dir, best, out, base)
 
 
 def _validation_cases(manifest: dict[str, Any]) -> dict[str, Any]:
