@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         if args.all_trials:
             raise ExportError("--all exports every trial of one search; pass one search directory, or drop --all to "
                               "export the best trial of several")
-        paths = [export_best_of([Path(d) for d in args.run_dirs], Path(args.out), metric=args.metric,
+        paths = [export_best_of(args.run_dirs, Path(args.out), metric=args.metric,
                                 overwrite=args.overwrite)]
     else:
         paths = export(Path(args.run_dirs[0]), Path(args.out), all_trials=args.all_trials, metric=args.metric,

@@ -112,17 +112,14 @@ def export_best_of(run_dirs: list[Path], out: Path, *, metric: str | None = None
             raise ExportError(f"{run_dir} is not a search directory (no {MANIFEST_NAME}); several sources are "
                               f"compared as searches: pass the --out directories of `augsearch search`")
     searches = [(run_dir, *finished_search(run_dir)) for run_dir in run_dirs]
-    if metric is None and len({m["metric"] for _, m, _ in searches}) > 1:
-        raise ExportError("the searches rank their trials by different metrics (" + ", ".join(
-            f"{d}: {m['metric']}" for d, m, _ in searches) + "); choose the one to compare them by with --metric")
-    rankings = {ranking(manifest, metric) for _, manifest, _ in searches}
-    if len(rankings) > 1:
-        raise ExportError(f"the searches rank {metric or searches[0][1]['metric']} in different directions ("
-                          + ", ".join(f"{d}: {m['mode']}" for d, m, _ in searches) + "); compare them by --metric "
-                          "with an unambiguous direction")
-    metric, mode = rankings.pop()
+    rankings = {d: ranking(manifest, metric) for d, manifest, _ in searches}
+    if len(set(rankings.values())) > 1:
+        raise ExportError("the searches rank their trials by different metrics or directions (" + ", ".join(
+            f"{d}: {m} ({mode})" for d, (m, mode) in rankings.items()) + "); choose the one to compare them by with "
+            "--metric")
+    metric, mode = rankings[run_dirs[0]]
     validation = {d: _validation_cases(m) for d, m, _ in searches}
-    if len({json.dumps(v, sort_keys=True) for v in validation.values()}) > 1:
+    if any(v != validation[run_dirs[0]] for v in validation.values()):
         raise ExportError("the searches validate on different data, so their validation metrics do not compare: "
                           + "; ".join(f"{d}: {v}" for d, v in validation.items())
                           + ". Compare searches of the same data.root and data.split")
