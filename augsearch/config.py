@@ -300,7 +300,8 @@ class SearchConfig(_Section):
     policy_sharing: Literal["independent", "shared"] = Field(
         "independent",
         description="'independent': each trial learns its own policy; 'shared': num_workers trials (workers) push "
-        "their policy gradients to one policy server that averages them and steps one policy.",
+        "their policy gradients to one policy server that averages them and steps one policy, one such group of "
+        "workers per point of a grid-only search.space.",
     )
     num_workers: int = Field(
         1, ge=1, description="Workers of a shared search; worker i has seed seed + 1000 i and shard i (search.shard)."

@@ -23,6 +23,7 @@ from augsearch.tune.space import (
     absolute_paths,
     config_keys,
     expand_trials,
+    seeded_repeats,
     validate_space,
 )
 from augsearch.tune.trial import CRASH_ENV
@@ -79,6 +80,24 @@ def test_expand_trials_grid_times_samples_with_draws_in_range():
     assert all(t["data.split.fold"] in range(5) for t in trials)
     assert {t["augment.policy"] for t in trials} <= {"identity", "nnunet"}
     assert expand_trials(space, num_samples=2, seed=7) == trials  # seeded
+
+
+def test_repeats_of_a_point_get_their_own_seeds_unless_the_space_sets_one():
+    assert seeded_repeats({}, 3, seed=5) == ({"seed": [5, 6, 7]}, 1)
+    space = {"augment.tra.lr": {"loguniform": [0.01, 0.1]}}
+    assert seeded_repeats(space, 2, seed=0) == ({**space, "seed": [0, 1]}, 1)
+    assert seeded_repeats({"seed": [3, 4]}, 2, seed=0) == ({"seed": [3, 4]}, 2)
+    assert seeded_repeats(space, 1, seed=0) == (space, 1)
+
+
+def test_num_samples_without_a_space_trains_distinct_seeds(tmp_path, data_root):
+    out = tmp_path / "search"
+    args = ["search", str(SMOKE), "--no-ray", "--out", str(out), "--num-samples", "2",
+            *tiny(data_root, "search.space={}", "seed=5")]
+    assert main(args) == 0
+    rows = [row for _, row in sorted(summary(out).items())]
+    assert [row["params"] for row in rows] == [{"seed": 5}, {"seed": 6}]
+    assert rows[0]["metrics"]["train/loss"] != rows[1]["metrics"]["train/loss"]  # not the same run twice
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):

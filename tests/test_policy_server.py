@@ -25,6 +25,7 @@ from augsearch.learn.server import (
     PolicyServerState,
     _Rounds,
     actor_name,
+    state_path,
     worker_shard,
 )
 from augsearch.policy.io import load_policy
@@ -169,16 +170,35 @@ def test_interrupted_shared_search_resumes_to_the_uninterrupted_policy(data_root
     assert torch.load(cut / STATE_NAME, weights_only=True)["round"] == 4
 
 
-def test_shared_search_refuses_a_space_and_several_workers_without_ray(data_root, tmp_path, capsys):
+def test_shared_search_refuses_drawn_keys_a_scheduler_and_several_workers_without_ray(data_root, tmp_path, capsys):
     out = tmp_path / "out"
-    args = shared_args(data_root, "search.num_workers=2")
-    assert main(["search", str(SMOKE), "--no-ray", "--out", str(out), *args]) == 2
-    assert "side by side on Ray" in capsys.readouterr().err
-    args = shared_args(data_root)
-    del args[args.index("search.space={}") - 1: args.index("search.space={}") + 1]  # the smoke space: seed = [0, 1]
-    assert main(["search", str(SMOKE), "--no-ray", "--out", str(out), *args]) == 2
-    assert "takes no search.space" in capsys.readouterr().err
+    refused = {"search.num_workers=2": "side by side on Ray",
+               'search.space={"augment.tra.lr" = {loguniform = [0.01, 0.1]}}': "draws augment.tra.lr at random",
+               "search.scheduler=asha": "needs scheduler='none'"}
+    for override, message in refused.items():
+        assert main(["search", str(SMOKE), "--no-ray", "--out", str(out), *shared_args(data_root, override)]) == 2
+        assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_shared_search_over_a_grid_learns_one_policy_per_point(data_root, tmp_path):
+    starts = ["uniform-0.1", "nnunet"]
+    out = tmp_path / "grid"
+    args = shared_args(data_root, f'search.space={{"augment.policy" = {json.dumps(starts)}}}')
+    assert main(["search", str(SMOKE), "--no-ray", "--out", str(out), *args]) == 0
+    found = [row for _, row in sorted(rows(out).items())]
+    assert [row["params"] for row in found] == [
+        {"search.group": g, "search.worker": 0, "augment.policy": start} for g, start in enumerate(starts)]
+    for group, start in enumerate(starts):
+        # each group is the shared search of its point alone: its own server, nothing from the other group
+        alone = tmp_path / f"alone{group}"
+        args = shared_args(data_root, f"augment.policy={start}")
+        assert main(["search", str(SMOKE), "--no-ray", "--out", str(alone), *args]) == 0
+        tra, tea = policy_logits(out / found[group]["trial"] / "fit")
+        alone_tra, alone_tea = policy_logits(alone / "trial_00000" / "fit")
+        assert torch.equal(tra, alone_tra) and torch.equal(tea, alone_tea)
+        assert torch.equal(torch.load(state_path(out, group), weights_only=True)["tra_logits"], tra)
+    assert state_path(out, 0) != state_path(out, 1)
 
 
 @pytest.mark.parametrize("workers", [2, pytest.param(4, marks=pytest.mark.slow)])
@@ -211,6 +231,28 @@ def test_shared_search_refuses_more_workers_than_the_cluster_runs_at_once(local_
     err = capsys.readouterr().err
     assert "num_workers=3 workers of a shared search run at once" in err and "holds 2 trials" in err
     assert not out.exists()
+
+
+def test_num_samples_of_a_shared_search_on_ray_are_groups_with_their_own_seed_and_policy(local_ray, data_root,
+                                                                                          tmp_path):
+    out = tmp_path / "search"
+    args = shared_args(data_root, "search.num_workers=2", "search.cpus_per_trial=1")
+    assert main(["search", str(SMOKE), "--out", str(out), "--num-samples", "2", *args]) == 0
+    groups: dict[int, list[Path]] = {}
+    for trial, row in rows(out).items():
+        assert row["status"] == "TERMINATED" and row["params"]["seed"] == row["params"]["search.group"]
+        groups.setdefault(row["params"]["search.group"], []).append(out / trial / "fit")
+    assert sorted(groups) == [0, 1] and all(len(fits) == 2 for fits in groups.values())
+    learned = []
+    for group, fits in groups.items():
+        assert sorted(json.loads((d / "config.json").read_text())["seed"] for d in fits) == [group, 1000 + group]
+        (tra, tea), (tra_b, tea_b) = [policy_logits(d) for d in fits]
+        assert torch.equal(tra, tra_b) and torch.equal(tea, tea_b)  # one policy within a group
+        state = torch.load(state_path(out, group), weights_only=True)
+        # both workers of this group pushed at every one of the 2 x 2 meta-iterations, and no one else did
+        assert state["contributions"] == 8 and state["round"] == 4 and torch.equal(state["tra_logits"], tra)
+        learned.append(tra)
+    assert not torch.equal(learned[0], learned[1])  # two searches, not one
 
 
 @pytest.mark.slow

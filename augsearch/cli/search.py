@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
     """The options that change the search's config (shared with `augsearch submit`)."""
-    parser.add_argument("--num-samples", type=int, help="samples per grid point (search.num_samples)")
+    parser.add_argument("--num-samples", type=int, help="repeats of every point of the space, with seeds seed, "
+                        "seed + 1, ... unless the space sets seed (search.num_samples)")
     parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions share a GPU")
     parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial; also the trial's torch threads")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

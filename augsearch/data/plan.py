@@ -250,7 +250,7 @@ def plan_ops(dims: int, patch: list[int], spacing: list[float]) -> tuple[list[st
         exclude_why = ("quarter turns leave the TEA pool where the patch or the voxel is not square: "
                        + ", ".join(reasons) + "; TRA masks its quarter-turn bins itself where the patch is not square")
     else:
-        exclude_why = "the patch and the voxels are square in every rotation plane: the whole TEA pool"
+        exclude_why = "the patch and the voxels are square in every rotation plane the ops keep: the whole TEA pool"
     return ops, ops_why, exclude, exclude_why
 
 

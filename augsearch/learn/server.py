@@ -238,21 +238,27 @@ class _Rounds:
                 "resumed_from": self.resumed_from}
 
 
-def actor_name(run_dir: Path) -> str:
-    """The Ray actor name of a search's policy server: one per search directory."""
-    return "augsearch-policy-" + hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+def state_path(run_dir: Path, group: int = 0) -> Path:
+    """The state file of group `group`'s policy server in a search directory (group 0: STATE_NAME)."""
+    return Path(run_dir) / (STATE_NAME if group == 0 else f"policy_server_{group}.pt")
 
 
-def start_ray_server(run_dir: Path, augment: AugmentConfig, train: TrainConfig, num_workers: int,
+def actor_name(run_dir: Path, group: int = 0) -> str:
+    """The Ray actor name of group `group`'s policy server: one per search directory and group."""
+    digest = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    return f"augsearch-policy-{digest}" + (f"-{group}" if group else "")
+
+
+def start_ray_server(run_dir: Path, group: int, augment: AugmentConfig, train: TrainConfig, num_workers: int,
                      timeout_s: float) -> Any:
-    """Create (or find) the search's policy server actor; Ray restarts it from its state file when it dies."""
+    """Create (or find) a group's policy server actor; Ray restarts it from its state file when it dies."""
     import ray
 
     actor_cls = ray.remote(_Rounds).options(
-        name=actor_name(run_dir), get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
+        name=actor_name(run_dir, group), get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
         max_concurrency=max(16, 4 * num_workers),
     )
-    return actor_cls.remote(augment, train, Path(run_dir) / STATE_NAME, num_workers, timeout_s)
+    return actor_cls.remote(augment, train, state_path(run_dir, group), num_workers, timeout_s)
 
 
 class RayPolicyServer:

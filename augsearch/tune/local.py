@@ -11,7 +11,7 @@ from typing import Any
 from augsearch.artifacts.layout import CHECKPOINT_NAME, FIT_DIR, MANIFEST_NAME
 from augsearch.config import config_from_dict
 from augsearch.errors import AugsearchError
-from augsearch.learn.server import STATE_NAME, InProcessPolicyServer
+from augsearch.learn.server import InProcessPolicyServer, state_path
 from augsearch.tune.summary import (
     SearchResult,
     finish_search,
@@ -19,32 +19,33 @@ from augsearch.tune.summary import (
     trial_row,
     write_summary,
 )
-from augsearch.tune.trial import CRASH_ENV, run_trial
+from augsearch.tune.space import SHARED_GROUP
+from augsearch.tune.trial import CRASH_ENV, run_trial, trial_config
 
 
 def run_local(run_dir: Path, manifest: dict[str, Any], *, finished: dict[str, dict[str, Any]]) -> SearchResult:
     """Trials one after another in this process, retried from their last checkpoint up to search.max_failures."""
     cfg = config_from_dict(manifest["config"], source=str(run_dir / MANIFEST_NAME))
     crash_marker = os.environ.get(CRASH_ENV)
-    # one worker of a shared search: the in-process server, resumed from its state file when there is one
-    server = (InProcessPolicyServer(cfg.augment, cfg.train, run_dir / STATE_NAME)
-              if cfg.search.policy_sharing == "shared" else None)
     rows = {trial["trial"]: trial_row(trial["trial"], "PENDING", trial["params"], {}, None, None, {})
             for trial in manifest["trials"]}
     rows.update(finished)
     try:
-        _run_trials(run_dir, manifest, cfg, rows, finished, crash_marker, server)
+        _run_trials(run_dir, manifest, cfg, rows, finished, crash_marker)
     except KeyboardInterrupt:
         return finish_search(run_dir, list(rows.values()), cfg, interrupted=True)
     return finish_search(run_dir, list(rows.values()), cfg)
 
 
 def _run_trials(run_dir: Path, manifest: dict[str, Any], cfg: Any, rows: dict[str, dict[str, Any]],
-                finished: dict[str, dict[str, Any]], crash_marker: str | None, server: Any) -> None:
+                finished: dict[str, dict[str, Any]], crash_marker: str | None) -> None:
     for trial in manifest["trials"]:
         trial_id, params = trial["trial"], trial["params"]
         if trial_id in finished:
             continue
+        server = None
+        if cfg.search.policy_sharing == "shared":
+            server = _group_server(run_dir, manifest["config"], params, cfg)
         fit_dir = run_dir / trial_id / FIT_DIR
         history: list[dict[str, Any]] = []
 
@@ -80,3 +81,9 @@ def _run_trials(run_dir: Path, manifest: dict[str, Any], cfg: Any, rows: dict[st
         status = "ERROR" if error else finished_status(last, cfg)
         rows[trial_id] = trial_row(trial_id, status, params, last, checkpoint, error, timing)
         write_summary(run_dir, list(rows.values()), cfg)
+
+
+def _group_server(run_dir: Path, base: dict[str, Any], params: dict[str, Any], cfg: Any) -> InProcessPolicyServer:
+    """The in-process server of the trial's group (one worker each without Ray), resumed from its state file."""
+    group_cfg = trial_config(base, params, cfg.search.cpus_per_trial)
+    return InProcessPolicyServer(group_cfg.augment, group_cfg.train, state_path(run_dir, params.get(SHARED_GROUP, 0)))

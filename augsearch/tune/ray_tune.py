@@ -33,16 +33,18 @@ from augsearch.config import ExperimentConfig, config_from_dict
 from augsearch.errors import SearchError
 from augsearch.learn.server import RayPolicyServer, actor_name, start_ray_server
 from augsearch.tune.reaper import Reaper
-from augsearch.tune.space import expand_trials
+from augsearch.tune.space import SHARED_GROUP, shared_members, trial_params
 from augsearch.tune.summary import (
     SearchResult,
     finish_search,
     finished_status,
     trial_row,
 )
-from augsearch.tune.trial import CRASH_ENV, run_trial
+from augsearch.tune.trial import CRASH_ENV, run_trial, trial_config
 
 CONNECT_TIMEOUT_S = 5.0
+# The one Tune config key of a shared search: a grid over its members ({"search.group", "search.worker", **point}).
+SHARED_MEMBER = "search.member"
 
 
 def _tune_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +85,10 @@ def ray_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
                 shutil.copy2(policy_path, Path(tmp) / POLICY_NAME)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    server = RayPolicyServer(setup["policy_server"]) if setup.get("policy_server") else None
+    params = params.get(SHARED_MEMBER, params)
+    server = None
+    if "policy_servers" in setup:  # a worker of a shared search: its group's server
+        server = RayPolicyServer(setup["policy_servers"][params.get(SHARED_GROUP, 0)])
     run_trial(trial_id=trial_id, run_dir=run_dir, base=setup["base"], params=params, cpus=setup["cpus"],
                 resume=resume, crash_marker=setup.get("crash_marker"), report=report, policy_server=server)
 
@@ -254,13 +259,20 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
     search = cfg.search
     setup = {"run_dir": str(run_dir), "base": manifest["config"], "cpus": search.cpus_per_trial,
              "crash_marker": os.environ.get(CRASH_ENV)}
-    space, concurrent, server = _tune_space(search.space), search.max_concurrent_trials, None
+    space, concurrent, servers = _tune_space(search.space), search.max_concurrent_trials, []
     if search.policy_sharing == "shared":
-        # the workers are the trials; the driver owns the server actor, so it lives exactly as long as the search
-        server = start_ray_server(run_dir, cfg.augment, cfg.train, search.num_workers, search.sync_timeout_s)
-        setup["policy_server"] = actor_name(run_dir)
-        space = {"search.worker": tune.grid_search(list(range(search.num_workers)))}
-        concurrent = search.num_workers  # every worker at once: the rounds wait for each of them
+        # the workers are the trials, one group of them per point of the space; the driver owns the groups' server
+        # actors, so they live exactly as long as the search
+        members = shared_members(search.space, search.num_workers)
+        for group in range(len(members) // search.num_workers):
+            group_cfg = trial_config(manifest["config"], members[group * search.num_workers], search.cpus_per_trial)
+            servers.append(start_ray_server(run_dir, group, group_cfg.augment, group_cfg.train, search.num_workers,
+                                            search.sync_timeout_s))
+        setup["policy_servers"] = [actor_name(run_dir, group) for group in range(len(servers))]
+        # one grid key keeps Tune's trial order group by group
+        space = {SHARED_MEMBER: tune.grid_search(members)}
+        # whole groups at once: a round waits for every worker of its group
+        concurrent = search.num_workers * max(1, (concurrent or search.num_workers) // search.num_workers)
     resources = {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(ray_trial, setup=setup), resources)
     if restore:
@@ -284,10 +296,10 @@ def run_ray(run_dir: Path, manifest: dict[str, Any], *, restore: bool) -> Search
         )
     with _tune_stop_events() as stop_events:
         grid = tuner.fit()
-    del server  # the actor ends with the search (its state file stays for --resume)
+    del servers  # the actors end with the search (their state files stay for --resume)
     rows = [_ray_row(result, run_dir, cfg) for result in grid]
     rows.sort(key=lambda row: row["trial"])
-    expected = len(expand_trials(search.space, search.num_samples, cfg.seed))
+    expected = len(trial_params(search, cfg.seed))
     interrupted = any(event.is_set() for event in stop_events) or len(grid) < expected
     return finish_search(run_dir, rows, cfg, interrupted=interrupted)
 
@@ -343,6 +355,7 @@ def _ray_row(result: Any, run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any
                   "first_epoch_s": float(history["time/epoch_s"].iloc[0]) if "time/epoch_s" in history else None,
                   "reports": len(history)}
     status = "ERROR" if result.error is not None else finished_status(metrics, cfg)
-    varied = ["search.worker"] if cfg.search.policy_sharing == "shared" else cfg.search.space
-    return trial_row(trial, status, {k: (result.config or {}).get(k) for k in varied}, metrics, checkpoint,
+    config = dict(result.config or {})
+    params = config.get(SHARED_MEMBER) or {k: config.get(k) for k in cfg.search.space}
+    return trial_row(trial, status, params, metrics, checkpoint,
                 str(result.error) if result.error is not None else None, timing)

@@ -22,7 +22,7 @@ from augsearch.errors import SearchError
 from augsearch.textfiles import MalformedText, read_json
 from augsearch.tune.local import run_local
 from augsearch.tune.ray_tune import check_resources, ray_session, run_ray
-from augsearch.tune.space import absolute_paths, expand_trials, validate_space
+from augsearch.tune.space import absolute_paths, seeded_repeats, trial_params, validate_space
 from augsearch.tune.summary import SearchResult, read_rows
 from augsearch.tune.trial import prepare_data
 
@@ -49,6 +49,10 @@ def new_search(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = No
                           "add one such as 'augment.tra.lr' = {loguniform = [0.01, 0.1]}")
     if search.policy_sharing == "shared":
         _check_shared(cfg, use_ray)
+    space, base["search"]["num_samples"] = seeded_repeats(search.space, search.num_samples, cfg.seed)
+    base["search"]["space"] = space
+    cfg = config_from_dict(base)
+    search = cfg.search
     manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "backend": "ray" if use_ray else "local",
                 "config": base, "space": search.space, "metric": search.metric, "mode": search.mode,
                 "config_hash": cfg.fingerprint(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -56,9 +60,8 @@ def new_search(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = No
         if search.scheduler != "none":
             raise SearchError(f"search.scheduler={search.scheduler!r} needs Ray (trials run side by side); "
                               f"drop --no-ray or set search.scheduler=none")
-        params = (expand_trials(search.space, search.num_samples, cfg.seed) if search.policy_sharing == "independent"
-                  else [{"search.worker": 0}])
-        manifest["trials"] = [{"trial": f"trial_{i:05d}", "params": p} for i, p in enumerate(params)]
+        manifest["trials"] = [{"trial": f"trial_{i:05d}", "params": p}
+                              for i, p in enumerate(trial_params(search, cfg.seed))]
         prepare_data(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / MANIFEST_NAME, manifest)
@@ -72,12 +75,16 @@ def new_search(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = No
 
 
 def _check_shared(cfg: ExperimentConfig, use_ray: bool) -> None:
-    """A shared search runs search.num_workers workers of one config around one policy server."""
+    """A shared search runs search.num_workers workers around one policy server per point of its (grid) space."""
     search = cfg.search
-    if search.space or search.num_samples != 1 or search.scheduler != "none":
-        raise SearchError("search.policy_sharing='shared' runs num_workers workers of one config (worker i: seed + "
-                          "1000 i, shard i); it takes no search.space, num_samples=1 and scheduler='none'. Empty the "
-                          "space (e.g. --set 'search.space={}') or use policy_sharing='independent'")
+    drawn = [key for key, spec in search.space.items() if isinstance(spec, dict)]
+    if drawn:
+        raise SearchError(f"search.policy_sharing='shared' learns one policy per point of a grid, but search.space "
+                          f"draws {', '.join(drawn)} at random (each worker would draw its own); give these keys a "
+                          f"list of values, e.g. 'augment.tra.lr' = [0.025, 0.05]")
+    if search.scheduler != "none":
+        raise SearchError(f"search.policy_sharing='shared' needs scheduler='none', got {search.scheduler!r}: a "
+                          f"scheduler that stops or perturbs one worker would leave its group's rounds waiting")
     if not (cfg.augment.tra.learn or cfg.augment.tea.learn):
         raise SearchError("search.policy_sharing='shared' needs a learned policy (augment.tra.learn or "
                           "augment.tea.learn); there is nothing to share")

@@ -18,12 +18,17 @@ from pydantic import BaseModel
 from augsearch.config import (
     ConfigError,
     ExperimentConfig,
+    SearchConfig,
     apply_overrides,
     config_from_dict,
 )
 from augsearch.errors import SearchError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+# The params that place a trial of a shared search: its group (one point of the space, one policy server) and its
+# worker index within the group.
+SHARED_GROUP = "search.group"
+SHARED_WORKER = "search.worker"
 
 
 def config_keys() -> list[str]:
@@ -102,6 +107,17 @@ def _candidate_values(key: str, spec: Any) -> list[Any]:
     return [float(args[0]), float(args[1])]
 
 
+def seeded_repeats(space: dict[str, Any], num_samples: int, seed: int) -> tuple[dict[str, Any], int]:
+    """(space, num_samples) where the num_samples repeats of every point train with seeds seed, seed + 1, ...
+
+    Without this, repeats of a point without random keys would be the same run twice. A space that sets `seed`
+    itself is left as it is.
+    """
+    if num_samples == 1 or "seed" in space:
+        return space, num_samples
+    return {**space, "seed": [seed + i for i in range(num_samples)]}, 1
+
+
 def expand_trials(space: dict[str, Any], num_samples: int, seed: int) -> list[dict[str, Any]]:
     """In-process version of Tune's variant generation: grid product x num_samples, random keys drawn per trial."""
     rng = np.random.default_rng(seed)
@@ -116,6 +132,23 @@ def expand_trials(space: dict[str, Any], num_samples: int, seed: int) -> list[di
                     params[key] = _draw(spec, rng)
             trials.append({key: params[key] for key in space})
     return trials
+
+
+def trial_params(search: SearchConfig, seed: int) -> list[dict[str, Any]]:
+    """Every trial's params, in order: the space's points x num_samples, or a shared search's members."""
+    if search.policy_sharing == "shared":
+        return shared_members(search.space, search.num_workers)
+    return expand_trials(search.space, search.num_samples, seed)
+
+
+def shared_members(space: dict[str, Any], num_workers: int) -> list[dict[str, Any]]:
+    """The trials of a shared search, group by group: num_workers workers for every point of a grid-only space.
+
+    Group g learns one policy on its own server; its workers differ in seed and shard only. The order matters: Tune
+    starts trials in this order, so the workers of a group start together and no group waits on a later one.
+    """
+    points = expand_trials(space, 1, seed=0)  # a grid: nothing is drawn
+    return [{SHARED_GROUP: g, SHARED_WORKER: w, **point} for g, point in enumerate(points) for w in range(num_workers)]
 
 
 def _draw(spec: dict[str, Any], rng: np.random.Generator) -> Any:

@@ -20,6 +20,7 @@ from augsearch.artifacts.layout import FIT_DIR
 from augsearch.config import ExperimentConfig, apply_overrides, config_from_dict
 from augsearch.data.synthetic import ensure_dataset
 from augsearch.learn.server import PolicyServer
+from augsearch.tune.space import SHARED_GROUP, SHARED_WORKER
 from augsearch.train import fit
 
 CRASH_ENV = "AUGSEARCH_TEST_CRASH_ONCE"
@@ -43,11 +44,14 @@ WORKER_SEED_STRIDE = 1000
 def trial_config(base: dict[str, Any], params: dict[str, Any], cpus: float) -> ExperimentConfig:
     """The trial's config: base + varied values, with torch threads set to the trial's CPUs.
 
-    A worker of a shared search (params {"search.worker": i}) runs with seed base seed + WORKER_SEED_STRIDE * i.
+    A worker of a shared search (params {"search.group": g, "search.worker": i, **the group's point}) runs with seed
+    (the point's or the base) seed + WORKER_SEED_STRIDE * i.
     """
-    overrides = {**params, "train.num_threads": max(1, int(cpus))}
-    if "search.worker" in params:
-        overrides["seed"] = int(base.get("seed", 0)) + WORKER_SEED_STRIDE * int(params["search.worker"])
+    overrides = {k: v for k, v in params.items() if k != SHARED_GROUP}
+    overrides["train.num_threads"] = max(1, int(cpus))
+    if SHARED_WORKER in params:
+        seed = int(params.get("seed", base.get("seed", 0)))
+        overrides["seed"] = seed + WORKER_SEED_STRIDE * int(params[SHARED_WORKER])
     return config_from_dict(apply_overrides(base, overrides), source="trial config")
 
 
