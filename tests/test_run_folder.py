@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
 from fake_run import SMOKE, fake_payload, write_fake_run
 
 from augsearch.artifacts.checkpoint import load_checkpoint
+from augsearch.atomic import write_text
 from augsearch.artifacts.run_folder import (
     RunFolderError,
     check_resumable,
@@ -69,6 +71,20 @@ def test_policy_never_lags_the_checkpoint_when_killed_between_renames(tmp_path, 
     monkeypatch.undo()
     policy_epoch = json.loads((run / "policy.json").read_text())["provenance"]["epoch"]
     assert renames == ["policy.json"] and policy_epoch >= load_checkpoint(run).epoch
+
+
+def test_written_files_get_a_new_files_permissions_or_keep_their_own(tmp_path):
+    umask = os.umask(0)  # the process's umask, read back unchanged (0o022 gives 0o644)
+    os.umask(umask)
+    new_file = 0o666 & ~umask
+    run = write_fake_run(tmp_path / "run", epoch=1)
+    commit_step(run, *fake_payload(epoch=2))
+    write_text(tmp_path / "report.html", "<html></html>")
+    for path in (run / "checkpoint.pt", run / "policy.json", tmp_path / "report.html"):
+        assert stat.S_IMODE(path.stat().st_mode) == new_file, path  # not mkstemp's 0600
+    (run / "policy.json").chmod(0o600)  # a file the user restricted stays restricted when rewritten
+    commit_step(run, *fake_payload(epoch=3))
+    assert stat.S_IMODE((run / "policy.json").stat().st_mode) == 0o600
 
 
 def test_resume_puts_policy_and_metrics_back_in_line_with_the_checkpoint(tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -25,7 +24,7 @@ from augsearch.artifacts.layout import (
     POLICY_NAME,
     TENSORBOARD_DIR,
 )
-from augsearch.atomic import write_json, write_text
+from augsearch.atomic import temp_beside, write_json, write_text
 from augsearch.errors import AugsearchError
 
 RUN_FILES = (CHECKPOINT_NAME, POLICY_NAME, METRICS_NAME, CONFIG_NAME, TENSORBOARD_DIR)
@@ -92,7 +91,7 @@ def commit_step(run_dir: Path, checkpoint: dict[str, Any], policy: dict[str, Any
 
 def _stage(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """A complete, fsynced temp file beside PATH, named like `atomic_open`'s so a restart finds it if left."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
