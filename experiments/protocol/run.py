@@ -545,6 +545,16 @@ def val_dice(r: dict) -> float:
     return float(np.mean([r["val"][f"val/dice_{k}"] for k in EXP.paired]))
 
 
+def train_seconds(group: list[dict], tag: dict[str, str]) -> str:
+    """The `train s` cell: mean summed epoch time of a row's runs, per machine where the table has several."""
+    by_machine: dict[str, list[float]] = {}
+    for r in group:
+        by_machine.setdefault(tag.get(r["machine"], ""), []).append(r["train_epoch_s"])
+    if not tag:
+        return f"{np.mean(by_machine['']):.0f}"
+    return ", ".join(f"{np.mean(times):.0f} ({name})" for name, times in sorted(by_machine.items()))
+
+
 def paired_line(label: str, diffs: list[float]) -> str:
     low, high = bootstrap_ci(diffs)
     return (f"| {label} | {len(diffs)} | {np.mean(diffs):+.1f} | [{low:+.1f}, {high:+.1f}] | "
@@ -601,6 +611,9 @@ def write_tables(results: Path) -> None:
           "this file (protocol in the experiment's README.md). Cells: mean ± sample std over seeds of the per-seed "
           f"mean over the {len(EXP.test_cases())} test cases; Dice, sensitivity, precision in %, HD95 in mm (a case "
           "without a defined HD95 is left out). n: seeds.", ""]
+    # a table whose runs come from several machines names them M1, M2, ...: times differ by machine, Dice does not
+    machines = sorted({r["machine"] for r in runs})
+    tag = {m: f"M{i}" for i, m in enumerate(machines, start=1)} if len(machines) > 1 else {}
     for size in EXP.sizes:
         sized = [r for r in runs if r["size"] == size]
         if not sized:
@@ -629,7 +642,7 @@ def write_tables(results: Path) -> None:
             if row.name in SHARED_ROWS:
                 title += " (" + ", ".join(str(w) for w in sorted({shared_workers(r) for r in group})) + ")"
             md.append(f"| {index} | {title} | {len(group)} | " + " | ".join(cells)
-                      + f" | {100 * val:.1f} | {np.mean([r['train_epoch_s'] for r in group]):.0f} | "
+                      + f" | {100 * val:.1f} | {train_seconds(group, tag)} | "
                       f"{group[0]['meta_steps']} | {group[0]['tea_steps']} |")
         md += ["", f"Mean Dice over {' and '.join(EXP.paired)} (%) by TTA column:", "",
                "| # | row | n | " + " | ".join(TTA) + " |", "|---|---|---|" + "---|" * len(TTA)]
@@ -663,14 +676,16 @@ def write_tables(results: Path) -> None:
         md += ["", "Per seed, mean Dice without TTA (%), and the time of each run in minutes (training wall time "
                "with its curve points and validation; post-hoc TEA as summed epoch time; test prediction and "
                "scoring of the three TTA columns):", "",
-               "| row | seed | Dice | val Dice | train min | TEA min | eval min | "
-               "overfitting (val loss rise; train-val Dice gap) |", "|---|---|---|---|---|---|---|---|"]
+               "| row | seed | " + ("machine | " if tag else "") + "Dice | val Dice | train min | TEA min | eval min | "
+               "overfitting (val loss rise; train-val Dice gap) |", "|---|---|---|---|---|---|---|---|"
+               + ("---|" if tag else "")]
         for row in ROWS:
             for r in by_row[row.name]:
                 if row.name in NOT_RUN:
                     continue
                 wall, curve = r["wall_s"], r["curve_summary"]
-                md.append(f"| {row.name} | {r['seed']} | {100 * mean_dice(r, 'none'):.1f} | "
+                md.append(f"| {row.name} | {r['seed']} | " + (f"{tag[r['machine']]} | " if tag else "")
+                          + f"{100 * mean_dice(r, 'none'):.1f} | "
                           f"{100 * val_dice(r):.1f} | "
                           f"{wall.get('train', math.nan) / 60:.0f} | {r.get('tea_epoch_s', 0) / 60:.0f} | "
                           f"{wall.get('eval', math.nan) / 60:.0f} | "
@@ -682,8 +697,8 @@ def write_tables(results: Path) -> None:
                        + ", ".join(f"seed {r['seed']} {r['chosen_from']}" for r in by_row[name]) + "."]
         md.append("")
     sources = sorted({r["source"] for r in runs})
-    machines = sorted({r["machine"] for r in runs})
-    md += [f"Sources: {'; '.join(sources)}. Machines: {'; '.join(machines)}."]
+    named = [f"{tag[m]} = {m}" for m in machines] if tag else machines
+    md += [f"Sources: {'; '.join(sources)}. Machines: {'; '.join(named)}."]
     write_text(results / "results.md", "\n".join(md) + "\n")
     write_text(results / "results.csv", long.getvalue())
 
