@@ -203,6 +203,22 @@ def test_tables_pair_learned_rows_with_the_best_fixed_row_by_validation(tmp_path
     assert np.isclose(float(rows[1].split(",")[-1]), 0.8)
 
 
+def test_a_table_from_several_machines_names_them_and_times_each_apart(tmp_path):
+    runs = [_result("none", s, 0.80, 0.70) for s in range(2)] + [_result("nnunet", s, 0.70, 0.75) for s in range(2)]
+    runs[1].update(machine="gpu box", train_epoch_s=10.0)  # none seed 1 ran elsewhere
+    for r in runs:
+        path = run.result_path(tmp_path, r["size"], r["row"], r["seed"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    run.write_tables(tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "Machines: M1 = gpu box; M2 = m." in md
+    none_row = next(line for line in md.splitlines() if line.startswith("| 1 | none |"))
+    assert "| 10 (M1), 60 (M2) |" in none_row  # not their mean, 35
+    assert "| 60 (M2) |" in next(line for line in md.splitlines() if line.startswith("| 2 |"))
+    assert "| none | 1 | M1 |" in md and "| nnunet | 0 | M2 |" in md
+
+
 def test_the_chosen_start_rows_take_the_search_with_the_higher_validation_dice_and_retrain_its_policy():
     runs = [_result("shared", 0, 0.50, 0.60), _result("shared_from_randaugment", 0, 0.40, 0.70),
             _result("shared_retrain", 0, 0.55, 0.90), _result("shared_from_randaugment_retrain", 0, 0.45, 0.65),
