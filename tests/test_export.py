@@ -92,6 +92,22 @@ def test_export_search_picks_the_best_validation_trial(search_dir, tmp_path):
     assert provenance(by_loss / "policy.json")["export"]["search_mode"] == "min"
 
 
+def test_export_never_picks_a_failed_trial(search_dir, tmp_path, capsys):
+    # trial_00000 validates best but failed part way: its checkpoint is a half-trained model
+    source = planted(search_dir, tmp_path, {"trial_00000": {"val/dice_rare": 0.80},
+                                            "trial_00001": {"val/dice_rare": 0.30}})
+    summary = json.loads((source / "summary.json").read_text())
+    summary["trials"][0]["status"] = "ERROR"
+    (source / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "best"
+    assert main(["export", str(source), "--out", str(out)]) == 0
+    assert (out / "checkpoint.pt").read_bytes() == (source / "trial_00001" / "fit" / "checkpoint.pt").read_bytes()
+    summary["trials"][1]["status"] = "ERROR"
+    (source / "summary.json").write_text(json.dumps(summary))
+    assert main(["export", str(source), "--out", str(tmp_path / "none")]) == 2
+    assert "failed (trial_00000, trial_00001)" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
 def test_export_refuses_test_metrics(search_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["export", str(search_dir), "--out", str(out), "--metric", "test/dice_rare"]) == 2

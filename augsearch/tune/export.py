@@ -97,6 +97,10 @@ def export_search(run_dir: Path, out: Path, *, all_trials: bool = False, metric:
     best = best_trial(rows, metric, mode)
     if best is None:
         reported = sorted({k for row in rows for k in row["metrics"] if k.startswith("val/")})
+        failed = [row["trial"] for row in rows if row.get("status") == "ERROR"]
+        if failed:
+            raise ExportError(f"every trial of {run_dir} that reported {metric!r} failed ({', '.join(failed)}); "
+                              f"finish them with augsearch search --resume {run_dir}")
         raise ExportError(f"no trial of {run_dir} with a checkpoint reported {metric!r}; reported validation "
                           f"metrics: {', '.join(reported) or 'none'}")
     return [_export_row(run_dir, best, out, {**base, "selection": selection_note(rows, best, metric)})]
@@ -155,9 +159,11 @@ def _finite(value: Any) -> bool:
 
 
 def best_trial(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The row with the best finite metric among rows with a checkpoint. Ties (common when a rare class is missed
-    by every trial: Dice 0) go to the higher mean foreground validation Dice (TIE_BREAK_METRIC), then to the first."""
-    scored = [row for row in rows if row.get("checkpoint") and _finite(row["metrics"].get(metric))]
+    """The row with the best finite metric among rows with a checkpoint that did not fail (a failed trial stopped
+    part way: its metric is a half-trained model's). Ties (common when a rare class is missed by every trial: Dice 0)
+    go to the higher mean foreground validation Dice (TIE_BREAK_METRIC), then to the first."""
+    scored = [row for row in rows
+              if row.get("checkpoint") and row.get("status") != "ERROR" and _finite(row["metrics"].get(metric))]
     if not scored:
         return None
     sign = 1.0 if mode == "max" else -1.0
