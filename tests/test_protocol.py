@@ -184,16 +184,21 @@ def _result(row: str, seed: int, dice: float, val: float) -> dict:
             "test": {c: {k: metrics for k in run.EXP.labels} for c in run.TTA}}
 
 
+def tables_of(runs: list[dict], results: Path) -> str:
+    """results.md written by the protocol from these per-run results, saved as its JSON files under RESULTS."""
+    for r in runs:
+        path = run.result_path(results, r["size"], r["row"], r["seed"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    run.write_tables(results)
+    return (results / "results.md").read_text()
+
+
 def test_tables_pair_learned_rows_with_the_best_fixed_row_by_validation(tmp_path):
     # nnunet has the higher validation Dice but the lower test Dice: validation, not test, picks the comparator
     runs = [_result("none", s, 0.80, 0.70) for s in range(3)] + [_result("nnunet", s, 0.70, 0.75) for s in range(3)]
     runs += [_result("joint", s, 0.70 + 0.01 * s, 0.7) for s in range(3)]
-    for r in runs:
-        path = run.result_path(tmp_path, r["size"], r["row"], r["seed"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(r))
-    run.write_tables(tmp_path)
-    md = (tmp_path / "results.md").read_text()
+    md = tables_of(runs, tmp_path)
     assert "**nnunet** without TTA" in md
     joint_none = next(line for line in md.splitlines() if line.startswith("| joint | none |"))
     assert "| 3 | +1.0 |" in joint_none and "| 2/3 |" in joint_none  # differences 0, +1, +2 points
@@ -206,12 +211,7 @@ def test_tables_pair_learned_rows_with_the_best_fixed_row_by_validation(tmp_path
 def test_a_table_from_several_machines_names_them_and_times_each_apart(tmp_path):
     runs = [_result("none", s, 0.80, 0.70) for s in range(2)] + [_result("nnunet", s, 0.70, 0.75) for s in range(2)]
     runs[1].update(machine="gpu box", train_epoch_s=10.0)  # none seed 1 ran elsewhere
-    for r in runs:
-        path = run.result_path(tmp_path, r["size"], r["row"], r["seed"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(r))
-    run.write_tables(tmp_path)
-    md = (tmp_path / "results.md").read_text()
+    md = tables_of(runs, tmp_path)
     assert "Machines: M1 = gpu box; M2 = m." in md
     none_row = next(line for line in md.splitlines() if line.startswith("| 1 | none |"))
     assert "| 10 (M1), 60 (M2) |" in none_row  # not their mean, 35

@@ -37,7 +37,7 @@ def new_search(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = No
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SearchError(f"--out {run_dir} already holds files; pass a new directory, or --resume {run_dir}")
     base, space = absolute_paths(cfg.to_dict(), cfg.search.space)
-    base["search"]["space"] = space
+    base["search"]["space"], base["search"]["num_samples"] = seeded_repeats(space, cfg.search.num_samples, cfg.seed)
     cfg = config_from_dict(base)
     search = cfg.search
     if not search.metric.startswith("val/"):
@@ -49,10 +49,6 @@ def new_search(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = No
                           "add one such as 'augment.tra.lr' = {loguniform = [0.01, 0.1]}")
     if search.policy_sharing == "shared":
         _check_shared(cfg, use_ray)
-    space, base["search"]["num_samples"] = seeded_repeats(search.space, search.num_samples, cfg.seed)
-    base["search"]["space"] = space
-    cfg = config_from_dict(base)
-    search = cfg.search
     manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "backend": "ray" if use_ray else "local",
                 "config": base, "space": search.space, "metric": search.metric, "mode": search.mode,
                 "config_hash": cfg.fingerprint(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
