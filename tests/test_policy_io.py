@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import pytest
@@ -265,15 +266,23 @@ def test_preset_binds_to_dataset_labels_and_patch():
     assert (ra.sampling, ra.randaugment_n, ra.randaugment_m) == ("randaugment", 1, 3)
 
 
-def test_file_binds_by_default_groups_or_by_name(tmp_path):
+def test_file_binds_by_default_groups_or_by_name(tmp_path, caplog):
     save_policy(make_policy(2, {"background": 0, "foreground": 1}, init="nnunet"), tmp_path / "bf.json")
-    bound = policy_from_file_or_preset(tmp_path / "bf.json", 2, KITS)
+    with caplog.at_level(logging.WARNING, logger="augsearch.policy.presets"):
+        bound = policy_from_file_or_preset(tmp_path / "bf.json", 2, KITS)
     assert bound.group_index(torch.tensor([0, 1, 2])).tolist() == [0, 1, 1]
+    # Bound to other label names: said once, naming both label sets and the groups that decide.
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'bf.json'} was learned for labels ['background', 'foreground']; applying it to labels "
+        "['background', 'kidney', 'tumour'] by its background/foreground groups"]
+    caplog.clear()
     user = make_policy(2, KITS, groups={"bg": ["background"], "kid": ["kidney"], "tum": ["tumour"]})
     save_policy(user, tmp_path / "user.json")
     renumbered = {"background": 0, "tumour": 1, "kidney": 2}
-    bound = policy_from_file_or_preset(tmp_path / "user.json", 2, renumbered)
+    with caplog.at_level(logging.WARNING, logger="augsearch.policy.presets"):
+        bound = policy_from_file_or_preset(tmp_path / "user.json", 2, renumbered)
     assert bound.group_index(torch.tensor([0, 1, 2])).tolist() == [0, 2, 1]
+    assert caplog.records == []  # the same names, renumbered: nothing to say
     with pytest.raises(PolicyFileError, match="dataset's labels are"):
         policy_from_file_or_preset(tmp_path / "user.json", 2, {"background": 0, "liver": 1})
     with pytest.raises(PolicyFileError, match="class_specific is off"):

@@ -6,6 +6,7 @@ written by `augsearch policy presets --write`, and a test fails when they drift.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from augsearch.policy.core import Policy, PolicyError
 from augsearch.policy.groups import normalise_labels
 from augsearch.policy.init import logits_from_probs, make_policy, tea_available_mask, tea_init_probs
 from augsearch.policy.io import load_policy, policy_to_dict
+
+logger = logging.getLogger(__name__)
 
 POLICIES_DIR = Path(__file__).resolve().parents[1] / "policies"  # package data: schema, presets, learned examples
 
@@ -163,6 +166,8 @@ def policy_from_file_or_preset(
             "(the file decides) or use a file with those ops."
         )
     try:
+        if set(policy.label_names) != set(labels):
+            _note_rebinding(path, policy, labels)
         policy = policy.with_labels(labels)
         if tea_init is not None:
             probs = tea_init_probs(policy.tea_entries, policy.dims, tea_init)
@@ -177,3 +182,11 @@ def policy_from_file_or_preset(
     except PolicyError as err:
         raise PolicyFileError(f"{path}: {err}") from None
     return policy
+
+
+def _note_rebinding(path: Path, policy: Policy, labels: Mapping[str, int]) -> None:
+    """Say so when a file learned for other label names is bound to these labels: its groups decide which
+    probabilities each label gets, which the user should know when the file came from another dataset."""
+    by = "its single group 'all'" if len(policy.group_names) == 1 else "its background/foreground groups"
+    logger.warning("%s was learned for labels %s; applying it to labels %s by %s", path,
+                   sorted(policy.label_names), sorted(labels), by)
