@@ -91,3 +91,21 @@ def test_missing_dataset_json_and_bad_labels(tmp_path):
     (root / "dataset.json").write_text(json.dumps({"labels": {"organ": "x"}, "channel_names": {}}))
     found = {p.expected.split(" (")[0] for p in check_dataset(root)}
     assert len(found) == 2  # both the labels and the channel names are reported
+
+
+def test_non_nifti_file_ending_is_one_problem_naming_the_conversion(tmp_path, capsys):
+    root = _dataset(tmp_path / "png", cases=("a",))
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".png"}))
+    problems = check_dataset(root)
+    assert [(p.file.split("/")[-1], p.found) for p in problems] == [("dataset.json", "'.png'")]
+    assert "convert the images and labels to NIfTI" in problems[0].fix
+    assert main(["plan", str(root)]) == 2
+    assert "expected file_ending .nii.gz or .nii" in capsys.readouterr().err
+
+
+def test_an_unreadable_first_image_is_reported_once(tmp_path):
+    root = _dataset(tmp_path / "first", cases=("a", "b"))
+    (root / "imagesTr" / "a_0000.nii.gz").write_bytes(b"garbage, not NIfTI")
+    problems = check_dataset(root)
+    assert [p.file.split("/")[-1] for p in problems] == ["a_0000.nii.gz"]

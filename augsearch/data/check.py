@@ -16,6 +16,7 @@ from augsearch.config import SplitConfig
 from augsearch.data.dataset import (
     infer_dims,
     parse_channel_names,
+    parse_file_ending,
     parse_labels,
     read_dataset_info,
     read_dataset_json,
@@ -65,7 +66,11 @@ def check_dataset(root: str | Path) -> list[Problem]:
         channels = parse_channel_names(meta, path)
     except DatasetError as err:
         problems.append(_problem(err))
-    file_ending = str(meta.get("file_ending", ".nii.gz"))
+    file_ending = ".nii.gz"
+    try:
+        file_ending = parse_file_ending(meta, path)
+    except DatasetError as err:
+        problems.append(_problem(err))
     for sub in ("imagesTr", "labelsTr"):
         if not (root / sub).is_dir():
             problems.append(Problem(str(root / sub), "a folder of training files", "no such folder",
@@ -110,7 +115,7 @@ def check_dataset(root: str | Path) -> list[Problem]:
             resolve_splits(read_dataset_info(root), SplitConfig())
         except DatasetError as err:
             problems.append(_problem(err))
-    return problems
+    return list(dict.fromkeys(problems))  # the first image is read twice (its dims, its case): one problem
 
 
 def _label_files(folder: Path, file_ending: str) -> dict[str, Path]:
@@ -206,12 +211,11 @@ def format_report(root: str | Path, problems: list[Problem]) -> str:
         return f"{root}: {len(problems)} problem(s)\n" + "\n".join(f"  - {line}" for line in _group_lines(problems))
     root = Path(root)
     meta = read_dataset_json(root)
-    n_train = len(scan_images(root / "imagesTr", str(meta.get("file_ending", ".nii.gz"))))
-    n_test = len(scan_images(root / "imagesTs", str(meta.get("file_ending", ".nii.gz")))) \
-        if (root / "imagesTs").is_dir() else 0
+    file_ending = parse_file_ending(meta, root / "dataset.json")
+    n_train = len(scan_images(root / "imagesTr", file_ending))
+    n_test = len(scan_images(root / "imagesTs", file_ending)) if (root / "imagesTs").is_dir() else 0
     labels = parse_labels(meta, root / "dataset.json")
-    n_labelled = len(_label_files(root / "labelsTs", str(meta.get("file_ending", ".nii.gz")))) \
-        if (root / "labelsTs").is_dir() else 0
+    n_labelled = len(_label_files(root / "labelsTs", file_ending)) if (root / "labelsTs").is_dir() else 0
     splits = resolve_splits(read_dataset_info(root), SplitConfig())
     return (f"{root}: OK ({n_train} training cases, {n_test} test cases ({n_labelled} labelled), labels {labels})\n"
             f"split used by training (data.split defaults, fold 0): {splits.describe()}")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from augsearch.data.nifti import load_nifti, missing_channel_files, scan_images
+from augsearch.data.nifti import NIFTI_SUFFIXES, load_nifti, missing_channel_files, scan_images
 from augsearch.errors import DatasetError
 from augsearch.textfiles import MalformedText, read_json
 
@@ -113,6 +113,16 @@ def parse_labels(meta: dict[str, Any], path: Path) -> dict[str, int]:
     return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 
+def parse_file_ending(meta: dict[str, Any], path: Path) -> str:
+    """`file_ending`, one of the NIfTI endings this package reads (default ".nii.gz")."""
+    file_ending = str(meta.get("file_ending", ".nii.gz"))
+    if file_ending not in NIFTI_SUFFIXES:
+        raise DatasetError(path, f"file_ending {' or '.join(NIFTI_SUFFIXES)} (augsearch reads NIfTI files)",
+                           repr(file_ending), "convert the images and labels to NIfTI (for example with SimpleITK "
+                           "or nibabel, keeping each file's spacing) and set \"file_ending\": \".nii.gz\"")
+    return file_ending
+
+
 def parse_channel_names(meta: dict[str, Any], path: Path) -> list[str]:
     raw = meta.get("channel_names", meta.get("modality"))
     if not isinstance(raw, dict) or not raw:
@@ -152,7 +162,7 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
     path = root / "dataset.json"
     labels = parse_labels(meta, path)
     channels = parse_channel_names(meta, path)
-    file_ending = str(meta.get("file_ending", ".nii.gz"))
+    file_ending = parse_file_ending(meta, path)
     for sub in ("imagesTr", "labelsTr"):
         if not (root / sub).is_dir():
             raise DatasetError(root / sub, "a folder of training files", "no such folder",
