@@ -111,6 +111,22 @@ def test_a_search_stopped_part_way_still_reports(search_dir, tmp_path):
     assert "not finished" in page and section(page, "comparison").count("<td>TERMINATED</td>") == 2
 
 
+def test_protocol_results_are_shown_per_row_over_seeds(train_run, tmp_path):
+    table = tmp_path / "protocol.csv"
+    lines = ["size,row,seed,tta,class,metric,value"]
+    for seed, dice in ((0, 0.80), (1, 0.90)):
+        lines += [f"10,none,{seed},none,lesion,dice,{dice}", f"10,none,{seed},none,lesion,hd95,nan",
+                  f"10,none,{seed},flips,lesion,dice,{dice - 0.1}", f"10,none,{seed},flips,lesion,hd95,{seed + 2}"]
+    table.write_text("\n".join(lines) + "\n")
+    comparison = section(build_report(train_run, baselines=table), "comparison")
+    baselines = comparison[comparison.index("Baselines"):]
+    assert "<th>seeds</th><th>lesion dice</th><th>lesion hd95</th>" in baselines
+    # one row per (size, row, TTA): mean ± sample std over the two seeds; an undefined HD95 in every seed is "-"
+    assert "<td>none</td><td>none</td><td class=\"num\">2</td><td>0.85 ± 0.071</td><td>-</td>" in baselines
+    assert "<td>none</td><td>flips</td><td class=\"num\">2</td><td>0.75 ± 0.071</td><td>2.5 ± 0.71</td>" in baselines
+    assert baselines.count("<tr>") == 3  # the header and two rows, not one per seed, class and metric
+
+
 def test_bad_folders_and_tables_are_refused(train_run, tmp_path):
     with pytest.raises(ReportError, match="neither a search folder"):
         build_report(tmp_path)

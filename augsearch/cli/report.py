@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", metavar="FILE", help=f"the HTML file (default RUN_DIR/{REPORT_NAME})")
     parser.add_argument("--baselines", metavar="CSV",
                         help="a results.csv with baseline rows to show beside the trials (default RUN_DIR/results.csv "
-                        "when present), e.g. experiments/comparison/results.csv")
+                        "when present), e.g. experiments/comparison/results.csv; an evidence table's results.csv "
+                        "(experiments/hippocampus/results/results.csv) is shown as mean ± std over its seeds")
     parser.set_defaults(func=run)
 
 

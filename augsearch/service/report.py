@@ -26,6 +26,8 @@ from augsearch.service import figures
 from augsearch.service.progress import config_value, read_metrics, search_progress
 
 BASELINES_NAME = "results.csv"
+# The evidence protocol's long table (experiments/protocol/run.py): one value per size, row, seed, TTA, class, metric.
+PROTOCOL_COLUMNS = ["size", "row", "seed", "tta", "class", "metric", "value"]
 CURVE_PANELS = 4  # validation panels at most, the search metric first
 
 
@@ -141,7 +143,39 @@ def _read_baselines(path: Path) -> list[dict[str, str]]:
                           f"experiments/comparison/run.py") from None
     if not rows:
         raise ReportError(f"{path} has a header but no rows; pass a results.csv with baseline rows")
-    return rows
+    return _over_seeds(rows) if list(rows[0]) == PROTOCOL_COLUMNS else rows
+
+
+def _over_seeds(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The protocol's long table as one row per (size, row, TTA): its seed count, and per class and metric the
+    mean ± sample std over seeds (undefined values, such as HD95 of an empty prediction, left out)."""
+    values: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    seeds: dict[tuple[str, str, str], set[str]] = {}
+    for row in rows:
+        key = (row["size"], row["row"], row["tta"])
+        seeds.setdefault(key, set()).add(row["seed"])
+        try:
+            value = float(row["value"])
+        except ValueError:
+            value = math.nan
+        values.setdefault(key, {}).setdefault(f"{row['class']} {row['metric']}", []).append(value)
+    summary = []
+    for key, columns in values.items():
+        out = {"size": key[0], "row": key[1], "tta": key[2], "seeds": str(len(seeds[key]))}
+        for column, column_values in columns.items():
+            out[column] = _mean_std([v for v in column_values if math.isfinite(v)])
+        summary.append(out)
+    return summary
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return _fmt(mean)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{_fmt(mean)} ± {std:.2g}"
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -215,7 +249,7 @@ def _comparison(subject: _Subject) -> str:
 
 
 def _baselines(rows: list[dict[str, str]]) -> str:
-    header = list(rows[0])
+    header = list(dict.fromkeys(column for row in rows for column in row))
     lines = ["<div class=\"scroll\"><table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for row in rows:
         lines.append("<tr>" + "".join(_cell(_number(row.get(h, ""))) for h in header) + "</tr>")
