@@ -547,8 +547,9 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
             if progress:
                 summary = (f" | {run.policy.summary()}"
                            if run.policy is not None and (aug.tra.learn or aug.tea.learn) else "")
-                print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics.get('train/loss', float('nan')):.4f} "
-                      f"val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}{summary}", flush=True)
+                val = f" val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}" if validated else ""
+                print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics.get('train/loss', float('nan')):.4f}"
+                      f"{val}{summary}", flush=True)
             report_ckpt = report_policy = None
             if run.epoch % t.checkpoint_every == 0 or validated:  # every validation comes with its checkpoint
                 checkpoint_path, policy_path = _write_step(run, metrics)

@@ -43,14 +43,17 @@ def test_validate_restores_training_mode(data_root):
     assert not model.training
 
 
-def test_meta_every_counts_global_iterations(data_root, tmp_path):
+def test_meta_every_counts_global_iterations(data_root, tmp_path, capsys):
     # 3 epochs of 3 iterations with a meta-step every 2 iterations: global steps 0, 2, 4, 6, 8 -> 5 meta-steps
     # (counting within each epoch would give 2 per epoch, 6 in all).
     cfg = tiny(data_root, **{"train.epochs": 3, "train.iterations": 3, "augment.meta_every": 2,
                              "train.batch_size": 6, "train.validate_every": 3})
-    fit(cfg, tmp_path / "run", progress=False)
+    fit(cfg, tmp_path / "run", progress=True)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["meta/steps"] == 5
+    # the epoch lines name a validation Dice only where one was measured (epoch 3), never a placeholder
+    epochs = [line for line in capsys.readouterr().out.splitlines() if "] epoch " in line]
+    assert [("val dice rare" in line) for line in epochs] == [False, False, True] and "nan" not in "".join(epochs)
 
 
 def test_a_preset_keeps_its_own_tea_top_k(data_root, tmp_path):
