@@ -404,6 +404,16 @@ def _write_step(run: _Run, metrics: dict[str, float]) -> tuple[Path, Path | None
     return run.run_dir / CHECKPOINT_NAME, (run.run_dir / POLICY_NAME if policy is not None else None)
 
 
+def _progress_numbers(metrics: dict[str, Any], validated: bool) -> str:
+    """The losses this epoch measured (a frozen segmenter has no training loss) and, when it validated, the rare
+    classes' validation Dice."""
+    parts = [f" {name} {metrics[key]:.4f}" for key, name in (("train/loss", "loss"), ("tea/loss", "tea loss"))
+             if isinstance(metrics.get(key), float) and math.isfinite(metrics[key])]
+    if validated:
+        parts.append(f" val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}")
+    return "".join(parts)
+
+
 def _policy_scalars(policy: Policy | None) -> dict[str, float]:
     if policy is None:
         return {}
@@ -547,9 +557,8 @@ def _fit(cfg: ExperimentConfig, run_dir: Path, *, callbacks: Sequence[Callable[[
             if progress:
                 summary = (f" | {run.policy.summary()}"
                            if run.policy is not None and (aug.tra.learn or aug.tea.learn) else "")
-                val = f" val dice rare {metrics.get('val/dice_rare', float('nan')):.3f}" if validated else ""
-                print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs} loss {metrics.get('train/loss', float('nan')):.4f}"
-                      f"{val}{summary}", flush=True)
+                print(f"[{cfg.name}] epoch {run.epoch}/{t.epochs}{_progress_numbers(metrics, validated)}{summary}",
+                      flush=True)
             report_ckpt = report_policy = None
             if run.epoch % t.checkpoint_every == 0 or validated:  # every validation comes with its checkpoint
                 checkpoint_path, policy_path = _write_step(run, metrics)

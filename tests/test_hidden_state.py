@@ -54,6 +54,7 @@ def test_meta_every_counts_global_iterations(data_root, tmp_path, capsys):
     # the epoch lines name a validation Dice only where one was measured (epoch 3), never a placeholder
     epochs = [line for line in capsys.readouterr().out.splitlines() if "] epoch " in line]
     assert [("val dice rare" in line) for line in epochs] == [False, False, True] and "nan" not in "".join(epochs)
+    assert all(" loss " in line and " tea loss " in line for line in epochs)  # both learned here
 
 
 def test_a_preset_keeps_its_own_tea_top_k(data_root, tmp_path):
