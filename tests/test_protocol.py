@@ -269,3 +269,26 @@ def test_pair_compares_two_folders_on_their_common_seeds(tmp_path, capsys):
     assert "over seeds [0, 1, 2]: +15.0" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="seed<k>.json"):
         pair.main([str(tmp_path), str(b)])
+
+
+def test_pair_averages_the_experiments_paired_labels_or_the_ones_asked(tmp_path, capsys):
+    pair = _load("pair")
+    experiment = tmp_path / "hippo"
+    experiment.mkdir()
+    (experiment / "experiment.json").write_text(json.dumps({"labels": ["Anterior", "Posterior"]}))
+    folders = {}
+    for row, scores in (("a", (0.80, 0.70)), ("b", (0.70, 0.70))):
+        folders[row] = experiment / "results" / "train10" / row
+        folders[row].mkdir(parents=True)
+        test = {"none": {"Anterior": {"dice": scores[0]}, "Posterior": {"dice": scores[1]}}}
+        (folders[row] / "seed0.json").write_text(json.dumps({"seed": 0, "test": test}))
+    pair.main([str(folders["a"]), str(folders["b"])])  # no `paired` in experiment.json: every label
+    assert "over seeds [0]: +5.0" in capsys.readouterr().out
+    pair.main([str(folders["a"]), str(folders["b"]), "--label", "Anterior"])
+    assert "over seeds [0]: +10.0" in capsys.readouterr().out
+    (experiment / "experiment.json").write_text(json.dumps({"labels": ["Anterior", "Posterior"],
+                                                            "paired": ["Posterior"]}))
+    pair.main([str(folders["a"]), str(folders["b"])])
+    assert "over seeds [0]: +0.0" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"expected labels \['lesion'\].*found \['Anterior', 'Posterior'\]"):
+        pair.main([str(folders["a"]), str(folders["b"]), "--label", "lesion"])

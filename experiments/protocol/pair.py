@@ -1,12 +1,13 @@
 """Paired per-seed comparison of two rows that may sit in different results folders (a variant run beside a table).
 
-    python experiments/protocol/pair.py A B [--column none|flips|learned] [--column-b ...] [--label lesion]
+    python experiments/protocol/pair.py A B [--column none|flips|learned] [--column-b ...] [--label NAME ...]
 
 A and B are run folders of per-seed JSON files written by run.py, e.g.
 `experiments/bundled_fg_gamma_up/results_w4_lr0125/train6/shared` and `experiments/bundled_fg_gamma_up/results/train6/
-shared`. Prints each side's test Dice (mean +- std over seeds, %) and the paired difference A - B over the seeds both
-have: mean, 95% percentile bootstrap interval (10,000 resamples of seeds, the same as run.py's tables) and the seeds
-where A wins.
+shared`. Prints each side's test Dice (mean +- std over seeds, %; averaged over --label, by default the labels the
+experiment's tables pair on, its experiment.json `paired`, else every label) and the paired difference A - B over the
+seeds both have: mean, 95% percentile bootstrap interval (10,000 resamples of seeds, the same as run.py's tables)
+and the seeds where A wins.
 """
 
 from __future__ import annotations
@@ -23,16 +24,33 @@ sys.path.insert(0, str(HERE))
 from run import mean_std, bootstrap_ci  # noqa: E402 (this folder is not a package)
 
 
-def dice_by_seed(folder: Path, column: str, label: str) -> dict[int, float]:
-    """seed -> test Dice (%) of `label` in TTA `column`, over the folder's seed<k>.json files."""
+def dice_by_seed(folder: Path, column: str, labels: list[str] | None) -> dict[int, float]:
+    """seed -> test Dice (%) in TTA `column`, averaged over `labels` (None: the experiment's paired labels), over the
+    folder's seed<k>.json files."""
     found = {}
     for path in folder.glob("seed*.json"):
         match = re.fullmatch(r"seed(\d+)\.json", path.name)
         if match:
-            found[int(match.group(1))] = 100 * json.loads(path.read_text())["test"][column][label]["dice"]
+            scores = json.loads(path.read_text())["test"][column]
+            names = labels or paired_labels(folder, list(scores))
+            missing = [name for name in names if name not in scores]
+            if missing:
+                raise SystemExit(f"{path}: expected labels {missing} in its test scores, found {list(scores)}; "
+                                 "pass --label with some of these")
+            found[int(match.group(1))] = 100 * sum(scores[name]["dice"] for name in names) / len(names)
     if not found:
         raise SystemExit(f"{folder}: expected seed<k>.json files written by experiments/protocol/run.py, found none")
     return found
+
+
+def paired_labels(folder: Path, every: list[str]) -> list[str]:
+    """The labels of `paired` in the experiment.json above a results folder (EXPERIMENT/RESULTS/train<N>/<row>);
+    every label where there is none."""
+    parents = folder.resolve().parents
+    spec = parents[2] / "experiment.json" if len(parents) > 2 else None
+    if spec is not None and spec.is_file():
+        return list(json.loads(spec.read_text()).get("paired", every))
+    return every
 
 
 def summary(values: list[float]) -> str:
@@ -46,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("b", type=Path)
     parser.add_argument("--column", default="none", choices=["none", "flips", "learned"], help="TTA column of A")
     parser.add_argument("--column-b", choices=["none", "flips", "learned"], help="TTA column of B (default: A's)")
-    parser.add_argument("--label", default="lesion")
+    parser.add_argument("--label", nargs="+", default=None, metavar="NAME",
+                        help="labels whose mean Dice is compared (default: the experiment's paired labels)")
     args = parser.parse_args(argv)
     a = dice_by_seed(args.a, args.column, args.label)
     b = dice_by_seed(args.b, args.column_b or args.column, args.label)
