@@ -51,7 +51,7 @@ def test_meta_every_counts_global_iterations(data_root, tmp_path, capsys):
     fit(cfg, tmp_path / "run", progress=True)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["meta/steps"] == 5
-    # the epoch lines name a validation Dice only where one was measured (epoch 3), never a placeholder
+    # the epoch lines name a validation Dice only where one was measured (epoch 3), never 'nan'
     epochs = [line for line in capsys.readouterr().out.splitlines() if "] epoch " in line]
     assert [("val dice rare" in line) for line in epochs] == [False, False, True] and "nan" not in "".join(epochs)
     assert all(" loss " in line and " tea loss " in line for line in epochs)  # both learned here

@@ -275,7 +275,9 @@ def test_pair_averages_the_experiments_paired_labels_or_the_ones_asked(tmp_path,
     pair = _load("pair")
     experiment = tmp_path / "hippo"
     experiment.mkdir()
-    (experiment / "experiment.json").write_text(json.dumps({"labels": ["Anterior", "Posterior"]}))
+    spec = {"title": "t", "labels": ["Anterior", "Posterior"], "sizes": {"10": 0}, "data": "d", "out": "o",
+            "prepare": "p"}
+    (experiment / "experiment.json").write_text(json.dumps(spec))
     folders = {}
     for row, scores in (("a", (0.80, 0.70)), ("b", (0.70, 0.70))):
         folders[row] = experiment / "results" / "train10" / row
@@ -286,8 +288,7 @@ def test_pair_averages_the_experiments_paired_labels_or_the_ones_asked(tmp_path,
     assert "over seeds [0]: +5.0" in capsys.readouterr().out
     pair.main([str(folders["a"]), str(folders["b"]), "--label", "Anterior"])
     assert "over seeds [0]: +10.0" in capsys.readouterr().out
-    (experiment / "experiment.json").write_text(json.dumps({"labels": ["Anterior", "Posterior"],
-                                                            "paired": ["Posterior"]}))
+    (experiment / "experiment.json").write_text(json.dumps({**spec, "paired": ["Posterior"]}))
     pair.main([str(folders["a"]), str(folders["b"])])
     assert "over seeds [0]: +0.0" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"expected labels \['lesion'\].*found \['Anterior', 'Posterior'\]"):

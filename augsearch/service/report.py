@@ -13,6 +13,7 @@ import csv
 import html
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,13 +170,9 @@ def _over_seeds(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return _fmt(mean)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{_fmt(mean)} ± {std:.2g}"
+    if len(values) < 2:
+        return _fmt(values[0]) if values else "-"
+    return f"{_fmt(statistics.fmean(values))} ± {statistics.stdev(values):.2g}"
 
 
 # ----------------------------------------------------------------------------------------------- writing

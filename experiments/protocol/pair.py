@@ -21,18 +21,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import mean_std, bootstrap_ci  # noqa: E402 (this folder is not a package)
+from run import Experiment, bootstrap_ci, mean_std  # noqa: E402 (this folder is not a package)
 
 
 def dice_by_seed(folder: Path, column: str, labels: list[str] | None) -> dict[int, float]:
     """seed -> test Dice (%) in TTA `column`, averaged over `labels` (None: the experiment's paired labels), over the
     folder's seed<k>.json files."""
     found = {}
+    paired = labels or paired_labels(folder)
     for path in folder.glob("seed*.json"):
         match = re.fullmatch(r"seed(\d+)\.json", path.name)
         if match:
             scores = json.loads(path.read_text())["test"][column]
-            names = labels or paired_labels(folder, list(scores))
+            names = paired or list(scores)
             missing = [name for name in names if name not in scores]
             if missing:
                 raise SystemExit(f"{path}: expected labels {missing} in its test scores, found {list(scores)}; "
@@ -43,14 +44,13 @@ def dice_by_seed(folder: Path, column: str, labels: list[str] | None) -> dict[in
     return found
 
 
-def paired_labels(folder: Path, every: list[str]) -> list[str]:
-    """The labels of `paired` in the experiment.json above a results folder (EXPERIMENT/RESULTS/train<N>/<row>);
-    every label where there is none."""
+def paired_labels(folder: Path) -> list[str] | None:
+    """The paired labels of the experiment above a results folder (EXPERIMENT/RESULTS/train<N>/<row>); None where
+    the folder is not inside an experiment (then every label a run scored)."""
     parents = folder.resolve().parents
-    spec = parents[2] / "experiment.json" if len(parents) > 2 else None
-    if spec is not None and spec.is_file():
-        return list(json.loads(spec.read_text()).get("paired", every))
-    return every
+    if len(parents) > 2 and (parents[2] / "experiment.json").is_file():
+        return list(Experiment.load(parents[2]).paired)
+    return None
 
 
 def summary(values: list[float]) -> str:
