@@ -117,8 +117,11 @@ def test_2d_with_singleton_axis_and_sform_only(tmp_path):
     ckpt = _checkpoint(tmp_path / "ckpt.pt", 2, patch=(16, 16))
     src = _write(tmp_path / "slice.nii", _volume((37, 21, 1), 1), _oblique_affine((0.7, 1.3, 5.0), angle=-0.5),
                  qform_code=0, sform_code=2)
-    written = predict_files(ckpt, src, tmp_path / "out", device="cpu", progress=False)
-    assert [p.name for p in written] == ["slice.nii.gz"]
+    written = predict_files(ckpt, src, tmp_path / "out", device="cpu", progress=False, uncertainty=True)
+    # An uncompressed input gives uncompressed outputs of the same ending (as nnU-Net writes a dataset's file_ending).
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in written] == [
+        "slice.nii", "uncertainty/slice_entropy.nii", "uncertainty/slice_variance.nii", "uncertainty/uncertainty.csv"]
+    assert all(p.read_bytes()[:2] != b"\x1f\x8b" for p in written[:3])
     _assert_same_geometry(written[0], src, (37, 21, 1))
     expected = _reference(ckpt, [src], 2, (16, 16))
     np.testing.assert_array_equal(np.asarray(nib.load(str(written[0])).dataobj)[:, :, 0], expected)

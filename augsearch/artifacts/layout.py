@@ -6,9 +6,9 @@ A search (`augsearch search`):
     search.json  summary.csv  summary.json  <trial>/fit/ (a training run)  <trial>/checkpoint_NNNNNN/ (Ray's copies)
 An export (`augsearch export`): checkpoint.pt and policy.json side by side (one folder per trial with --all), and
     estimator.json once `augsearch calibrate` has fitted the Dice estimators.
-Predictions (`augsearch predict`): one NIfTI per case; with --uncertainty, uncertainty/ holds <case>_entropy.nii.gz,
-    <case>_variance.nii.gz and uncertainty.csv (apart, so the folder holds segmentations only); quality.csv
-    (estimated Dice per case and class) when the model folder has an estimator.json.
+Predictions (`augsearch predict`): one NIfTI per case, ending as its input (.nii.gz or .nii); with --uncertainty,
+    uncertainty/ holds <case>_entropy and <case>_variance maps and uncertainty.csv (apart, so the folder holds
+    segmentations only); quality.csv (estimated Dice per case and class) when the model folder has an estimator.json.
 """
 
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -10,14 +10,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="segment NIfTI volumes with a checkpoint and a TTA policy",
         description="Segment each case under --input (a NIfTI file or an imagesTs-style folder) into "
-        "--output/<case>.nii.gz, averaging the views of the policy's selected test-time transforms.",
+        "--output/<case>.nii.gz (.nii for .nii input), averaging the views of the policy's selected test-time "
+        "transforms.",
     )
     parser.add_argument("--model", required=True, help="checkpoint.pt written by `augsearch train`, or its run folder")
     parser.add_argument("--policy", default=None,
                         help="policy JSON file or preset name (flips-tta, identity, ...) whose TEA entries to use; "
                         "omitted: no TTA (plain sliding window)")
     parser.add_argument("--input", required=True, help="a NIfTI file, or a folder of them (<case>_0000.nii.gz ...)")
-    parser.add_argument("--output", required=True, help="folder for <case>.nii.gz (created; must be new or empty)")
+    parser.add_argument("--output", required=True, help="folder for <case>.nii.gz, or <case>.nii for .nii input "
+                        "(created; must be new or empty)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an --output folder that holds files, replacing those of the same name")
     parser.add_argument("--cases", nargs="+", default=None, metavar="ID", help="predict only these case ids")

@@ -18,12 +18,18 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def nifti_stem(path: Path) -> str | None:
-    """File name without its NIfTI suffix, or None when the name is not a NIfTI file."""
+def nifti_suffix(path: Path) -> str | None:
+    """The name's NIfTI suffix (".nii.gz" or ".nii"), or None when the name is not a NIfTI file."""
     for suffix in NIFTI_SUFFIXES:
         if path.name.endswith(suffix) and len(path.name) > len(suffix):
-            return path.name[: -len(suffix)]
+            return suffix
     return None
+
+
+def nifti_stem(path: Path) -> str | None:
+    """File name without its NIfTI suffix, or None when the name is not a NIfTI file."""
+    suffix = nifti_suffix(path)
+    return None if suffix is None else path.name[: -len(suffix)]
 
 
 def scan_images(folder: Path, file_ending: str) -> dict[str, list[Path]]:

@@ -2,9 +2,10 @@
 
 Each case is read (one file, a 4D MSD file, or nnU-Net `_0000` channel files), preprocessed as at training time (the
 checkpoint's "preprocess" entry: normalisation, target spacing), predicted with `predict_tta`, resampled back to the
-file's grid and written as `<case>.nii.gz` (argmax labels, uint8) with the input's affine and header. With
-uncertainty, in the subfolder `uncertainty/` (so the output folder holds segmentations only, ready for `augsearch
-evaluate`): `<case>_entropy.nii.gz` (predictive entropy of the aggregate, nats), `<case>_variance.nii.gz` (variance
+file's grid and written as `<case><ending>` (argmax labels, uint8) with the input's affine, header and file ending
+(`.nii.gz` or `.nii`, as nnU-Net writes a dataset's `file_ending`). With uncertainty, in the subfolder `uncertainty/`
+(so the output folder holds segmentations only, ready for `augsearch evaluate`): `<case>_entropy<ending>`
+(predictive entropy of the aggregate, nats), `<case>_variance<ending>` (variance
 across views of the foreground probability) and a summary `uncertainty.csv` (mean entropy, volume per class in mL,
 coefficient of variation of the foreground volume across views). A case's files are all written, or none.
 """
@@ -30,7 +31,7 @@ from augsearch.artifacts.layout import QUALITY_CSV, UNCERTAINTY_CSV, UNCERTAINTY
 from augsearch.artifacts.output import check_output_dir
 from augsearch.atomic import atomic_open, write_text
 from augsearch.data.dataset import Case
-from augsearch.data.nifti import CHANNEL_SUFFIX, nifti_stem, read_image
+from augsearch.data.nifti import CHANNEL_SUFFIX, nifti_stem, nifti_suffix, read_image
 from augsearch.data.preprocess import preprocess_image, restore_to_original
 from augsearch.devices import resolve_device
 from augsearch.errors import AugsearchError
@@ -51,6 +52,11 @@ class InputCase:
 
     case_id: str
     paths: tuple[Path, ...]
+
+    @property
+    def file_ending(self) -> str:
+        """".nii.gz" or ".nii", as the case's (first) file is named: its predictions are written so."""
+        return nifti_suffix(self.paths[0]) or ".nii.gz"
 
 
 @dataclass
@@ -245,8 +251,9 @@ def _summary_row(case_id: str, labels: np.ndarray, entropy: np.ndarray, spacing:
     return row
 
 
-def _nifti_bytes(data: np.ndarray, affine: np.ndarray, header: Any, dtype: Any) -> bytes:
-    """A gzipped NIfTI-1 of `data` with the source header's geometry: affine, zooms, qform and sform with codes."""
+def _nifti_bytes(data: np.ndarray, affine: np.ndarray, header: Any, dtype: Any, compressed: bool) -> bytes:
+    """A NIfTI-1 of `data` (gzipped when `compressed`) with the source header's geometry: affine, zooms, qform and
+    sform with codes."""
     import nibabel as nib
 
     hdr = nib.Nifti1Header()
@@ -262,17 +269,19 @@ def _nifti_bytes(data: np.ndarray, affine: np.ndarray, header: Any, dtype: Any) 
         img.set_sform(affine, code=0)
     img.header.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    return gzip.compress(img.to_bytes(), compresslevel=1)
+    return gzip.compress(img.to_bytes(), compresslevel=1) if compressed else img.to_bytes()
 
 
-def write_case(prediction: CasePrediction, output_dir: Path) -> list[Path]:
-    """Write a case's files; each atomically, and all or none (written ones are removed if a later one fails)."""
-    blobs = {output_dir / f"{prediction.case_id}.nii.gz": _nifti_bytes(
-        prediction.labels, prediction.affine, prediction.header, np.uint8)}
+def write_case(prediction: CasePrediction, output_dir: Path, ending: str = ".nii.gz") -> list[Path]:
+    """Write a case's files named `<case><ending>` (".nii.gz" or ".nii"); each atomically, and all or none (written
+    ones are removed if a later one fails)."""
+    compressed = ending.endswith(".gz")
+    blobs = {output_dir / f"{prediction.case_id}{ending}": _nifti_bytes(
+        prediction.labels, prediction.affine, prediction.header, np.uint8, compressed)}
     if prediction.entropy is not None:
         for name, data in (("entropy", prediction.entropy), ("variance", prediction.variance)):
-            blobs[output_dir / UNCERTAINTY_DIR / f"{prediction.case_id}_{name}.nii.gz"] = _nifti_bytes(
-                data, prediction.affine, prediction.header, np.float32)
+            blobs[output_dir / UNCERTAINTY_DIR / f"{prediction.case_id}_{name}{ending}"] = _nifti_bytes(
+                data, prediction.affine, prediction.header, np.float32, compressed)
     written: list[Path] = []
     try:
         for path, blob in blobs.items():
@@ -363,7 +372,7 @@ def predict_files(
         if postprocess.active:
             spacing = prediction.header.get_zooms()[: prediction.labels.ndim]
             prediction.labels = apply_postprocess(prediction.labels, spacing, postprocess)
-        written += write_case(prediction, output_dir)
+        written += write_case(prediction, output_dir, case.file_ending)
         if prediction.summary is not None:
             rows.append(prediction.summary)
             write_summary(rows, output_dir / UNCERTAINTY_DIR / UNCERTAINTY_CSV)
