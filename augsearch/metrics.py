@@ -164,7 +164,8 @@ def evaluate_folders(
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     preds, gts = _case_files(pred_dir), _case_files(gt_dir)
     if not gts:
-        raise EvaluationError(f"{gt_dir} holds no .nii/.nii.gz files")
+        raise EvaluationError(f"ground-truth folder {gt_dir} holds no .nii/.nii.gz files; pass the folder of label "
+                              "files named like the predictions (e.g. labelsTs/)")
     missing, extra = sorted(set(gts) - set(preds)), sorted(set(preds) - set(gts))
     maps = [case for case in extra if _holds_floats(preds[case])]
     if maps:

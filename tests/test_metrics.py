@@ -134,6 +134,9 @@ def test_evaluate_folders_rows_summary_and_errors(tmp_path):
     _write(b_dir, "case_1", np.zeros((10, 8, 5)), (1.0, 1.5, 2.0))
     with pytest.raises(AugsearchError, match="case_1.*shape"):
         evaluate_folders(b_dir, gt_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AugsearchError, match=r"ground-truth folder .*empty holds no .*labelsTs"):
+        evaluate_folders(b_dir, tmp_path / "empty")
 
 
 def test_evaluate_cli_side_by_side(tmp_path, capsys):
