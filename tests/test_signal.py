@@ -26,7 +26,7 @@ def test_statistics_separate_a_direction_from_noise():
     assert signal_statistics(constant)["constant_coordinates"] == 5
 
 
-def test_bench_signal_runs_on_the_smoke_config(tmp_path):
+def test_bench_signal_runs_on_the_smoke_config(tmp_path, capsys):
     data = tmp_path / "data"
     out = tmp_path / "signal.json"
     args = ["bench", "signal", "--device", "cpu", "--config", str(SMOKE), "--points", "8", "--draws", "4",
@@ -41,3 +41,8 @@ def test_bench_signal_runs_on_the_smoke_config(tmp_path):
         ("base", 1), ("base", 2), ("accumulate", 1), ("precondition", 1), ("precondition", 2), ("rare_outer", 1),
         ("reinforce", 1), ("reinforce", 2)}
     assert all(r["steps"] == 8 and r["draws"] == 4 and r["coordinates"] > 0 for r in rows)
+    # Progress goes to stderr, one line per search epoch and per row, so stdout stays the JSON alone.
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["results"] == rows
+    assert "[bench signal] search: 8/8 segmenter steps" in captured.err
+    assert "[bench signal] S=8 reinforce N=2: snr" in captured.err

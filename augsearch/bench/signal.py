@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,8 @@ def _measure(cfg, checkpoint: Path, tmp: Path, args: argparse.Namespace, steps: 
         rows.append({"steps": steps, "option": option, "workers": workers, "draws": int(draws.shape[0]),
                      **extra, **signal_statistics(draws, noise_seed=args.seed),
                      "seconds": time.perf_counter() - started})
+        _say(f"S={steps} {option} N={workers}: snr {rows[-1]['snr']:.3f} (noise {rows[-1]['noise_snr']:.3f}), "
+             f"halves cosine {rows[-1]['halves_cosine']:+.2f}")
 
     def point(option_overrides: dict[str, Any], seed: int) -> _Point:
         option_cfg = config_from_dict(apply_overrides(cfg.to_dict(), option_overrides))
@@ -228,6 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if steps in args.points and report.checkpoint_path is not None:
                 saved[steps] = tmp / f"checkpoint_{steps}.pt"
                 shutil.copy2(report.checkpoint_path, saved[steps])
+            _say(f"search: {steps}/{last} segmenter steps")
             if steps >= last:
                 raise _StopSearch
 
@@ -243,6 +247,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"benchmark": "signal", "environment": environment(device), "config": args.config,
             "overrides": args.overrides, "draws": args.draws, "results": rows}
+
+
+def _say(message: str) -> None:
+    """A progress line on stderr (stdout carries the JSON results)."""
+    print(f"[bench signal] {message}", file=sys.stderr, flush=True)
 
 
 class _StopSearch(Exception):
