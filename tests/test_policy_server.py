@@ -285,9 +285,23 @@ def server_killed_after_the_first_validation(out: Path) -> Iterator[dict]:
                 if torch.load(out / STATE_NAME, weights_only=True)["round"] >= 2:
                     server = ray.get_actor(actor_name(out))
                     ray.kill(server, no_restart=False)
-                    seen["info"] = ray.get(server.info.remote(), timeout=120)
+                    seen["info"] = restarted_info(server)
                     return
             time.sleep(0.05)
+
+    def restarted_info(server) -> dict | None:
+        # ray.kill is asynchronous: a call right after it can still reach the old instance (resumed_from None), so
+        # ask until an instance that resumed answers; after 120 s the last answer stands and the test reads it.
+        deadline, info = time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            try:
+                info = ray.get(server.info.remote(), timeout=120)
+            except ray.exceptions.RayActorError:  # between the kill and the restart
+                info = None
+            if info is not None and info["resumed_from"] is not None:
+                break
+            time.sleep(0.1)
+        return info
 
     killer = threading.Thread(target=kill)
     killer.start()

@@ -211,18 +211,19 @@ def test_uncertainty_archive_2d_uncompressed_upload(service):
     export = service["exports"]["slices2d"]
     out = predict_cli(export, volume, service["tmp"] / "cli_unc", policy=str(export / "policy.json"),
                       uncertainty=True)
-    # the CLI keeps its uncertainty maps apart from the segmentations (OUTPUT/uncertainty/)
-    for name, cli_file in (("segmentation", out / "slice.nii.gz"),
-                           ("entropy", out / UNCERTAINTY_DIR / "slice_entropy.nii.gz"),
-                           ("variance", out / UNCERTAINTY_DIR / "slice_variance.nii.gz")):
+    # the CLI keeps its uncertainty maps apart from the segmentations (OUTPUT/uncertainty/) and ends them as its
+    # input (.nii); the service always answers .nii.gz
+    for name, cli_file in (("segmentation", out / "slice.nii"),
+                           ("entropy", out / UNCERTAINTY_DIR / "slice_entropy.nii"),
+                           ("variance", out / UNCERTAINTY_DIR / "slice_variance.nii")):
         assert_same_nifti(read_nifti(archive.read(f"{name}.nii.gz")), cli_file)
     summary = json.loads(archive.read("summary.json"))
-    labels = np.asarray(nib.load(str(out / "slice.nii.gz")).dataobj)
+    labels = np.asarray(nib.load(str(out / "slice.nii")).dataobj)
     voxel_mm3 = 0.7 * 1.3 * 5.0
     assert summary["model"] == "slices2d" and summary["tta"] == "learned" and summary["shape"] == [37, 21, 1]
     for name, value in LABELS.items():
         assert summary["volumes_mm3"][name] == pytest.approx((labels == value).sum() * voxel_mm3, rel=1e-6)
-    entropy = np.asarray(nib.load(str(out / UNCERTAINTY_DIR / "slice_entropy.nii.gz")).dataobj)
+    entropy = np.asarray(nib.load(str(out / UNCERTAINTY_DIR / "slice_entropy.nii")).dataobj)
     assert summary["mean_entropy"] == pytest.approx(float(entropy.mean()), rel=1e-4)
     assert [v["name"] for v in summary["views"]] == headers["X-Augsearch-Views"].split(",")
 
