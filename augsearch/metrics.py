@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from augsearch.data.nifti import NIFTI_SUFFIXES
+from augsearch.data.nifti import nifti_stem
 from augsearch.errors import AugsearchError
 from augsearch.lesion_metrics import LESION_METRICS, lesion_metrics
 
@@ -125,13 +125,7 @@ def read_label_names(dataset_json: str | Path) -> dict[str, int]:
 def _case_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise EvaluationError(f"{folder} is not a directory; expected a folder of NIfTI label files")
-    files = {}
-    for path in sorted(folder.iterdir()):
-        for suffix in NIFTI_SUFFIXES:
-            if path.name.endswith(suffix):
-                files[path.name[: -len(suffix)]] = path
-                break
-    return files
+    return {stem: path for path in sorted(folder.iterdir()) if (stem := nifti_stem(path)) is not None}
 
 
 def _holds_floats(path: Path) -> bool:

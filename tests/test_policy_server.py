@@ -295,7 +295,7 @@ def server_killed_after_the_first_validation(out: Path) -> Iterator[dict]:
         deadline, info = time.monotonic() + 120, None
         while time.monotonic() < deadline:
             try:
-                info = ray.get(server.info.remote(), timeout=120)
+                info = ray.get(server.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
             except ray.exceptions.RayActorError:  # between the kill and the restart
                 info = None
             if info is not None and info["resumed_from"] is not None:
