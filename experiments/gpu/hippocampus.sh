@@ -15,6 +15,7 @@
 # and shared_retrain need Ray: on a machine without it they are left out, and the log says so.
 # ROWS="row ...": run only these rows (JOBS slots, default 16) instead of the three groups, so that fewer runs share
 # the GPU and each ends within a lease (a run cut at a lease's end is lost); asking for shared rows without Ray fails.
+# SEEDS="k ...": with ROWS, only these seeds (default: the experiment's five), so that fewer runs share the GPU.
 # Wheels may sit in .whl/, Ray in .ray/ (experiments/gpu/pack_ray.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,7 +46,8 @@ if [ -n "${ROWS:-}" ]; then  # only these rows, every slot theirs: fewer runs sh
         echo "ROWS asks for shared rows, but Ray is not installed here: carry .ray (experiments/gpu/pack_ray.sh)"
         exit 1
     fi
-    python3 $run_py --rows $ROWS "${common[@]}" --jobs "${JOBS:-16}" --shared-workers "${SHARED_WORKERS:-2}" \
+    python3 $run_py --rows $ROWS ${SEEDS:+--seeds $SEEDS} "${common[@]}" --jobs "${JOBS:-16}" \
+        --shared-workers "${SHARED_WORKERS:-2}" \
         > "$runs.rows.log" 2>&1 &
     pids=($!)
 else
