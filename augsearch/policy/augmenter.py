@@ -70,6 +70,7 @@ class PolicyAugmenter:
             raise PolicyError(f"anchor_class must hold one label value per patch, shape ({image.shape[0]},), got "
                               f"{tuple(anchor_class.shape)}; or leave it out to read the crops' centre voxels")
         generator = self._generator(image.device)
+        self.policy.to(image.device)  # the draws use this device's generator, so the logits must live there too
         group = self.policy.group_index(anchor_class.to(image.device))
         bins = self.policy.sample_tra(group, generator)
         return augment_batch(image, mask, bins, self.policy.op_names, self.patch_size, generator=generator,
