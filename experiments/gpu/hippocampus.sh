@@ -16,7 +16,7 @@
 # ROWS="row ...": run only these rows (JOBS slots, default 16) instead of the three groups, so that fewer runs share
 # the GPU and each ends within a lease (a run cut at a lease's end is lost); asking for shared rows without Ray fails.
 # SEEDS="k ...": with ROWS, only these seeds (default: the experiment's five), so that fewer runs share the GPU.
-# Wheels may sit in .whl/, Ray in .ray/ (experiments/gpu/pack_ray.sh).
+# Wheels may sit in .whl/, Ray in .ray/ (experiments/gpu/pack.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source=$1 out=$2 minutes=$3 size=${4:-10}
@@ -43,7 +43,7 @@ if ! python3 -c "import ray" 2> /dev/null; then
 fi
 if [ -n "${ROWS:-}" ]; then  # only these rows, every slot theirs: fewer runs share the GPU, so each ends sooner
     if [[ " $ROWS " == *" shared"* ]] && ! python3 -c "import ray" 2> /dev/null; then
-        echo "ROWS asks for shared rows, but Ray is not installed here: carry .ray (experiments/gpu/pack_ray.sh)"
+        echo "ROWS asks for shared rows, but Ray is not installed here: carry .ray (experiments/gpu/pack.sh)"
         exit 1
     fi
     python3 $run_py --rows $ROWS ${SEEDS:+--seeds $SEEDS} "${common[@]}" --jobs "${JOBS:-16}" \

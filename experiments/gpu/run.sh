@@ -5,7 +5,7 @@
 # marked `gpu`, and the served endpoint's load test where Ray Serve is installed (into OUT_DIR/serve/).
 # Usage: bash experiments/gpu/run.sh [OUT_DIR]  (default runs/gpu). Results: OUT_DIR/results.json (one entry per
 # benchmark) and OUT_DIR/log.txt. Wheels for packages the machine lacks may sit in .whl/, Ray in .ray/
-# (experiments/gpu/pack_ray.sh).
+# (experiments/gpu/pack.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-runs/gpu}
