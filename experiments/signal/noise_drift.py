@@ -36,10 +36,10 @@ from augsearch.schedules import poly_lr, set_lr
 DEAD_LOGIT = -1000.0  # at or below: a bin the start gives zero probability (logit -1e4), which no gradient reaches
 
 
-def start_policy(cfg) -> Policy:
+def start_policy(cfg, labels: dict[str, int]) -> Policy:
+    """The run's initial policy, for the dataset's label name -> value."""
     aug = cfg.augment
-    labels = read_dataset_info(Path(cfg.data.root)).labels if cfg.data.root else {"background": 0, "foreground": 1}
-    return policy_from_file_or_preset(aug.policy, 3 if len(cfg.train.patch_size) == 3 else 2, labels,
+    return policy_from_file_or_preset(aug.policy, len(cfg.train.patch_size), labels,
                                       class_specific=aug.tra.class_specific, randaugment_n=aug.randaugment_n,
                                       randaugment_m=aug.randaugment_m, ops=aug.ops)
 
@@ -51,9 +51,9 @@ def noise_gradient(live: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return (noise - mean) * live
 
 
-def replay(cfg, replicate: int) -> Policy:
+def replay(cfg, labels: dict[str, int], replicate: int) -> Policy:
     """The start policy after the run's meta-steps, each fed a noise gradient."""
-    policy = start_policy(cfg)
+    policy = start_policy(cfg, labels)
     live = policy.tra_logits.detach() > DEAD_LOGIT
     optimizer = tra_adam(policy.tra_logits, cfg.augment)
     generator = torch.Generator().manual_seed(replicate)
@@ -116,9 +116,10 @@ def main() -> None:
         raise SystemExit(f"no run files match {args.runs!r}")
     runs = [json.loads(Path(f).read_text()) for f in files]
     cfg = load_config(runs[0]["config"], [*runs[0]["overrides"], *args.set])
-    start = start_policy(cfg)
+    labels = read_dataset_info(Path(cfg.data.root)).labels
+    start = start_policy(cfg, labels)
     groups, ops = start.group_names, start.op_names
-    noise = p_on_of([replay(cfg, r) for r in range(args.replicates)])
+    noise = p_on_of([replay(cfg, labels, r) for r in range(args.replicates)])
     learned = learned_p_on(runs, groups, ops)
     result = {"runs": args.runs, "config": runs[0]["config"], "overrides": runs[0]["overrides"], "replay_set": args.set,
               "tra_lr": cfg.augment.tra.lr, "tra_beta1": cfg.augment.tra.beta1,
