@@ -324,3 +324,39 @@ def test_cli_refuses_bad_export_folders(tmp_path, capsys):
     assert "--replicas" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "a" / "same"), "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+# -- stopping ------------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_to_the_whole_process_group_stops_without_waiting_on_serve(tmp_path):
+    """systemd and `kill -- -PGID` signal the service's whole process group, Ray's helpers included: the service
+    exits 0 without Serve's 30 s controller timeout and leaves nothing of its session behind."""
+    export = make_export(tmp_path / "slices", 2, seed=3)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "augsearch", "serve", str(export), "--port", str(port)],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while "Ctrl-C stops" not in log_path.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            session = descendants(proc.pid)
+            assert any("raylet" in cmd for cmd in session.values()), "the service started no Ray of its own"
+            os.killpg(proc.pid, signal.SIGTERM)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    assert "failed to shut down" not in text, text[-3000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(alive(pid) for pid in session):
+        time.sleep(0.5)
+    assert not {pid: cmd[:80] for pid, cmd in session.items() if alive(pid)}

@@ -9,7 +9,8 @@ processes (and anything they started since), then kills them. Processes are matc
 reused pid is never hit.
 
 Run as `python -m augsearch.tune.reaper DRIVER_PID [KEEP_PID...]`; Linux only (/proc), elsewhere `Reaper` does
-nothing.
+nothing. `running_children` and `all_running` tell a driver whether the processes it started are still up (the
+service uses them to notice a signal sent to its whole process group).
 """
 
 from __future__ import annotations
@@ -37,6 +38,32 @@ def _process_table() -> dict[int, tuple[int, str]]:
             continue
         table[int(entry.name)] = (int(fields[1]), fields[19])
     return table
+
+
+def _state(pid: int) -> str | None:
+    """The state letter of PID from /proc ('S', 'R', 'Z' for a zombie, ...), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def running_children() -> dict[int, str]:
+    """This process's running children (after `ray.init` of a local Ray: its GCS, raylet, dashboard and monitors):
+    pid -> start time. Empty off Linux."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    me = os.getpid()
+    return {pid: start for pid, (parent, start) in _process_table().items()
+            if parent == me and _state(pid) not in (None, "Z", "X")}
+
+
+def all_running(processes: dict[int, str]) -> bool:
+    """Whether every process of PROCESSES (pid -> start time, from `running_children`) still runs; one that has
+    exited or is a zombie has not, and a reused pid is told apart by its start time."""
+    table = _process_table()
+    return all(table.get(pid, (0, None))[1] == start and _state(pid) not in (None, "Z", "X")
+               for pid, start in processes.items())
 
 
 def _descendants(roots: set[int], table: dict[int, tuple[int, str]]) -> set[int]:
