@@ -169,6 +169,18 @@ def test_numbers_still_fill_float_fields(capsys):
     assert main(["config", "show", str(SMOKE), "--set", "train.lr=1", "--set", "train.epochs=3"]) == 0
 
 
+def test_overrides_after_one_set_are_told_each_needs_its_own(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["config", "show", str(SMOKE), "--set", "train.lr=1", "train.epochs=3"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "augsearch config: error: unrecognized arguments: train.epochs=3" in err
+    assert "each KEY=VALUE needs its own --set: --set train.epochs=3" in err
+    with pytest.raises(SystemExit):
+        main(["config", "show", str(SMOKE), "--bogus"])
+    assert "own --set" not in capsys.readouterr().err
+
+
 def test_2d_model_given_a_3d_volume_names_the_dimensions(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path / "ckpt.pt", 2)
     image = tmp_path / "vol.nii.gz"

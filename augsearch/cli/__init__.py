@@ -37,8 +37,20 @@ def _stop_like_ctrl_c(signum: int, frame: object) -> None:
     handler(signal.SIGINT, frame)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse's parse_args, with a hint where the unrecognised arguments are overrides missing their own --set."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        if hasattr(args, "overrides") and all("=" in arg and not arg.startswith("-") for arg in unknown):
+            message += "; each KEY=VALUE needs its own --set: " + " ".join(f"--set {arg}" for arg in unknown)
+        parser.exit(2, f"{parser.prog} {args.command}: error: {message}\n")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop_like_ctrl_c) if in_main_thread else None
     try:
