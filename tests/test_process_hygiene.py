@@ -55,10 +55,10 @@ def survivors(noted: dict[int, float], wait_s: float = 20.0) -> dict[int, str]:
         time.sleep(0.5)
 
 
-def start_cli(*args: str) -> subprocess.Popen:
+def start_cli(*args: str, start_new_session: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.Popen([sys.executable, "-m", "augsearch", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "augsearch", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=start_new_session)
 
 
 def wait_for(condition, timeout_s: float, proc: subprocess.Popen) -> None:
@@ -148,6 +148,29 @@ def test_sigterm_of_a_search_stops_it_like_ctrl_c(tmp_path, data_root):
     assert proc.returncode == 130 and "interrupted; resume with" in driver, driver[-3000:]
     assert json.loads((out / "summary.json").read_text()).get("interrupted") is True
     assert not survivors(noted)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_of_a_search_stops_it_resumable(tmp_path, data_root):
+    """systemd, Slurm's scancel and `kill -- -PGID` signal Ray's own processes too: Tune's cleanup must not wait for
+    a GCS that is going away (Ray would end the driver with status 1 after 60 s)."""
+    out = tmp_path / "s"
+    proc = start_cli("search", str(SMOKE), "--out", str(out), *tiny(data_root, "train.epochs=500"),
+                     start_new_session=True)
+    wait_for(lambda: (out / "tuner.pkl").is_file(), 300, proc)
+    time.sleep(2)
+    noted = ray_descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    driver = "\n".join(line for line in err.splitlines() if not line.startswith("("))
+    assert proc.returncode == 130 and "interrupted; resume with" in driver, driver[-3000:]
+    assert "Failed to connect to GCS" not in driver and "Traceback" not in driver, driver[-3000:]
+    assert not survivors(noted)
+    assert list(out.glob("experiment_state-*.json")), "Tune saved no state to resume from"
 
 
 @pytest.mark.slow

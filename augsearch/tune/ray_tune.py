@@ -19,6 +19,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from augsearch.artifacts.layout import (
 from augsearch.config import ExperimentConfig, config_from_dict
 from augsearch.errors import SearchError
 from augsearch.learn.server import RayPolicyServer, actor_name, start_ray_server
-from augsearch.tune.reaper import Reaper
+from augsearch.tune.reaper import Reaper, all_running, running_children
 from augsearch.tune.space import SHARED_GROUP, shared_members, trial_params
 from augsearch.tune.summary import (
     SearchResult,
@@ -310,21 +311,48 @@ def _tune_stop_events() -> Iterator[list[threading.Event]]:
 
     On Ctrl-C Tune saves its state, stops every trial (their status then reads TERMINATED, like finished ones) and
     returns normally; the only record of the interruption is the event its signal handler sets, which Tune keeps to
-    itself. This wraps Tune's `_setup_signal_catching` (ray/tune/tune.py) to keep a reference to it.
+    itself. This wraps Tune's `_setup_signal_catching` (ray/tune/tune.py) to keep a reference to it, and watches
+    each event for a stop that also ended the local Ray (`_skip_cleanup_once_ray_is_gone`).
     """
     tune_run = importlib.import_module("ray.tune.tune")
     setup = tune_run._setup_signal_catching
     events: list[threading.Event] = []
+    helpers, fitted = running_children(), threading.Event()
 
     def recording_setup() -> threading.Event:
         events.append(setup())
+        threading.Thread(target=_skip_cleanup_once_ray_is_gone, args=(events[-1], fitted, helpers), daemon=True).start()
         return events[-1]
 
     tune_run._setup_signal_catching = recording_setup
     try:
         yield events
     finally:
+        fitted.set()
         tune_run._setup_signal_catching = setup
+
+
+def _skip_cleanup_once_ray_is_gone(stopped: threading.Event, fitted: threading.Event, helpers: dict[int, str],
+                                   save_s: float = 5.0) -> None:
+    """Interrupt Tune's cleanup when the stop signal also ended the local Ray's own processes (HELPERS).
+
+    A SIGTERM to the whole process group (systemd, Slurm's scancel, `kill -- -PGID`) reaches the GCS and raylet too;
+    Tune saves its state (milliseconds on a local disk) and then waits for its trial actors on a GCS that is going
+    away, until Ray's 60 s timeout ends the process with status 1. A second SIGINT is Tune's own "skip the cleanup":
+    the search then stops as interrupted (status 130, resumable). Ctrl-C does not end Ray's processes, and a search
+    on a cluster started none of them (HELPERS is empty): both keep Tune's cleanup.
+    """
+    while not stopped.wait(0.5):
+        if fitted.is_set():
+            return
+    deadline = time.monotonic() + save_s
+    while all_running(helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if all_running(helpers):
+        return
+    time.sleep(max(0.0, deadline - time.monotonic()))
+    if not fitted.is_set():
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _scheduler(cfg: ExperimentConfig) -> Any:
