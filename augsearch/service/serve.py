@@ -633,16 +633,24 @@ def _helpers_outlive_stop(helpers: dict[int, str], grace_s: float = 1.0) -> bool
 
 def run_until_stopped(models: list[ModelInfo], options: ServiceOptions, announce: Any = print) -> None:
     """Start a local Ray on 127.0.0.1, deploy, call announce(url), serve until SIGINT or SIGTERM, then shut Serve
-    and Ray down."""
+    and Ray down. A signal during the deployment raises KeyboardInterrupt once both are down."""
     options.check()
     check_port_free(options.host, options.port)
-    stop = threading.Event()
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_stop(*_: Any) -> None:
+        stop.set()
+        if not serving.is_set():  # leave the deployment's wait, which a Ray stopping with this process never ends
+            raise KeyboardInterrupt
+
     with ray_session(None):
         # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         helpers = running_children()
         try:
-            announce(start(models, options))
+            url = start(models, options)
+            serving.set()
+            announce(url)
             while not stop.wait(0.5):
                 pass
         finally:
