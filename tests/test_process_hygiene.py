@@ -117,6 +117,28 @@ def test_local_ray_is_private_whatever_ray_address_says(monkeypatch):
 # ----------------------------------------------------------------------------------------------- signals
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_running_children_tells_an_ended_child_and_a_zombie_from_a_running_one():
+    from augsearch.tune.reaper import all_running, running_children
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        children = running_children()
+        assert child.pid in children and all_running(children)
+        assert all_running({child.pid: children[child.pid]})
+        assert not all_running({child.pid: "0"}), "a reused pid (another start time) is not the noted process"
+        child.kill()
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not all_running(children), "a killed child that nobody waited for (a zombie) still counts as running"
+        assert child.pid not in running_children()
+    finally:
+        child.kill()
+        child.wait()
+    assert not all_running({child.pid: children[child.pid]})
+
+
 @pytest.mark.slow
 def test_sigkill_of_a_search_leaves_no_ray_process(tmp_path, data_root):
     out = tmp_path / "s"
