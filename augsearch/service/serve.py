@@ -41,7 +41,6 @@ import socket
 import struct
 import tempfile
 import threading
-import time
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -72,7 +71,7 @@ from augsearch.predict.calibration import estimator_for_model  # noqa: E402
 from augsearch.predict.files import InputCase, check_inputs, predict_case, write_case  # noqa: E402
 from augsearch.predict.tta import selected_views  # noqa: E402
 from augsearch.tune.ray_tune import ray_session  # noqa: E402
-from augsearch.tune.reaper import all_running, running_children  # noqa: E402
+from augsearch.tune.reaper import one_ends_within, running_children  # noqa: E402
 
 APP_NAME = "augsearch"
 TTA_MODES = ("learned", "flips", "none")
@@ -615,22 +614,6 @@ def shutdown() -> None:
     serve.shutdown()
 
 
-def _helpers_outlive_stop(helpers: dict[int, str], grace_s: float = 1.0) -> bool:
-    """Whether the local Ray's processes started by this one (HELPERS, from `running_children`) all still run
-    GRACE_S after the stop.
-
-    A SIGTERM to the whole process group (systemd, `kill -- -PGID`) reaches them too: the monitors exit at once and
-    the GCS stops answering while it shuts down, so Serve's graceful shutdown would wait 30 s for a controller that
-    cannot finish; it is skipped then, and stopping Ray ends the replicas.
-    """
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not all_running(helpers):
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def run_until_stopped(models: list[ModelInfo], options: ServiceOptions, announce: Any = print) -> None:
     """Start a local Ray on 127.0.0.1, deploy, call announce(url), serve until SIGINT or SIGTERM, then shut Serve
     and Ray down. A signal during the deployment raises KeyboardInterrupt once both are down."""
@@ -654,7 +637,10 @@ def run_until_stopped(models: list[ModelInfo], options: ServiceOptions, announce
             while not stop.wait(0.5):
                 pass
         finally:
-            if _helpers_outlive_stop(helpers):
+            # A SIGTERM to the whole process group (systemd, `kill -- -PGID`) also ends the local Ray's own processes:
+            # the GCS stops answering, and Serve's graceful shutdown would wait 30 s for a controller that cannot
+            # finish; stopping Ray ends the replicas then
+            if not one_ends_within(helpers, 1.0):
                 shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -33,7 +33,7 @@ from augsearch.artifacts.layout import (
 from augsearch.config import ExperimentConfig, config_from_dict
 from augsearch.errors import SearchError
 from augsearch.learn.server import RayPolicyServer, actor_name, start_ray_server
-from augsearch.tune.reaper import Reaper, all_running, running_children
+from augsearch.tune.reaper import Reaper, one_ends_within, running_children
 from augsearch.tune.space import SHARED_GROUP, shared_members, trial_params
 from augsearch.tune.summary import (
     SearchResult,
@@ -345,12 +345,10 @@ def _skip_cleanup_once_ray_is_gone(stopped: threading.Event, fitted: threading.E
     while not stopped.wait(0.5):
         if fitted.is_set():
             return
-    deadline = time.monotonic() + save_s
-    while all_running(helpers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if all_running(helpers):
+    started = time.monotonic()
+    if not one_ends_within(helpers, save_s):
         return
-    time.sleep(max(0.0, deadline - time.monotonic()))
+    time.sleep(max(0.0, save_s - (time.monotonic() - started)))
     if not fitted.is_set():
         os.kill(os.getpid(), signal.SIGINT)
 

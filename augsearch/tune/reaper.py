@@ -9,8 +9,8 @@ processes (and anything they started since), then kills them. Processes are matc
 reused pid is never hit.
 
 Run as `python -m augsearch.tune.reaper DRIVER_PID [KEEP_PID...]`; Linux only (/proc), elsewhere `Reaper` does
-nothing. `running_children` and `all_running` tell a driver whether the processes it started are still up (the
-service uses them to notice a signal sent to its whole process group).
+nothing. `running_children`, `all_running` and `one_ends_within` tell a driver whether the processes it started are
+still up (search and service use them to notice a signal sent to the whole process group).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 SNAPSHOT_S = 0.5
@@ -40,12 +41,13 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _state(pid: int) -> str | None:
-    """The state letter of PID from /proc ('S', 'R', 'Z' for a zombie, ...), None once it is gone."""
+def _alive_since(pid: int) -> str | None:
+    """PID's start time (clock ticks since boot) while it runs; None once it has exited or is a zombie."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def running_children() -> dict[int, str]:
@@ -55,15 +57,23 @@ def running_children() -> dict[int, str]:
         return {}
     me = os.getpid()
     return {pid: start for pid, (parent, start) in _process_table().items()
-            if parent == me and _state(pid) not in (None, "Z", "X")}
+            if parent == me and _alive_since(pid) == start}
 
 
 def all_running(processes: dict[int, str]) -> bool:
     """Whether every process of PROCESSES (pid -> start time, from `running_children`) still runs; one that has
     exited or is a zombie has not, and a reused pid is told apart by its start time."""
-    table = _process_table()
-    return all(table.get(pid, (0, None))[1] == start and _state(pid) not in (None, "Z", "X")
-               for pid, start in processes.items())
+    return all(_alive_since(pid) == start for pid, start in processes.items())
+
+
+def one_ends_within(processes: dict[int, str], seconds: float) -> bool:
+    """Whether one of PROCESSES (from `running_children`) stops running within SECONDS (polled every 0.1 s)."""
+    deadline = time.monotonic() + seconds
+    while all_running(processes):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _descendants(roots: set[int], table: dict[int, tuple[int, str]]) -> set[int]:
