@@ -147,9 +147,12 @@ def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
 
 def evaluate_folders(
     pred_dir: str | Path, gt_dir: str | Path, label_names: dict[str, int] | None = None, *,
-    lesion_dilation: int = 1, min_lesion_mm3: float = 0.0,
+    lesion_dilation: int = 1, min_lesion_mm3: float = 0.0, predicted_only: bool = False,
 ) -> tuple[list[dict], dict[str, dict[str, dict[str, float]]]]:
     """Compare every ground-truth NIfTI in gt_dir with the same-named file in pred_dir.
+
+    predicted_only compares only the cases pred_dir holds (gt_dir may hold more, e.g. labelsTr for a predicted test
+    split); a prediction without ground truth is an error either way.
 
     Spacing comes from the ground-truth header. label_names None names each non-zero value found by its number.
     Returns rows [{case, class, dice, sensitivity, precision, hd95, lesion metrics}] and
@@ -160,6 +163,9 @@ def evaluate_folders(
     if not gts:
         raise EvaluationError(f"ground-truth folder {gt_dir} holds no .nii/.nii.gz files; pass the folder of label "
                               "files named like the predictions (e.g. labelsTs/)")
+    if not preds:
+        raise EvaluationError(f"prediction folder {pred_dir} holds no .nii/.nii.gz files; pass the folder that "
+                              "augsearch predict wrote")
     missing, extra = sorted(set(gts) - set(preds)), sorted(set(preds) - set(gts))
     maps = [case for case in extra if _holds_floats(preds[case])]
     if maps:
@@ -167,11 +173,19 @@ def evaluate_folders(
         logger.warning("evaluate: ignored %d file(s) in %s that are not segmentations (floating-point data, e.g. "
                        "uncertainty maps): %s", len(maps), pred_dir, ", ".join(preds[c].name for c in maps))
         extra = [case for case in extra if case not in maps]
+    if predicted_only:
+        missing = []
+        gts = {case: path for case, path in gts.items() if case in preds}
     if missing or extra:
+        hint = (" (to compare only the predicted cases against a larger ground-truth folder, add --predicted-only)"
+                if missing and not extra else "")
         raise EvaluationError(
             f"prediction folder {pred_dir} and ground-truth folder {gt_dir} must hold the same case names; "
-            f"missing predictions: {missing or 'none'}; predictions without ground truth: {extra or 'none'}"
+            f"missing predictions: {missing or 'none'}; predictions without ground truth: {extra or 'none'}{hint}"
         )
+    if not gts:
+        raise EvaluationError(f"prediction folder {pred_dir} holds floating-point maps only, no segmentation; pass "
+                              "the folder of label files that augsearch predict wrote")
     cases = []
     for case in sorted(gts):
         gt, spacing = _read_labels(gts[case])

@@ -157,3 +157,30 @@ def test_evaluate_cli_side_by_side(tmp_path, capsys):
     tta_kidney = [float(r["dice"]) for r in rows if r["prediction"] == "tta" and r["class"] == "kidney"]
     assert tta_kidney == [1.0, 1.0, 1.0]
     assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt", str(gt_dir)]) == 2
+
+
+def test_evaluate_predicted_only_compares_a_subset_of_the_ground_truth(tmp_path, capsys):
+    gt_dir, a_dir, b_dir, truth = _folders(tmp_path)
+    (b_dir / "case_0.nii.gz").unlink()
+    with pytest.raises(AugsearchError, match=r"missing predictions: \['case_0'\].*add --predicted-only"):
+        evaluate_folders(b_dir, gt_dir)
+    rows, summary = evaluate_folders(b_dir, gt_dir, predicted_only=True)
+    assert sorted({row["case"] for row in rows}) == ["case_1", "case_2"]
+    assert summary["1"]["dice"]["n"] == 2
+    # A prediction without ground truth stays an error, and so does a prediction folder with no case.
+    _write(b_dir, "stray", truth["case_1"], (1.0, 1.5, 2.0))
+    with pytest.raises(AugsearchError, match=r"without ground truth: \['stray'\]"):
+        evaluate_folders(b_dir, gt_dir, predicted_only=True)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(AugsearchError, match=r"prediction folder .*none holds no .nii/.nii.gz files"):
+        evaluate_folders(tmp_path / "none", gt_dir, predicted_only=True)
+    nib.save(nib.Nifti1Image(np.full((10, 8, 6), 0.5, np.float32), np.eye(4)),
+             str(tmp_path / "none" / "case_0_uncertainty.nii.gz"))
+    with pytest.raises(AugsearchError, match="floating-point maps only"):
+        evaluate_folders(tmp_path / "none", gt_dir, predicted_only=True)
+    (b_dir / "stray.nii.gz").unlink()
+    # Side by side, folders covering different cases would not be comparable columns.
+    assert main(["evaluate", "--predicted-only", "--pred", str(a_dir), "--pred", str(b_dir), "--gt", str(gt_dir)]) == 2
+    assert "hold different cases (only in plain: ['case_0']; only in tta: none)" in capsys.readouterr().err
+    (a_dir / "case_0.nii.gz").unlink()
+    assert main(["evaluate", "--predicted-only", "--pred", str(a_dir), "--pred", str(b_dir), "--gt", str(gt_dir)]) == 0

@@ -28,6 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "many voxels (default 1)")
     parser.add_argument("--min-lesion-mm3", type=float, default=0.0, metavar="MM3",
                         help="ignore ground-truth lesions smaller than this volume in lesion-wise metrics (default 0)")
+    parser.add_argument("--predicted-only", action="store_true",
+                        help="compare only the cases the prediction folders hold; the ground-truth folder may hold "
+                        "more (e.g. labelsTr when the test split was predicted); every --pred folder must then hold "
+                        "the same cases")
     parser.set_defaults(func=run)
 
 
@@ -39,6 +43,21 @@ def _names(pred_dirs: list[str]) -> list[str]:
     if len(set(names)) < len(names):
         raise AugsearchError(f"--pred folders must differ, got {pred_dirs}")
     return names
+
+
+def _same_cases(rows: list[dict]) -> None:
+    """Refuse prediction folders that cover different cases: their columns would not be comparable."""
+    cases: dict[str, set[str]] = {}
+    for row in rows:
+        cases.setdefault(row["prediction"], set()).add(row["case"])
+    first, *others = cases
+    for name in others:
+        if cases[name] != cases[first]:
+            raise AugsearchError(
+                f"--pred folders {first} and {name} hold different cases (only in {first}: "
+                f"{sorted(cases[first] - cases[name]) or 'none'}; only in {name}: "
+                f"{sorted(cases[name] - cases[first]) or 'none'}); predict the same cases into each folder"
+            )
 
 
 def _cell(stats: dict) -> str:
@@ -79,10 +98,12 @@ def run(args: argparse.Namespace) -> int:
     for name, pred_dir in zip(names, args.pred, strict=True):
         pred_rows, summaries[name] = evaluate_folders(pred_dir, args.gt, label_names,
                                                       lesion_dilation=args.lesion_dilation,
-                                                      min_lesion_mm3=args.min_lesion_mm3)
+                                                      min_lesion_mm3=args.min_lesion_mm3,
+                                                      predicted_only=args.predicted_only)
         if (Path(pred_dir) / QUALITY_CSV).is_file():
             attach_estimates(pred_rows, Path(pred_dir) / QUALITY_CSV)
         rows.extend({"prediction": name, **row} for row in pred_rows)
+    _same_cases(rows)
     print(summary_table(summaries))
     estimated = [row for row in rows if row.get("abs_error") is not None and not math.isnan(row["abs_error"])]
     for key in dict.fromkeys((row["prediction"], row["class"]) for row in estimated):
