@@ -174,6 +174,33 @@ def test_data_check_verifies_labels_ts_and_names_the_split(nnunet_root, tmp_path
     assert "labelsTs/ts_1.nii.gz" in out and "labelsTs/ts_9.nii.gz" in out
 
 
+def test_data_split_prints_the_ids_a_run_uses(nnunet_root, tmp_path, capsys):
+    import shutil
+
+    from augsearch.cli import main
+
+    assert main(["data", "split", str(nnunet_root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "splits_final.json fold 0" in out[0]
+    assert out[1:] == ["train (4, in imagesTr/): tr_0 tr_1 tr_2 tr_3", "val (2, in imagesTr/): tr_4 tr_5",
+                       "test (2, in imagesTs/): ts_0 ts_1"]
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\nroot = "{nnunet_root}"\n')
+    assert main(["data", "split", str(config), "--set", "data.split.fold=1", "--part", "val"]) == 0
+    assert capsys.readouterr().out.split() == ["tr_0", "tr_1"]
+    # Without imagesTs the test cases are the labelled cases outside the fold, in imagesTr.
+    no_ts = tmp_path / "no_ts"
+    shutil.copytree(nnunet_root, no_ts, ignore=shutil.ignore_patterns("*Ts"))
+    (no_ts / "splits_final.json").write_text(json.dumps([{"train": ["tr_0", "tr_1", "tr_2"], "val": ["tr_3"]}]))
+    assert main(["data", "split", str(no_ts), "--part", "test"]) == 0
+    assert capsys.readouterr().out.split() == ["tr_4", "tr_5"]
+    (no_ts / "splits_final.json").unlink()
+    assert main(["data", "split", str(no_ts), "--part", "test"]) == 2
+    assert "has no test cases; name them in data.split.test" in capsys.readouterr().err
+    assert main(["data", "split", str(no_ts), "--set", "data.split.fold=1"]) == 2
+    assert "--set needs a config" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_tta_compare_runs_on_a_dataset_with_images_ts(nnunet_root, tmp_path, capsys):
     import os

@@ -243,3 +243,17 @@ def test_nan_voxel_spacing_is_reported(tmp_path):
                  str(root / "imagesTr" / "c1_0000.nii.gz"))
     (problem,) = check_dataset(root)
     assert "positive, finite voxel spacing" in problem.expected and "nan" in problem.found
+
+
+def test_output_piped_into_a_reader_that_leaves_ends_quietly():
+    import signal
+    import subprocess
+    import sys
+
+    # `augsearch config show | head -1`: the reader is gone before the JSON is written.
+    proc = subprocess.Popen([sys.executable, "-m", "augsearch", "config", "show"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert stderr == ""

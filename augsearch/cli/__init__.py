@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import signal
 import sys
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except AugsearchError as err:
         print(f"augsearch {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output left (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush raises nothing
+        return 128 + signal.SIGPIPE
     except OSError as err:  # a path the user gave: missing, not writable, a file where a folder belongs
         print(f"augsearch {args.command}: error: {err}", file=sys.stderr)
         return 2
