@@ -93,6 +93,17 @@ def test_missing_dataset_json_and_bad_labels(tmp_path):
     assert len(found) == 2  # both the labels and the channel names are reported
 
 
+def test_label_values_with_a_gap_are_refused_with_the_renumbering(tmp_path, capsys):
+    root = _dataset(tmp_path / "gap", cases=("a",))
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "gland", "4": "lesion"},
+                                                   "modality": {"0": "T1", "1": "T2"}}))
+    problems = check_dataset(root)
+    assert [p.expected for p in problems] == ["consecutive label values 0..2"]
+    assert problems[0].fix.endswith("(4 -> 2)")
+    assert main(["data", "split", str(root)]) == 2  # every command reading the dataset refuses it alike
+    assert "consecutive label values 0..2" in capsys.readouterr().err
+
+
 def test_non_nifti_file_ending_is_one_problem_naming_the_conversion(tmp_path, capsys):
     root = _dataset(tmp_path / "png", cases=("a",))
     meta = json.loads((root / "dataset.json").read_text())

@@ -110,6 +110,11 @@ def parse_labels(meta: dict[str, Any], path: Path) -> dict[str, int]:
     if 0 not in values or len(set(values)) != len(values) or min(values) < 0 or max(values) > 255:
         raise DatasetError(path, "distinct label values in 0..255 including 0 (background)", repr(labels),
                            "give every class its own integer and background the value 0")
+    if values != list(range(len(values))):
+        # The segmenter has one output per value 0..K-1, as in nnU-Net, which requires the same.
+        renumber = ", ".join(f"{v} -> {i}" for i, v in enumerate(values) if v != i)
+        raise DatasetError(path, f"consecutive label values 0..{len(values) - 1}", repr(labels),
+                           f"renumber the classes in dataset.json and in every label file ({renumber})")
     return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 
