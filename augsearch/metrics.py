@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,8 @@ def evaluate_folders(
     if missing or extra:
         hint = (" (to compare only the predicted cases against a larger ground-truth folder, add --predicted-only)"
                 if missing and not extra else "")
+        if all(re.search(r"_\d{4}$", case) for case in gts):
+            hint = f" ({gt_dir} holds image channel files, <case>_0000; pass the label folder, e.g. labelsTr/)"
         raise EvaluationError(
             f"prediction folder {pred_dir} and ground-truth folder {gt_dir} must hold the same case names; "
             f"missing predictions: {missing or 'none'}; predictions without ground truth: {extra or 'none'}{hint}"

@@ -171,6 +171,12 @@ def test_evaluate_predicted_only_compares_a_subset_of_the_ground_truth(tmp_path,
     _write(b_dir, "stray", truth["case_1"], (1.0, 1.5, 2.0))
     with pytest.raises(AugsearchError, match=r"without ground truth: \['stray'\]"):
         evaluate_folders(b_dir, gt_dir, predicted_only=True)
+    # The image folder given as ground truth: its <case>_0000 names match no prediction.
+    images = tmp_path / "imagesTr"
+    for case in truth:
+        _write(images, f"{case}_0000", truth[case], (1.0, 1.5, 2.0))
+    with pytest.raises(AugsearchError, match=r"imagesTr holds image channel files, <case>_0000; pass the label folder"):
+        evaluate_folders(b_dir, images)
     (tmp_path / "none").mkdir()
     with pytest.raises(AugsearchError, match=r"prediction folder .*none holds no .nii/.nii.gz files"):
         evaluate_folders(tmp_path / "none", gt_dir, predicted_only=True)

@@ -324,6 +324,8 @@ def test_cli_refuses_bad_export_folders(tmp_path, capsys):
     assert "--replicas" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "a" / "same"), "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "a" / "same"), "--port", "99999"]) == 2
+    assert "--port must be a TCP port in 1..65535, got 99999" in capsys.readouterr().err
 
 
 # -- stopping ------------------------------------------------------------------------------------------------------

@@ -573,6 +573,8 @@ class ServiceOptions:
         if self.cpus_per_replica <= 0 or self.gpus_per_replica < 0:
             raise ServeError(f"--cpus-per-replica must be > 0 and --gpus-per-replica >= 0, got "
                              f"{self.cpus_per_replica} and {self.gpus_per_replica}")
+        if not 1 <= self.port <= 65535:
+            raise ServeError(f"--port must be a TCP port in 1..65535, got {self.port}")
         if self.batch_size < 1:
             raise ServeError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.models_per_replica is not None and self.models_per_replica < 1:
