@@ -16,6 +16,8 @@
 # ROWS="row ...": run only these rows (JOBS slots, default 16) instead of the three groups, so that fewer runs share
 # the GPU and each ends within a lease (a run cut at a lease's end is lost); asking for shared rows without Ray fails.
 # SEEDS="k ...": with ROWS, only these seeds (default: the experiment's five), so that fewer runs share the GPU.
+# RESULTS=NAME: the per-run JSON files go to experiments/hippocampus/NAME/ (default results_gpu) and the runs to
+# runs/hippocampus_gpu_NAME/, so that a variant (SHARED_WORKERS=16, say) is a table of its own, not more seeds of a row.
 # Wheels may sit in .whl/, Ray in .ray/ (experiments/gpu/pack.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,8 +28,8 @@ source experiments/gpu/site.sh  # carried wheels and Ray
 site=${PYTHONPATH:-}
 export PYTHONPATH="$PWD${site:+:$site}" PYTHONUNBUFFERED=1
 begin=$(date +%s)
-results=experiments/hippocampus/results_gpu
-runs=runs/hippocampus_gpu
+results=experiments/hippocampus/${RESULTS:-results_gpu}
+runs=runs/hippocampus_gpu${RESULTS:+_$RESULTS}
 run_py="experiments/protocol/run.py experiments/hippocampus"
 if command -v nvidia-smi > /dev/null; then
     nvidia-smi --query-gpu=timestamp,name,utilization.gpu,memory.used --format=csv -l 15 > "$out/smi.csv" 2>&1 &
