@@ -150,14 +150,19 @@ def evaluate_folders(
     pred_dir: str | Path, gt_dir: str | Path, label_names: dict[str, int] | None = None, *,
     lesion_dilation: int = 1, min_lesion_mm3: float = 0.0, predicted_only: bool = False,
 ) -> tuple[list[dict], dict[str, dict[str, dict[str, float]]]]:
-    """Compare every ground-truth NIfTI in gt_dir with the same-named file in pred_dir.
+    """Compare every ground-truth NIfTI in gt_dir with the same-named file in pred_dir (`matched_cases`), then
+    `evaluate_pairs`."""
+    return evaluate_pairs(matched_cases(pred_dir, gt_dir, predicted_only=predicted_only), label_names,
+                          lesion_dilation=lesion_dilation, min_lesion_mm3=min_lesion_mm3)
 
-    predicted_only compares only the cases pred_dir holds (gt_dir may hold more, e.g. labelsTr for a predicted test
-    split); a prediction without ground truth is an error either way.
 
-    Spacing comes from the ground-truth header. label_names None names each non-zero value found by its number.
-    Returns rows [{case, class, dice, sensitivity, precision, hd95, lesion metrics}] and
-    summary {class: {metric: {mean, std, n, nan}}} (mean/std over cases ignoring NaN, n = finite values).
+def matched_cases(pred_dir: str | Path, gt_dir: str | Path, *,
+                  predicted_only: bool = False) -> dict[str, tuple[Path, Path]]:
+    """case -> (prediction file, ground-truth file), in case order, from the file names alone (no volume is read).
+
+    Every ground-truth case needs a prediction, unless predicted_only (gt_dir may then hold more, e.g. labelsTr for a
+    predicted test split); a prediction without ground truth is an error either way, except floating-point maps
+    (uncertainty) beside the segmentations, which are left out with a warning.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     preds, gts = _case_files(pred_dir), _case_files(gt_dir)
@@ -189,13 +194,26 @@ def evaluate_folders(
     if not gts:
         raise EvaluationError(f"prediction folder {pred_dir} holds floating-point maps only, no segmentation; pass "
                               "the folder of label files that augsearch predict wrote")
+    return {case: (preds[case], gts[case]) for case in sorted(gts)}
+
+
+def evaluate_pairs(
+    pairs: dict[str, tuple[Path, Path]], label_names: dict[str, int] | None = None, *,
+    lesion_dilation: int = 1, min_lesion_mm3: float = 0.0,
+) -> tuple[list[dict], dict[str, dict[str, dict[str, float]]]]:
+    """Score each case's prediction against its ground truth (PAIRS from `matched_cases`).
+
+    Spacing comes from the ground-truth header. label_names None names each non-zero value found by its number.
+    Returns rows [{case, class, dice, sensitivity, precision, hd95, lesion metrics}] and
+    summary {class: {metric: {mean, std, n, nan}}} (mean/std over cases ignoring NaN, n = finite values).
+    """
     cases = []
-    for case in sorted(gts):
-        gt, spacing = _read_labels(gts[case])
-        pred, _ = _read_labels(preds[case])
+    for case, (pred_path, gt_path) in pairs.items():
+        gt, spacing = _read_labels(gt_path)
+        pred, _ = _read_labels(pred_path)
         if pred.shape != gt.shape:
             raise EvaluationError(
-                f"case {case}: prediction {preds[case]} has shape {pred.shape}, ground truth {gts[case]} has "
+                f"case {case}: prediction {pred_path} has shape {pred.shape}, ground truth {gt_path} has "
                 f"{gt.shape}; predictions must be on the ground-truth grid"
             )
         cases.append((case, pred, gt, spacing))

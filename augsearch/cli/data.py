@@ -83,5 +83,6 @@ def _split(args: argparse.Namespace) -> int:
     print(f"{root}: {splits.describe()}")
     folders = {"train": "imagesTr", "val": "imagesTr", "test": "imagesTs" if splits.test_split == "Ts" else "imagesTr"}
     for part, folder in folders.items():
-        print(f"{part} ({len(getattr(splits, part))}, in {folder}/): {' '.join(getattr(splits, part)) or '-'}")
+        ids = getattr(splits, part)
+        print(f"{part} ({len(ids)}, in {folder}/): {' '.join(ids) or '-'}")
     return 0

@@ -45,11 +45,9 @@ def _names(pred_dirs: list[str]) -> list[str]:
     return names
 
 
-def _same_cases(rows: list[dict]) -> None:
-    """Refuse prediction folders that cover different cases: their columns would not be comparable."""
-    cases: dict[str, set[str]] = {}
-    for row in rows:
-        cases.setdefault(row["prediction"], set()).add(row["case"])
+def _same_cases(cases: dict[str, set[str]]) -> None:
+    """Refuse prediction folders (name -> case names) that cover different cases: their columns would not be
+    comparable."""
     first, *others = cases
     for name in others:
         if cases[name] != cases[first]:
@@ -89,21 +87,21 @@ def summary_table(summaries: dict[str, dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     from augsearch.artifacts.layout import QUALITY_CSV
     from augsearch.atomic import write_text
-    from augsearch.metrics import METRICS, evaluate_folders, read_label_names
+    from augsearch.metrics import METRICS, evaluate_pairs, matched_cases, read_label_names
     from augsearch.predict.calibration import attach_estimates
 
     label_names = read_label_names(args.labels) if args.labels else None
     names = _names(args.pred)
     rows, summaries = [], {}
+    pairs = {name: matched_cases(pred_dir, args.gt, predicted_only=args.predicted_only)
+             for name, pred_dir in zip(names, args.pred, strict=True)}
+    _same_cases({name: set(cases) for name, cases in pairs.items()})  # before any volume is read
     for name, pred_dir in zip(names, args.pred, strict=True):
-        pred_rows, summaries[name] = evaluate_folders(pred_dir, args.gt, label_names,
-                                                      lesion_dilation=args.lesion_dilation,
-                                                      min_lesion_mm3=args.min_lesion_mm3,
-                                                      predicted_only=args.predicted_only)
+        pred_rows, summaries[name] = evaluate_pairs(pairs[name], label_names, lesion_dilation=args.lesion_dilation,
+                                                    min_lesion_mm3=args.min_lesion_mm3)
         if (Path(pred_dir) / QUALITY_CSV).is_file():
             attach_estimates(pred_rows, Path(pred_dir) / QUALITY_CSV)
         rows.extend({"prediction": name, **row} for row in pred_rows)
-    _same_cases(rows)
     print(summary_table(summaries))
     estimated = [row for row in rows if row.get("abs_error") is not None and not math.isnan(row["abs_error"])]
     for key in dict.fromkeys((row["prediction"], row["class"]) for row in estimated):
